@@ -1,0 +1,33 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU build of torch; pip takes it from the local wheel cache where one exists.
+TORCH_SPEC ?= torch==2.13.0
+DEMO   := runs/demo
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+# Train on the bundled ETTh1 with the offline random-weight tiny GPT-2 (no hub here).
+demo: $(STAMP)
+	@test -f $(DEMO)/tiny-llm/config.json || $(BIN)/timecma-tiny-llm $(DEMO)/tiny-llm
+	$(BIN)/timecma-train --data timecma/data/ETTh1.csv --llm $(DEMO)/tiny-llm --out $(DEMO)/etth1 \
+		--seq-len 96 --pred-len 96 --epochs 10 --patience 3 --train-stride 4 --llm-batch-size 64
+	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""timecma.export: turn a trained checkpoint into a deployable bundle (ONNX graphs, engines)."""

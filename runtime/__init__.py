@@ -1,0 +1,1 @@
+"""timecma.runtime: torch-free serving of a timecma bundle."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: an offline tiny GPT-2 saved with save_pretrained, and small series."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+ETTH1 = REPO / "timecma" / "data" / "ETTh1.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> str:
+    """Random-weight GPT-2 (GPT2Config) + locally trained tokenizer, loaded back via from_pretrained(dir)."""
+    from timecma.llm import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_llm_dir(tmp_path_factory) -> str:
+    """Same architecture, other weights: a different store namespace."""
+    from timecma.llm import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("other_llm"), seed=1)
+
+
+def make_frame(n_rows: int = 500, n_vars: int = 3, seed: int = 0, freq: str = "h") -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_rows)
+    cols = {"date": pd.date_range("2020-01-01", periods=n_rows, freq=freq)}
+    for j in range(n_vars):
+        cols[f"v{j}"] = 10 * (j + 1) * np.sin(2 * np.pi * t / 24 + j) + rng.normal(0, 1, n_rows) + 5 * j
+    return pd.DataFrame(cols)
+
+
+@pytest.fixture()
+def small_csv(tmp_path) -> str:
+    path = tmp_path / "small.csv"
+    make_frame().to_csv(path, index=False)
+    return str(path)

@@ -1,0 +1,82 @@
+"""timecma-train end to end on a small series, and its refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from timecma.checkpoint import load_checkpoint
+
+ARGS = ["--seq-len", "24", "--pred-len", "12", "--epochs", "2", "--batch-size", "16", "--channel", "16",
+        "--e-layer", "1", "--d-layer", "1", "--device", "cpu"]
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from timecma.cli import train_cmd; train_cmd()", *args],
+                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llm_dir):
+    from conftest import make_frame
+
+    d = tmp_path_factory.mktemp("train")
+    data = d / "small.csv"
+    make_frame().to_csv(data, index=False)
+    out = d / "run"
+    r = run_train("--data", str(data), "--llm", tiny_llm_dir, "--out", str(out), *ARGS)
+    assert r.returncode == 0, r.stderr
+    return data, out, r
+
+
+def test_train_writes_checkpoint_metrics_and_store(trained, tiny_llm_dir):
+    data, out, r = trained
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["format_version"] == 1
+    assert ckpt["data"]["variables"] == ["v0", "v1", "v2"] and ckpt["data"]["frequency"] == "hourly"
+    assert ckpt["data"]["split"] == "ratio" and len(ckpt["data"]["scaler_mean"]) == 3
+    assert ckpt["prompt"]["name"] == "reference" and len(ckpt["prompt"]["hash"]) == 64
+    assert ckpt["llm"]["id"] == tiny_llm_dir and ckpt["llm"]["d_llm"] == 32
+    assert ckpt["model_config"]["num_nodes"] == 3 and ckpt["model_config"]["seq_len"] == 24
+    assert set(ckpt["metrics"]["test"]) == {"mse", "mae"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["naive"]["test"]) == {"repeat_last", "window_mean"}
+    assert metrics["val"]["mse"] > 0 and metrics["embeddings_computed"] > 0
+    assert (out / "store" / "data.mdb").exists()
+
+
+def test_rerun_reuses_store_and_is_reproducible(trained, tiny_llm_dir, tmp_path):
+    data, out, _ = trained
+    out2 = tmp_path / "run2"
+    r = run_train("--data", str(data), "--llm", tiny_llm_dir, "--out", str(out2), "--store", str(out / "store"), *ARGS)
+    assert r.returncode == 0, r.stderr
+    m1 = json.loads((out / "metrics.json").read_text())
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["embeddings_computed"] == 0  # everything came from the store
+    assert m2["test"] == pytest.approx(m1["test"], rel=1e-6)
+    sd1, sd2 = load_checkpoint(out / "best.pt")["state_dict"], load_checkpoint(out2 / "best.pt")["state_dict"]
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def test_store_from_another_llm_is_refused_and_nothing_damaged(trained, other_llm_dir):
+    data, out, _ = trained
+    before_ckpt = (out / "best.pt").read_bytes()
+    before_store = (out / "store" / "data.mdb").read_bytes()
+    r = run_train("--data", str(data), "--llm", other_llm_dir, "--out", str(out), *ARGS)
+    assert r.returncode != 0
+    assert "built by another LLM" in r.stderr and "Use a different store directory" in r.stderr
+    assert (out / "best.pt").read_bytes() == before_ckpt
+    assert (out / "store" / "data.mdb").read_bytes() == before_store
+
+
+def test_bad_inputs_exit_nonzero_with_message(tmp_path, tiny_llm_dir, small_csv):
+    r = run_train("--data", str(tmp_path / "missing.csv"), "--llm", tiny_llm_dir, "--out", str(tmp_path / "o"), *ARGS)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_train("--data", small_csv, "--llm", tiny_llm_dir, "--out", str(tmp_path / "o"), *ARGS, "--seq-len", "400")
+    assert r.returncode == 2 and "fewer than one window" in r.stderr
+    r = run_train("--data", small_csv, "--llm", str(tmp_path / "no-llm"), "--out", str(tmp_path / "o"), *ARGS)
+    assert r.returncode == 2 and "cannot load LLM" in r.stderr
+    assert not (tmp_path / "o" / "best.pt").exists()

@@ -1,0 +1,98 @@
+"""Command-line entry points of the training side."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from .config import TrainConfig
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit non-zero (for expected, user-facing errors)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.command()
+@click.option("--data", "data_path", required=True, help="CSV or Parquet file with a timestamp column.")
+@click.option("--time-col", default="date", show_default=True)
+@click.option("--split", type=click.Choice(["auto", "ett", "ratio"]), default="auto", show_default=True,
+              help="auto = ett for ETT* files, ratio (0.7/0.1/0.2) otherwise.")
+@click.option("--llm", "llm_id", default="gpt2", show_default=True, help="Hugging Face hub id or local directory.")
+@click.option("--seq-len", default=96, show_default=True)
+@click.option("--pred-len", default=96, show_default=True)
+@click.option("--out", "out_dir", required=True, help="Run directory (best.pt, metrics.json, store/).")
+@click.option("--store", "store_dir", default=None, help="Embedding store directory [default: OUT/store].")
+@click.option("--template", default="reference", show_default=True, help="Prompt template name.")
+@click.option("--channel", default=32, show_default=True)
+@click.option("--e-layer", default=2, show_default=True)
+@click.option("--d-layer", default=2, show_default=True)
+@click.option("--head", default=8, show_default=True)
+@click.option("--d-ff", default=32, show_default=True, help="Width of the alignment feed-forward.")
+@click.option("--dropout", default=0.2, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--weight-decay", default=1e-3, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--patience", default=10, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--seed", default=2036, show_default=True)
+@click.option("--llm-batch-size", default=32, show_default=True, help="Prompts per LLM batch when precomputing.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
+              help="Shuffle training windows (the reference does not).")
+@click.option("--train-stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Use every k-th training window (1 = all, as the reference; >1 for quick runs).")
+@click.option("-v", "--verbose", is_flag=True)
+def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, store_dir, template, channel, e_layer,
+              d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
+              device, shuffle, train_stride, verbose):
+    """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
+    checkpoint by validation MSE, evaluate it once on the test split."""
+    _setup_logging(verbose)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .prompts import PromptError
+    from .store import StoreMismatchError
+    from .tokens import PromptTooLongError
+    from .train import train
+
+    cfg = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
+                      seed=seed, llm_batch_size=llm_batch_size, device=device, shuffle=shuffle,
+                      train_stride=train_stride)
+    overrides = dict(seq_len=seq_len, pred_len=pred_len, channel=channel, e_layer=e_layer, d_layer=d_layer,
+                     head=head, d_ff=d_ff, dropout=dropout)
+    try:
+        metrics = train(data_path, out_dir, llm_id, overrides, cfg, time_col=time_col, split=split,
+                        store_dir=store_dir, template=template)
+    except (DataError, PromptError, PromptTooLongError, StoreMismatchError, CheckpointError, OSError) as exc:
+        fail(str(exc))
+    summary = {
+        "test": metrics["test"], "val": metrics["val"], "best_epoch": metrics["best_epoch"],
+        "naive_test": metrics["naive"]["test"],
+    }
+    click.echo(json.dumps(summary, indent=2))
+    click.echo(f"wrote {out_dir}/best.pt and {out_dir}/metrics.json")
+
+
+@click.command()
+@click.argument("out_dir")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "gpt2-size"]), default="tiny", show_default=True,
+              help="tiny: 2 layers x 32 wide; gpt2-size: GPT-2 small's 12 x 768 (for benchmarks).")
+def tiny_llm_cmd(out_dir, seed, preset):
+    """Write an offline LLM (GPT-2 architecture, RANDOM weights, local tokenizer) to OUT_DIR."""
+    from .llm import build_tiny_llm
+
+    build_tiny_llm(out_dir, seed=seed, preset=preset)
+    click.echo(f"wrote a random-weight tiny GPT-2 to {out_dir} (tests/demo only; use --llm gpt2 for real use)")

@@ -1,0 +1,90 @@
+"""Configuration dataclasses, serialised into checkpoints and bundle manifests (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+def from_dict(cls, d: dict[str, Any]):
+    """Build a dataclass from a dict, refusing unknown keys (a sign of a format mismatch)."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    """TimeCMA hyper-parameters (names follow the public reference's flags)."""
+
+    num_nodes: int
+    seq_len: int = 96
+    pred_len: int = 96
+    d_llm: int = 768
+    channel: int = 32
+    e_layer: int = 2
+    d_layer: int = 2
+    head: int = 8
+    d_ff: int = 32
+    dropout: float = 0.2
+    dim_feedforward: int = 2048
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DataContract:
+    """What serving needs to know about the data the model was trained on."""
+
+    time_col: str
+    variables: list[str]
+    frequency: str
+    seq_len: int
+    pred_len: int
+    scaler_mean: list[float]
+    scaler_std: list[float]
+    split: str = "ett"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are the public reference's."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 20
+    patience: int = 10
+    seed: int = 2036
+    clip: float = 5.0
+    llm_batch_size: int = 32
+    device: str = "auto"
+    shuffle: bool = True  # the reference does not shuffle; we do by default
+    train_stride: int = 1  # every k-th training window (1 = all, as the reference)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LLMInfo:
+    """Identity of the last-token encoder: what the store namespace and digests are built from."""
+
+    id: str
+    weights_digest: str
+    tokenizer_digest: str
+    wrapper_version: str
+    namespace: str
+    d_llm: int
+    max_positions: int
+    pad_id: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,182 @@
+"""Frozen LLM as a batched last-token encoder (DESIGN §4).
+
+Prompts are right-padded with an attention mask and plain position ids; the gather of the
+last real position happens inside the module, so only [B, d_llm] leaves it (the same
+module is what gets exported to ONNX).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import LLMInfo
+from .store import make_namespace
+from .tokens import tokenizer_digest
+
+log = logging.getLogger(__name__)
+
+# Bump when the wrapper's computation changes: it is part of the store namespace.
+WRAPPER_VERSION = "last-token-v1"
+
+
+class LastTokenEncoder(nn.Module):
+    """Wraps a decoder LM; returns the final hidden state at the last non-padding token."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        # Right padding: positions are a plain range (GPT-2 does not derive them from the mask).
+        position_ids = torch.arange(seq, device=input_ids.device, dtype=torch.long).unsqueeze(0).expand_as(input_ids)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1  # [B]
+        index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+        return torch.gather(hidden, 1, index).squeeze(1)
+
+
+@dataclass
+class LoadedLLM:
+    """The wrapper, its fast tokenizer backend and its identity."""
+
+    encoder: LastTokenEncoder
+    tokenizer: "object"  # transformers fast tokenizer
+    info: LLMInfo
+
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer`` used for encoding (same object serving loads)."""
+        return self.tokenizer.backend_tokenizer
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), sorted by name."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> LoadedLLM:
+    """Load a Hugging Face model (hub id or local directory) as a frozen last-token encoder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
+        model = AutoModel.from_pretrained(
+            name_or_dir, dtype=torch.float32, attn_implementation=attn_implementation
+        )
+    except OSError as exc:
+        raise OSError(
+            f"cannot load LLM {name_or_dir!r}: {exc}\n(no network? pass a local directory made "
+            "with save_pretrained, or `timecma-tiny-llm DIR` for the offline test model)"
+        ) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"LLM {name_or_dir!r} has no fast tokenizer; timecma needs tokenizer.json")
+    model.eval().requires_grad_(False)
+    cfg = model.config
+    max_positions = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
+    d_llm = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    w = weights_digest(model)
+    t = tokenizer_digest(tokenizer.backend_tokenizer)
+    info = LLMInfo(
+        id=str(name_or_dir),
+        weights_digest=w,
+        tokenizer_digest=t,
+        wrapper_version=WRAPPER_VERSION,
+        namespace=make_namespace(w, t, WRAPPER_VERSION),
+        d_llm=d_llm,
+        max_positions=max_positions,
+        pad_id=int(pad_id),
+        extra={"model_type": cfg.model_type},
+    )
+    encoder = LastTokenEncoder(model).to(device)
+    log.info("loaded LLM %s (d=%d, %d positions, weights %s)", name_or_dir, d_llm, max_positions, w[:12])
+    return LoadedLLM(encoder, tokenizer, info)
+
+
+@torch.inference_mode()
+def encode_last_token(
+    llm: LoadedLLM, token_ids: list[np.ndarray], device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Run one right-padded batch and return [B, d_llm] float32."""
+    from .tokens import pad_right
+
+    ids, mask = pad_right(token_ids, llm.info.pad_id)
+    out = llm.encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+    return out.float().cpu().numpy()
+
+
+# --- offline small preset -------------------------------------------------------------
+
+TINY_CONFIG = dict(n_positions=1024, n_embd=32, n_layer=2, n_head=4)
+# GPT-2 small's architecture (124M): random weights cost exactly what the real ones do.
+PRESETS = {"tiny": TINY_CONFIG, "gpt2-size": dict(n_positions=1024, n_embd=768, n_layer=12, n_head=12)}
+
+
+def _tiny_corpus(seed: int) -> list[str]:
+    """Text resembling the prompts, for training a small byte-level BPE deterministically."""
+    rng = np.random.default_rng(seed)
+    words = "From to , the values were every hour 15 minutes 10 minutes day week month . The total trend value was"
+    lines = []
+    for _ in range(500):
+        vals = ", ".join(str(int(v)) for v in rng.normal(0, 30, size=24))
+        d, m, y, h = rng.integers(1, 29), rng.integers(1, 13), rng.integers(2000, 2030), rng.integers(0, 24)
+        lines.append(f"From {d:02d}/{m:02d}/{y} {h:02d}:00 to {d:02d}/{m:02d}/{y} {h:02d}:00, the values were {vals} "
+                     f"every hour. The total trend value was {rng.normal(0, 10):0f}")
+    lines.append(words)
+    return lines
+
+
+def build_tiny_llm(
+    out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 600, n_positions: int = 1024, preset: str = "tiny"
+) -> str:
+    """Create a small random-weight GPT-2 with a locally trained tokenizer, saved with
+    ``save_pretrained`` so it loads through the same ``from_pretrained(dir)`` path users run.
+
+    Its weights are random: embeddings carry no language knowledge. It exists for tests and
+    the offline demo; real use means ``--llm gpt2`` or a local GPT-2 directory.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2Model, GPT2TokenizerFast
+
+    out_dir = os.fspath(out_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
+    fast = GPT2TokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                             unk_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0,
+                        **{**PRESETS[preset], "n_positions": n_positions})
+    model = GPT2Model(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write("Offline test LLM made by `timecma-tiny-llm`: GPT-2 architecture "
+                f"{PRESETS[preset]}, RANDOM weights, byte-level BPE of {tok.get_vocab_size()} tokens trained on "
+                "synthetic prompt text. For tests and the demo only; use --llm gpt2 for real forecasts.\n")
+    return out_dir

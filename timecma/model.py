@@ -1,0 +1,129 @@
+"""The TimeCMA forecaster (DESIGN §6), state_dict-compatible with the public reference.
+
+Written without no-op reshapes (the reference squeezes a non-unit dimension, which
+exports to an ONNX Squeeze that fails at load time), so the same module exports cleanly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def revin_norm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample and variable over time (RevIN, affine=False): x [B, L, N]."""
+    mean = x.mean(dim=1, keepdim=True)
+    std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + eps)
+    return (x - mean) / std, mean, std
+
+
+class _ScaledDotProductAttention(nn.Module):
+    """Attention with the reference's stored (untrained) scale parameter."""
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float):
+        super().__init__()
+        self.attn_dropout = nn.Dropout(attn_dropout)
+        self.scale = nn.Parameter(torch.tensor((d_model // n_heads) ** -0.5), requires_grad=False)
+
+    def forward(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [B,H,Lq,dk], k_t [B,H,dk,Lk], v [B,H,Lk,dv]
+        scores = torch.matmul(q, k_t) * self.scale
+        weights = self.attn_dropout(F.softmax(scores, dim=-1))
+        return torch.matmul(weights, v)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float, proj_dropout: float):
+        super().__init__()
+        self.n_heads, self.d_k = n_heads, d_model // n_heads
+        self.W_Q = nn.Linear(d_model, self.d_k * n_heads)
+        self.W_K = nn.Linear(d_model, self.d_k * n_heads)
+        self.W_V = nn.Linear(d_model, self.d_k * n_heads)
+        self.sdp_attn = _ScaledDotProductAttention(d_model, n_heads, attn_dropout)
+        self.to_out = nn.Sequential(nn.Linear(n_heads * self.d_k, d_model), nn.Dropout(proj_dropout))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, lq, _ = q.shape
+        lk = k.shape[1]
+        q_s = self.W_Q(q).reshape(b, lq, self.n_heads, self.d_k).transpose(1, 2)
+        k_t = self.W_K(k).reshape(b, lk, self.n_heads, self.d_k).permute(0, 2, 3, 1)
+        v_s = self.W_V(v).reshape(b, lk, self.n_heads, self.d_k).transpose(1, 2)
+        out = self.sdp_attn(q_s, k_t, v_s).transpose(1, 2).reshape(b, lq, self.n_heads * self.d_k)
+        return self.to_out(out)
+
+
+class CrossModalLayer(nn.Module):
+    """One pre-norm alignment layer: the same LayerNorm on q, k and v, residual on the
+    normalised query (as the reference does), GELU feed-forward."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, n_heads: int = 1):
+        super().__init__()
+        self.self_attn = _CrossAttention(d_model, n_heads, dropout, dropout)
+        self.dropout_attn = nn.Dropout(dropout)
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model))
+        self.dropout_ffn = nn.Dropout(dropout)
+        self.norm_ffn = nn.LayerNorm(d_model)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.norm_attn(q), self.norm_attn(k), self.norm_attn(v)
+        q = q + self.dropout_attn(self.self_attn(q, k, v))
+        q = self.norm_ffn(q)
+        return q + self.dropout_ffn(self.ff(q))
+
+
+class CrossModal(nn.Module):
+    """Cross-modality alignment: C channel tokens query d_llm embedding-dim tokens (features = N)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        # Residual attention scores only matter from the second layer on; the reference uses one.
+        self.layers = nn.ModuleList([CrossModalLayer(d_model, d_ff, dropout)])
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            q = layer(q, k, v)
+        return q
+
+
+class TimeCMA(nn.Module):
+    """x [B, seq_len, N] (dataset-scaled) + prompt_emb [B, N, d_llm] -> [B, pred_len, N]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.length_to_feature = nn.Linear(cfg.seq_len, cfg.channel)
+
+        def enc(d_model: int, layers: int) -> nn.TransformerEncoder:
+            layer = nn.TransformerEncoderLayer(
+                d_model=d_model, nhead=cfg.head, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
+                activation="relu", batch_first=True, norm_first=True,
+            )
+            return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+        self.ts_encoder = enc(cfg.channel, cfg.e_layer)
+        self.prompt_encoder = enc(cfg.d_llm, cfg.e_layer)
+        self.cross = CrossModal(cfg.num_nodes, cfg.d_ff, cfg.dropout)
+        dec_layer = nn.TransformerDecoderLayer(
+            d_model=cfg.channel, nhead=cfg.head, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
+            activation="relu", batch_first=True, norm_first=True,
+        )
+        self.decoder = nn.TransformerDecoder(dec_layer, num_layers=cfg.d_layer)
+        self.c_to_length = nn.Linear(cfg.channel, cfg.pred_len)
+
+    def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
+        x, mean, std = revin_norm(x.float())
+        h = self.length_to_feature(x.transpose(1, 2))  # [B, N, C]
+        h = self.ts_encoder(h).transpose(1, 2)  # [B, C, N]
+        e = self.prompt_encoder(prompt_emb.float()).transpose(1, 2)  # [B, d_llm, N]
+        c = self.cross(h, e, e).transpose(1, 2)  # [B, N, C]
+        d = self.decoder(c, c)  # [B, N, C]
+        y = self.c_to_length(d).transpose(1, 2)  # [B, pred_len, N]
+        return y * std + mean
+
+
+# Keys the reference saves for template layers it never calls.
+REFERENCE_UNUSED_PREFIXES = ("ts_encoder_layer.", "prompt_encoder_layer.", "decoder_layer.")

@@ -1,0 +1,176 @@
+"""Prompt rendering shared by training and serving (torch-free).
+
+The default template reproduces the public TimeCMA reference byte for byte (DESIGN §3).
+Serving must render exactly the prompts training saw, so the template is identified by
+name and by a content hash that every checkpoint and bundle records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+# Frequency name -> (words after "every", timestamp format). Names are what
+# ``infer_frequency`` returns and what checkpoints record.
+FREQUENCIES: dict[str, tuple[str, str]] = {
+    "hourly": ("hour", "%d/%m/%Y %H:00"),
+    "15min": ("15 minutes", "%d/%m/%Y %H:%M"),
+    "10min": ("10 minutes", "%d/%m/%Y %H:%M"),
+    "daily": ("day", "%d/%m/%Y"),
+    "weekly": ("week", "%d/%m/%Y"),
+    "monthly": ("month", "%d/%m/%Y"),
+}
+
+# Step of each frequency in seconds; monthly is checked by calendar month instead.
+FREQUENCY_SECONDS: dict[str, int] = {
+    "hourly": 3600,
+    "15min": 900,
+    "10min": 600,
+    "daily": 86400,
+    "weekly": 7 * 86400,
+}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named prompt template; ``value_format`` says how each raw value is written."""
+
+    name: str
+    text: str
+    value_format: str  # "int": str(int(v)), truncation toward zero; "sig4": f"{v:.4g}"
+    trend_format: str = "{:0f}"
+
+    def spec(self) -> dict:
+        return asdict(self)
+
+    @property
+    def hash(self) -> str:
+        """Content hash: any change to text or formatting rules changes it."""
+        payload = json.dumps({**self.spec(), "frequencies": FREQUENCIES}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    "reference": PromptTemplate(
+        name="reference",
+        text="From {start} to {end}, the values were {values} every {every}. "
+        "The total trend value was {trend}",
+        value_format="int",
+    ),
+    "sig4": PromptTemplate(
+        name="sig4",
+        text="From {start} to {end}, the values were {values} every {every}. "
+        "The total trend value was {trend}",
+        value_format="sig4",
+    ),
+}
+DEFAULT_TEMPLATE = "reference"
+
+
+class PromptError(ValueError):
+    """A prompt cannot be rendered (unknown template or frequency, bad values)."""
+
+
+def get_template(name: str, expected_hash: str | None = None) -> PromptTemplate:
+    """Look a template up by name; refuse it if its hash differs from a recorded one."""
+    if name not in TEMPLATES:
+        raise PromptError(f"unknown prompt template {name!r}; known: {sorted(TEMPLATES)}")
+    template = TEMPLATES[name]
+    if expected_hash is not None and template.hash != expected_hash:
+        raise PromptError(
+            f"prompt template {name!r} has hash {template.hash[:12]} here but the model was "
+            f"trained with hash {expected_hash[:12]}: prompts would differ from training"
+        )
+    return template
+
+
+def format_values(values: np.ndarray, value_format: str) -> list[str]:
+    """Render raw values as the template writes them (vectorised once per column)."""
+    if value_format == "int":
+        # str(int(v)) truncates toward zero, like the reference.
+        return [str(int(v)) for v in np.asarray(values, dtype=np.float64).tolist()]
+    if value_format == "sig4":
+        return [f"{v:.4g}" for v in np.asarray(values, dtype=np.float64).tolist()]
+    raise PromptError(f"unknown value format {value_format!r}")
+
+
+def format_timestamp(ts: np.datetime64, frequency: str) -> str:
+    """Render one timestamp in the frequency's date format."""
+    if frequency not in FREQUENCIES:
+        raise PromptError(f"unknown frequency {frequency!r}; known: {sorted(FREQUENCIES)}")
+    import datetime as _dt
+
+    dt = np.datetime64(ts, "us").astype(_dt.datetime)
+    return dt.strftime(FREQUENCIES[frequency][1])
+
+
+def trend_value(raw_window: np.ndarray) -> float:
+    """Sum of first differences of the raw window (the reference's 'total trend')."""
+    return float(np.diff(np.asarray(raw_window, dtype=np.float64)).sum())
+
+
+class PromptRenderer:
+    """Renders prompts for every (window, variable) of one series.
+
+    Value strings are computed once per row and column, so rendering thousands of
+    overlapping windows costs one string join each.
+    """
+
+    def __init__(self, template: PromptTemplate, frequency: str):
+        if frequency not in FREQUENCIES:
+            raise PromptError(f"unknown frequency {frequency!r}; known: {sorted(FREQUENCIES)}")
+        self.template = template
+        self.frequency = frequency
+        self.every = FREQUENCIES[frequency][0]
+
+    def render_series(
+        self,
+        raw: np.ndarray,
+        timestamps: np.ndarray,
+        starts: Sequence[int],
+        seq_len: int,
+    ) -> list[str]:
+        """Prompts for windows ``raw[s:s+seq_len]`` for each start, variable-major inside a window.
+
+        Returns ``len(starts) * N`` prompts ordered window by window, then variable.
+        """
+        raw = np.asarray(raw, dtype=np.float64)
+        if raw.ndim != 2:
+            raise PromptError(f"raw values must be [T, N], got shape {raw.shape}")
+        if not np.isfinite(raw).all():
+            raise PromptError("raw values contain NaN or inf")
+        n_vars = raw.shape[1]
+        cols = [format_values(raw[:, j], self.template.value_format) for j in range(n_vars)]
+        stamps: dict[int, str] = {}
+
+        def stamp(i: int) -> str:
+            if i not in stamps:
+                stamps[i] = format_timestamp(timestamps[i], self.frequency)
+            return stamps[i]
+
+        text = self.template.text
+        out: list[str] = []
+        for s in starts:
+            e = s + seq_len
+            if s < 0 or e > raw.shape[0]:
+                raise PromptError(f"window [{s}, {e}) is outside the series of {raw.shape[0]} rows")
+            start, end = stamp(s), stamp(e - 1)
+            for j in range(n_vars):
+                out.append(
+                    text.format(
+                        start=start,
+                        end=end,
+                        values=", ".join(cols[j][s:e]),
+                        every=self.every,
+                        trend=self.template.trend_format.format(trend_value(raw[s:e, j])),
+                    )
+                )
+        return out
+
+    def render_window(self, raw_window: np.ndarray, timestamps: np.ndarray) -> list[str]:
+        """Prompts for one window [seq_len, N] (one per variable)."""
+        return self.render_series(raw_window, timestamps, [0], raw_window.shape[0])

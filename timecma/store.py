@@ -1,0 +1,161 @@
+"""On-disk, content-addressed store of last-token prompt embeddings (torch-free).
+
+Key = sha256(namespace + prompt token ids); the namespace digests the LLM weights, the
+tokenizer and the wrapper version, so an embedding is only ever reused for the exact
+same model and prompt. LMDB gives atomic, durable commits (a writer killed at any
+instant loses only its uncommitted batch) and many concurrent reader processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Sequence
+
+import lmdb
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+_META_KEY = b"__timecma_store_meta__"
+# Virtual address space reserved for the map; the file grows only as data is written.
+DEFAULT_MAP_SIZE = 1 << 38
+
+
+class StoreMismatchError(ValueError):
+    """The store on disk was built by another LLM/tokenizer/wrapper or vector shape."""
+
+
+class EmbeddingStore:
+    """A key -> vector map in an LMDB environment shared safely between processes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        namespace: str,
+        dim: int,
+        dtype: str = "float32",
+        *,
+        describe: str = "",
+        readonly: bool = False,
+        map_size: int = DEFAULT_MAP_SIZE,
+    ):
+        self.path = os.fspath(path)
+        self.namespace = namespace
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        self._ns = bytes.fromhex(namespace) if _is_hex(namespace) else namespace.encode()
+        if readonly and not os.path.isdir(self.path):
+            raise FileNotFoundError(f"embedding store {self.path} does not exist")
+        os.makedirs(self.path, exist_ok=True)
+        self.env = lmdb.open(
+            self.path,
+            map_size=map_size,
+            subdir=True,
+            readonly=readonly,
+            max_readers=512,
+            lock=True,
+            sync=True,
+            metasync=True,
+        )
+        meta = {
+            "format": STORE_FORMAT,
+            "namespace": namespace,
+            "dim": self.dim,
+            "dtype": self.dtype.name,
+            "describe": describe,
+        }
+        with self.env.begin(write=not readonly) as txn:
+            raw = txn.get(_META_KEY)
+            if raw is None:
+                if readonly:
+                    raise StoreMismatchError(f"embedding store {self.path} has no metadata")
+                txn.put(_META_KEY, json.dumps(meta).encode())
+            else:
+                self._check(json.loads(raw), meta)
+
+    def _check(self, found: dict, wanted: dict) -> None:
+        if found.get("format") != STORE_FORMAT:
+            raise StoreMismatchError(
+                f"embedding store {self.path} has format {found.get('format')}, expected {STORE_FORMAT}"
+            )
+        if found["namespace"] != wanted["namespace"]:
+            raise StoreMismatchError(
+                f"embedding store {self.path} was built by another LLM/tokenizer "
+                f"({found.get('describe') or 'unknown'}, namespace {found['namespace'][:12]}); "
+                f"this run uses {wanted['describe'] or 'another model'} (namespace "
+                f"{wanted['namespace'][:12]}). Use a different store directory."
+            )
+        if found["dim"] != wanted["dim"] or found["dtype"] != wanted["dtype"]:
+            raise StoreMismatchError(
+                f"embedding store {self.path} holds {found['dtype']}[{found['dim']}] vectors, "
+                f"this run needs {wanted['dtype']}[{wanted['dim']}]"
+            )
+
+    def key(self, token_ids: np.ndarray) -> bytes:
+        """Content address of one prompt's token ids under this store's namespace."""
+        ids = np.ascontiguousarray(token_ids, dtype="<i8")
+        return hashlib.sha256(self._ns + ids.tobytes()).digest()
+
+    def keys(self, token_ids: Sequence[np.ndarray]) -> list[bytes]:
+        return [self.key(t) for t in token_ids]
+
+    def get_many(self, keys: Sequence[bytes], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors for ``keys`` as [len(keys), dim] and a boolean found-mask."""
+        if out is None:
+            out = np.zeros((len(keys), self.dim), dtype=self.dtype)
+        found = np.zeros(len(keys), dtype=bool)
+        nbytes = self.dim * self.dtype.itemsize
+        with self.env.begin(buffers=True) as txn:
+            for i, k in enumerate(keys):
+                buf = txn.get(k)
+                if buf is not None:
+                    if len(buf) != nbytes:
+                        raise StoreMismatchError(f"corrupt entry in {self.path}: {len(buf)} bytes")
+                    out[i] = np.frombuffer(buf, dtype=self.dtype)
+                    found[i] = True
+        return out, found
+
+    def missing(self, keys: Sequence[bytes]) -> list[int]:
+        """Indices of keys not yet in the store."""
+        with self.env.begin() as txn:
+            return [i for i, k in enumerate(keys) if txn.get(k) is None]
+
+    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Insert a batch in one durable transaction (all or nothing)."""
+        vectors = np.ascontiguousarray(vectors, dtype=self.dtype)
+        if vectors.shape != (len(keys), self.dim):
+            raise ValueError(f"expected vectors of shape {(len(keys), self.dim)}, got {vectors.shape}")
+        with self.env.begin(write=True) as txn:
+            for k, v in zip(keys, vectors):
+                txn.put(k, v.tobytes(), overwrite=False)
+
+    def __len__(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat()["entries"] - 1  # minus the metadata record
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> "EmbeddingStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_hex(s: str) -> bool:
+    try:
+        bytes.fromhex(s)
+        return len(s) % 2 == 0
+    except ValueError:
+        return False
+
+
+def make_namespace(weights_digest: str, tokenizer_digest: str, wrapper_version: str) -> str:
+    """Namespace of the store: changes whenever any embedding could change."""
+    payload = f"timecma-last-token|weights={weights_digest}|tokenizer={tokenizer_digest}|wrapper={wrapper_version}"
+    return hashlib.sha256(payload.encode()).hexdigest()

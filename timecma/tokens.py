@@ -1,0 +1,69 @@
+"""Tokenization and right padding shared by training and serving (torch-free).
+
+Both sides use the Hugging Face ``tokenizers`` backend of the LLM's fast tokenizer,
+so token ids (and hence store keys) are identical in training and serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+
+class PromptTooLongError(ValueError):
+    """A prompt has more tokens than the LLM has positions (never truncated silently)."""
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    """Digest of the tokenizer definition (vocab, merges, normalizer, post-processor)."""
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[np.ndarray]:
+    """Token ids of each prompt as int64 arrays, special tokens as the model expects."""
+    # The GPT-2 tokenizer adds no special tokens; others (e.g. Llama's BOS) do, as in
+    # the reference's ``tokenizer.encode``.
+    encodings = tokenizer.encode_batch(list(prompts), add_special_tokens=True)
+    out = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+    for i, ids in enumerate(out):
+        if ids.size == 0:
+            raise ValueError(f"prompt {i} encodes to zero tokens: {prompts[i]!r}")
+    return out
+
+
+def check_lengths(token_ids: Sequence[np.ndarray], max_positions: int, describe) -> None:
+    """Raise naming the first prompt longer than ``max_positions``.
+
+    ``describe(i)`` returns a human description of prompt i (window and variable).
+    """
+    for i, ids in enumerate(token_ids):
+        if len(ids) > max_positions:
+            raise PromptTooLongError(
+                f"prompt for {describe(i)} has {len(ids)} tokens but the LLM accepts at most "
+                f"{max_positions} positions; use a shorter --seq-len or another template"
+            )
+
+
+def pad_right(
+    token_ids: Sequence[np.ndarray], pad_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to a batch: (input_ids [B,S] int64, attention_mask [B,S] int64)."""
+    longest = max(len(t) for t in token_ids)
+    width = longest if length is None else length
+    if width < longest:
+        raise ValueError(f"pad length {width} is shorter than the longest prompt ({longest})")
+    ids = np.full((len(token_ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(token_ids), width), dtype=np.int64)
+    for i, t in enumerate(token_ids):
+        ids[i, : len(t)] = t
+        mask[i, : len(t)] = 1
+    return ids, mask
+
+
+def length_batches(token_ids: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar length so padding costs little compute."""
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
