@@ -27,7 +27,8 @@ demo: $(STAMP)
 	@test -f $(DEMO)/tiny-llm/config.json || $(BIN)/timecma-tiny-llm $(DEMO)/tiny-llm
 	$(BIN)/timecma-train --data timecma/data/ETTh1.csv --llm $(DEMO)/tiny-llm --out $(DEMO)/etth1 \
 		--seq-len 96 --pred-len 96 --epochs 10 --patience 3 --train-stride 4 --llm-batch-size 64
-	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json"
+	$(BIN)/timecma-export --ckpt $(DEMO)/etth1/best.pt --out $(DEMO)/etth1/bundle --force
+	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle"
 
 clean:
 	rm -rf $(VENV) runs

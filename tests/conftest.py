@@ -44,3 +44,38 @@ def small_csv(tmp_path) -> str:
     path = tmp_path / "small.csv"
     make_frame().to_csv(path, index=False)
     return str(path)
+
+
+TRAIN_ARGS = ["--seq-len", "24", "--pred-len", "12", "--epochs", "2", "--batch-size", "16", "--channel", "16",
+              "--e-layer", "1", "--d-layer", "1", "--device", "cpu"]
+
+
+def run_cli(entry: str, *args: str) -> "subprocess.CompletedProcess":
+    """Run a console entry point (module:function) in a fresh interpreter, as a user would."""
+    import subprocess
+    import sys
+
+    module, func = entry.split(":")
+    return subprocess.run([sys.executable, "-c", f"from {module} import {func}; {func}()", *args],
+                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, tiny_llm_dir):
+    """A small series trained once for the session: (data csv, run dir with best.pt)."""
+    d = tmp_path_factory.mktemp("train")
+    data = d / "small.csv"
+    make_frame().to_csv(data, index=False)
+    out = d / "run"
+    r = run_cli("timecma.cli:train_cmd", "--data", str(data), "--llm", tiny_llm_dir, "--out", str(out), *TRAIN_ARGS)
+    assert r.returncode == 0, r.stderr
+    return data, out
+
+
+@pytest.fixture(scope="session")
+def small_bundle(small_run):
+    """The small run exported once for the session."""
+    data, out = small_run
+    r = run_cli("timecma.export.cli:export_cmd", "--ckpt", str(out / "best.pt"))
+    assert r.returncode == 0, r.stderr
+    return out / "bundle"

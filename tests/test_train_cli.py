@@ -1,39 +1,27 @@
 """timecma-train end to end on a small series, and its refusals."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from timecma.checkpoint import load_checkpoint
 
-ARGS = ["--seq-len", "24", "--pred-len", "12", "--epochs", "2", "--batch-size", "16", "--channel", "16",
-        "--e-layer", "1", "--d-layer", "1", "--device", "cpu"]
+from conftest import TRAIN_ARGS as ARGS
+from conftest import run_cli
 
 
-def run_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from timecma.cli import train_cmd; train_cmd()", *args],
-                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+def run_train(*args: str):
+    return run_cli("timecma.cli:train_cmd", *args)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_llm_dir):
-    from conftest import make_frame
-
-    d = tmp_path_factory.mktemp("train")
-    data = d / "small.csv"
-    make_frame().to_csv(data, index=False)
-    out = d / "run"
-    r = run_train("--data", str(data), "--llm", tiny_llm_dir, "--out", str(out), *ARGS)
-    assert r.returncode == 0, r.stderr
-    return data, out, r
+def trained(small_run):
+    return small_run
 
 
 def test_train_writes_checkpoint_metrics_and_store(trained, tiny_llm_dir):
-    data, out, r = trained
+    data, out = trained
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["format_version"] == 1
     assert ckpt["data"]["variables"] == ["v0", "v1", "v2"] and ckpt["data"]["frequency"] == "hourly"
@@ -49,7 +37,7 @@ def test_train_writes_checkpoint_metrics_and_store(trained, tiny_llm_dir):
 
 
 def test_rerun_reuses_store_and_is_reproducible(trained, tiny_llm_dir, tmp_path):
-    data, out, _ = trained
+    data, out = trained
     out2 = tmp_path / "run2"
     r = run_train("--data", str(data), "--llm", tiny_llm_dir, "--out", str(out2), "--store", str(out / "store"), *ARGS)
     assert r.returncode == 0, r.stderr
@@ -62,7 +50,7 @@ def test_rerun_reuses_store_and_is_reproducible(trained, tiny_llm_dir, tmp_path)
 
 
 def test_store_from_another_llm_is_refused_and_nothing_damaged(trained, other_llm_dir):
-    data, out, _ = trained
+    data, out = trained
     before_ckpt = (out / "best.pt").read_bytes()
     before_store = (out / "store" / "data.mdb").read_bytes()
     r = run_train("--data", str(data), "--llm", other_llm_dir, "--out", str(out), *ARGS)

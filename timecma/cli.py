@@ -12,10 +12,13 @@ from .config import TrainConfig
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # Our own loggers at INFO; third-party ones (exporter, ORT optimizer) only at WARNING
+    # unless -v, so progress stays readable.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("timecma").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 
 def fail(message: str) -> None:

@@ -47,6 +47,7 @@ class DataContract:
     scaler_mean: list[float]
     scaler_std: list[float]
     split: str = "ett"
+    source: str = ""  # path of the training file (export's parity check reads real windows from it)
 
     def to_dict(self) -> dict:
         return asdict(self)

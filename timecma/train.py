@@ -160,6 +160,7 @@ def train(
     contract = DataContract(
         time_col=time_col, variables=series.variables, frequency=series.frequency, seq_len=seq_len,
         pred_len=pred_len, scaler_mean=scaler.mean.tolist(), scaler_std=scaler.std.tolist(), split=split,
+        source=os.path.abspath(data_path),
     )
     best_val, best_state, best_epoch, since_best = float("inf"), None, 0, 0
     history = []

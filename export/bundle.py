@@ -1,0 +1,388 @@
+"""`timecma-export`: checkpoint -> self-contained bundle (DESIGN §8).
+
+Steps: load the checkpoint (or import a public-reference state_dict), load the LLM and
+check it is the one the model was trained with, export both graphs, check parity against
+PyTorch on real windows (fail beyond tolerance), add a CPU-optimised LLM graph if it is
+faster, add fp16 graphs for TensorRT, build engines where TensorRT exists, and write it all
+to a temporary directory that is renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from timecma import __version__
+from timecma.checkpoint import CheckpointError, build_model, infer_reference_config, load_checkpoint, strip_reference_keys
+from timecma.config import DataContract, ModelConfig
+from timecma.data import Scaler, load_series, make_windows, resolve_split, split_borders, validate_frame
+from timecma.llm import LoadedLLM, encode_last_token, load_llm
+from timecma.manifest import file_sha256, write_manifest
+from timecma.prompts import PromptRenderer, get_template
+from timecma.tokens import encode_prompts, pad_right, tokenizer_digest
+
+from .onnx_export import ForecasterGraph, OPSET, convert_fp16, export_forecaster, export_llm, optimize_llm_for_cpu
+
+log = logging.getLogger(__name__)
+
+LLM_ONNX = "llm_last_token.onnx"
+FORECASTER_ONNX = "forecaster.onnx"
+
+
+class ExportError(RuntimeError):
+    """Export cannot produce a correct bundle (parity beyond tolerance, wrong LLM, bad input)."""
+
+
+@dataclass
+class ExportOptions:
+    out_dir: str
+    force: bool = False
+    data_path: str | None = None
+    llm_id: str | None = None
+    tolerance: float = 1e-4
+    parity_windows: int = 8
+    tensorrt: str = "auto"  # auto | off | require
+    trt_batch: tuple[int, int, int] = (1, 7, 64)  # prompts per LLM call: min, opt, max
+    trt_seq: tuple[int, int, int] = (1, 256, 1024)
+    trt_forecast_batch: tuple[int, int, int] = (1, 1, 64)
+    trt_precisions: tuple[str, ...] = ("fp16",)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Source:
+    """Everything export needs, from a timecma checkpoint or an imported reference state_dict."""
+
+    cfg: ModelConfig
+    state_dict: dict
+    data: DataContract
+    prompt: dict
+    llm: dict | None  # recorded LLM identity; None for reference checkpoints
+    metrics: dict
+    origin: str
+
+
+def source_from_checkpoint(path: str) -> Source:
+    ckpt = load_checkpoint(path)
+    return Source(ModelConfig(**ckpt["model_config"]), ckpt["state_dict"], DataContract(**ckpt["data"]),
+                  ckpt["prompt"], ckpt["llm"], ckpt["metrics"], f"timecma checkpoint {os.path.abspath(path)}")
+
+
+def source_from_reference(path: str, data_path: str, llm: LoadedLLM, time_col: str = "date", split: str = "auto",
+                          **flags) -> Source:
+    """A bare state_dict saved by the public reference (``best_model.pth``)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is corrupt or not a torch file: {exc}") from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a bare state_dict (a timecma checkpoint? drop --from-reference)")
+    cfg = infer_reference_config(sd, **flags)
+    if cfg.d_llm != llm.info.d_llm:
+        raise CheckpointError(f"the state_dict expects d_llm={cfg.d_llm} but LLM {llm.info.id} has {llm.info.d_llm}")
+    series = load_series(data_path, time_col)
+    if len(series.variables) != cfg.num_nodes:
+        raise CheckpointError(f"the state_dict has {cfg.num_nodes} variables but {data_path} has "
+                              f"{len(series.variables)}: {series.variables}")
+    split = resolve_split(split, data_path)
+    b = split_borders(len(series.values), cfg.seq_len, split, series.frequency)["train"]
+    scaler = Scaler.fit(series.values[b[0]:b[1]], series.variables)
+    contract = DataContract(time_col, series.variables, series.frequency, cfg.seq_len, cfg.pred_len,
+                            scaler.mean.tolist(), scaler.std.tolist(), split, os.path.abspath(data_path))
+    tmpl = get_template("reference")
+    return Source(cfg, strip_reference_keys(sd), contract, {"name": tmpl.name, "hash": tmpl.hash}, None, {},
+                  f"public-reference state_dict {os.path.abspath(path)}")
+
+
+def _check_llm(src: Source, llm: LoadedLLM) -> None:
+    if src.llm is None:
+        return
+    if llm.info.weights_digest != src.llm["weights_digest"]:
+        raise ExportError(
+            f"LLM {llm.info.id} has weights digest {llm.info.weights_digest[:12]} but the checkpoint was trained "
+            f"with {src.llm['id']} (digest {src.llm['weights_digest'][:12]}): its prompt embeddings would differ"
+        )
+    if llm.info.tokenizer_digest != src.llm["tokenizer_digest"]:
+        raise ExportError(f"LLM {llm.info.id}'s tokenizer differs from the one the checkpoint was trained with")
+    if llm.info.d_llm != src.cfg.d_llm:
+        raise ExportError(f"LLM hidden size {llm.info.d_llm} != the model's d_llm {src.cfg.d_llm}")
+
+
+def _ort_session(path: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _real_windows(src: Source, data_path: str | None, n: int):
+    """Raw windows from the checkpoint's data (test split), for parity on real inputs."""
+    path = data_path or src.data.source
+    if not path or not os.path.exists(path):
+        raise ExportError(f"the training data {path!r} is not available for the parity check; pass --data")
+    from timecma.data import read_table
+
+    series = validate_frame(read_table(path), path, src.data.time_col, src.data.variables)
+    borders = split_borders(len(series.values), src.cfg.seq_len, src.data.split, series.frequency)
+    starts = make_windows(borders, src.cfg.seq_len, src.cfg.pred_len)["test"].starts
+    pick = starts[np.linspace(0, len(starts) - 1, n).astype(int)]
+    return series, pick
+
+
+def _time_session(sess, feeds: dict, repeat: int = 5) -> float:
+    sess.run(None, feeds)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        sess.run(None, feeds)
+    return (time.perf_counter() - t) / repeat * 1000
+
+
+def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> dict:
+    """Write the bundle; returns its manifest. Nothing is left at ``out_dir`` on failure."""
+    t0 = time.time()
+    out_dir = os.path.abspath(opts.out_dir)
+    if os.path.exists(out_dir) and not opts.force:
+        raise ExportError(f"{out_dir} exists; pass --force to replace it")
+    _check_llm(src, llm)
+    if opts.tensorrt == "require":
+        from .tensorrt_build import tensorrt_status
+
+        ok, reason = tensorrt_status()
+        if not ok:
+            raise ExportError(f"--tensorrt require, but {reason}")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
+    try:
+        manifest = _build(src, llm, opts, tmp)
+        manifest["export_seconds"] = round(time.time() - t0, 1)
+        write_manifest(tmp, manifest)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=".old-bundle-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "b"))
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    cfg, data = src.cfg, src.data
+    model = build_model(cfg, src.state_dict)
+    graph = ForecasterGraph(model, np.asarray(data.scaler_mean), np.asarray(data.scaler_std)).eval()
+
+    # tokenizer: fast-tokenizer JSON the runtime loads with `tokenizers` alone
+    tok_dir = os.path.join(tmp, "tokenizer")
+    llm.tokenizer.save_pretrained(tok_dir)
+    from tokenizers import Tokenizer
+
+    saved_tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+
+    log.info("exporting %s", LLM_ONNX)
+    t = time.time()
+    export_llm(llm.encoder, os.path.join(tmp, LLM_ONNX), llm.info.max_positions)
+    llm_export_s = time.time() - t
+    log.info("exporting %s", FORECASTER_ONNX)
+    t = time.time()
+    export_forecaster(graph, os.path.join(tmp, FORECASTER_ONNX))
+    fc_export_s = time.time() - t
+
+    # ---- parity on real windows ------------------------------------------------------
+    series, starts = _real_windows(src, opts.data_path, opts.parity_windows)
+    renderer = PromptRenderer(get_template(src.prompt["name"], src.prompt["hash"]), data.frequency)
+    prompts = renderer.render_series(series.values, series.timestamps, starts, cfg.seq_len)
+    ids = encode_prompts(saved_tok, prompts)
+    if [list(a) for a in ids] != [list(a) for a in encode_prompts(llm.backend, prompts)]:
+        raise ExportError("the saved tokenizer.json tokenizes differently from the LLM's tokenizer")
+    n = cfg.num_nodes
+    torch_emb = np.concatenate([encode_last_token(llm, ids[i * n:(i + 1) * n]) for i in range(len(starts))])
+    llm_sess = _ort_session(os.path.join(tmp, LLM_ONNX))
+
+    def ort_llm(sess, chunk):
+        a, m = pad_right(chunk, llm.info.pad_id)
+        return sess.run(None, {"input_ids": a, "attention_mask": m})[0]
+
+    ort_emb = np.concatenate([ort_llm(llm_sess, ids[i * n:(i + 1) * n]) for i in range(len(starts))])
+    llm_err = _errors(ort_emb, torch_emb)
+    # shapes other than the export example: all prompts in one batch, and single prompts
+    llm_err_all = _errors(ort_llm(llm_sess, ids), encode_last_token(llm, ids))
+    llm_err_one = _errors(ort_llm(llm_sess, ids[:1]), torch_emb[:1])
+    worst_llm = max(llm_err["max_abs"], llm_err_all["max_abs"], llm_err_one["max_abs"])
+    if worst_llm > opts.tolerance:
+        raise ExportError(f"LLM graph parity {worst_llm:.2e} exceeds tolerance {opts.tolerance:.0e}")
+
+    x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
+    emb = torch_emb.reshape(len(starts), n, -1).astype(np.float32)
+    with torch.no_grad():
+        y_torch = graph(torch.from_numpy(x), torch.from_numpy(emb)).numpy()
+    fc_sess = _ort_session(os.path.join(tmp, FORECASTER_ONNX))
+    std = np.asarray(data.scaler_std, dtype=np.float32)
+    y_ort = np.concatenate([fc_sess.run(None, {"x": x[i:i + 1], "prompt_emb": emb[i:i + 1]})[0] for i in range(len(x))])
+    fc_err = _errors(y_ort / std, y_torch / std)  # normalized units
+    fc_err_b = _errors(fc_sess.run(None, {"x": x, "prompt_emb": emb})[0] / std, y_torch / std)
+    worst_fc = max(fc_err["max_abs"], fc_err_b["max_abs"])
+    if worst_fc > opts.tolerance:
+        raise ExportError(f"forecaster graph parity {worst_fc:.2e} (normalized units) exceeds tolerance {opts.tolerance:.0e}")
+    log.info("parity: LLM max abs %.2e, forecaster max abs %.2e (normalized)", worst_llm, worst_fc)
+
+    # ---- CPU-optimised LLM graph (kept only if faster with parity) ----------------------
+    feeds = dict(zip(("input_ids", "attention_mask"), pad_right(ids[:n], llm.info.pad_id)))
+    llm_files = {"fp32": {"file": LLM_ONNX}}
+    timings = {"fp32": _time_session(llm_sess, feeds)}
+    cpu_preferred = "fp32"
+    opt_file = "llm_last_token.ort-cpu.onnx"
+    try:
+        fused = optimize_llm_for_cpu(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, opt_file),
+                                     llm.encoder.model.config.num_attention_heads, llm.info.d_llm,
+                                     llm.info.extra.get("model_type", ""))
+        opt_sess = _ort_session(os.path.join(tmp, opt_file))
+        opt_err = _errors(np.concatenate([ort_llm(opt_sess, ids[i * n:(i + 1) * n]) for i in range(len(starts))]), torch_emb)
+        timings["fp32-ort-opt"] = _time_session(opt_sess, feeds)
+        if opt_err["max_abs"] <= opts.tolerance and timings["fp32-ort-opt"] < timings["fp32"]:
+            llm_files["fp32-ort-opt"] = {"file": opt_file, "fused_ops": fused, "parity_vs_torch": opt_err}
+            cpu_preferred = "fp32-ort-opt"
+        else:
+            log.info("ORT-optimised LLM graph not kept (%.2f ms vs %.2f ms, parity %.1e)",
+                     timings["fp32-ort-opt"], timings["fp32"], opt_err["max_abs"])
+            os.unlink(os.path.join(tmp, opt_file))
+    except Exception as exc:  # an optimizer failure must not block the bundle
+        log.warning("ONNX Runtime transformer optimizer failed: %s", exc)
+        if os.path.exists(os.path.join(tmp, opt_file)):
+            os.unlink(os.path.join(tmp, opt_file))
+
+    # ---- fp16 graphs (precision lives in the graph: TensorRT strongly typed) ----------
+    fc_files = {"fp32": {"file": FORECASTER_ONNX}}
+    fp16_parity = {}
+    for name, files, fp32_file in (("llm", llm_files, LLM_ONNX), ("forecaster", fc_files, FORECASTER_ONNX)):
+        f16 = fp32_file.replace(".onnx", ".fp16.onnx")
+        convert_fp16(os.path.join(tmp, fp32_file), os.path.join(tmp, f16))
+        files["fp16"] = {"file": f16}
+        try:  # measured on ORT CPU where its kernels allow; recorded, not enforced
+            s16 = _ort_session(os.path.join(tmp, f16))
+            if name == "llm":
+                fp16_parity[name] = _errors(ort_llm(s16, ids[:n]), torch_emb[:n])
+            else:
+                fp16_parity[name] = _errors(s16.run(None, {"x": x, "prompt_emb": emb})[0] / std, y_torch / std)
+        except Exception as exc:
+            fp16_parity[name] = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
+        files["fp16"]["parity_vs_torch_ort_cpu"] = fp16_parity[name]
+
+    for files in (llm_files, fc_files):
+        for v in files.values():
+            v["sha256"] = file_sha256(os.path.join(tmp, v["file"]))
+            v["bytes"] = os.path.getsize(os.path.join(tmp, v["file"]))
+
+    # ---- TensorRT -----------------------------------------------------------------------
+    engines, trt_note, trt_version = _tensorrt(opts, tmp, cfg, llm_files, fc_files, ids, llm.info.pad_id, x, emb)
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                "tensorrt": trt_version, "timecma": __version__}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "origin": src.origin,
+        "model_config": cfg.to_dict(),
+        "data": data.to_dict(),
+        "prompt": src.prompt,
+        "llm": {**llm.info.to_dict(), "digest_verified": src.llm is not None},
+        "tokenizer": {"file": "tokenizer/tokenizer.json", "digest": tokenizer_digest(saved_tok)},
+        "opset": OPSET,
+        "graphs": {
+            "llm": {
+                "inputs": {"input_ids": {"shape": ["B", "S"], "dtype": "int64"},
+                           "attention_mask": {"shape": ["B", "S"], "dtype": "int64"}},
+                "outputs": {"last_hidden": {"shape": ["B", cfg.d_llm], "dtype": "float32"}},
+                "padding": "right", "files": llm_files, "cpu_preferred": cpu_preferred,
+                "ort_cpu_ms_batch_n": timings,
+                "parity_vs_torch": {"ort_cpu_fp32": {"per_window": llm_err, "all_in_one_batch": llm_err_all,
+                                                     "single_prompt": llm_err_one}},
+                "export_seconds": round(llm_export_s, 1),
+            },
+            "forecaster": {
+                "inputs": {"x": {"shape": ["B", cfg.seq_len, cfg.num_nodes], "dtype": "float32", "units": "raw"},
+                           "prompt_emb": {"shape": ["B", cfg.num_nodes, cfg.d_llm], "dtype": "float32"}},
+                "outputs": {"y": {"shape": ["B", cfg.pred_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}},
+                "scaler": "in_graph", "files": fc_files, "cpu_preferred": "fp32",
+                "parity_vs_torch": {"units": "normalized", "ort_cpu_fp32": {"batch_1": fc_err, "batched": fc_err_b}},
+                "export_seconds": round(fc_export_s, 1),
+            },
+        },
+        "parity_tolerance": opts.tolerance,
+        "parity_windows": [int(s) for s in starts],
+        "engines": engines,
+        "tensorrt_note": trt_note,
+        "versions": versions,
+        "metrics": src.metrics,
+    }
+
+
+def _errors(a: np.ndarray, b: np.ndarray) -> dict:
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return {"max_abs": float(diff.max()), "max_rel": float((diff / (np.abs(b) + 1e-6)).max()),
+            "mean_abs": float(diff.mean())}
+
+
+def _tensorrt(opts: ExportOptions, tmp: str, cfg: ModelConfig, llm_files: dict, fc_files: dict, ids, pad_id: int,
+              x: np.ndarray, emb: np.ndarray) -> tuple[list, str, str | None]:
+    from .tensorrt_build import EngineSpec, build_engine, run_engine, tensorrt_status
+
+    if opts.tensorrt == "off":
+        return [], "TensorRT build switched off (--tensorrt off); ONNX-only bundle", None
+    ok, reason = tensorrt_status()
+    if not ok:
+        if opts.tensorrt == "require":
+            raise ExportError(f"--tensorrt require, but {reason}")
+        log.warning("%s: writing an ONNX-only bundle (the runtime uses ONNX Runtime)", reason)
+        return [], f"{reason}; ONNX-only bundle", None
+    import tensorrt as trt
+
+    cache = os.path.join(tmp, "engines", "timing.cache")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    b, s, fb = opts.trt_batch, opts.trt_seq, opts.trt_forecast_batch
+    engines = []
+    for precision in opts.trt_precisions:
+        llm_spec = EngineSpec("llm", precision, llm_files[precision]["file"], llm_files[precision]["sha256"],
+                              {"input_ids": ((b[0], s[0]), (b[1], s[1]), (b[2], s[2])),
+                               "attention_mask": ((b[0], s[0]), (b[1], s[1]), (b[2], s[2]))})
+        fc_spec = EngineSpec("forecaster", precision, fc_files[precision]["file"], fc_files[precision]["sha256"],
+                             {"x": ((fb[0], cfg.seq_len, cfg.num_nodes), (fb[1], cfg.seq_len, cfg.num_nodes),
+                                    (fb[2], cfg.seq_len, cfg.num_nodes)),
+                              "prompt_emb": ((fb[0], cfg.num_nodes, cfg.d_llm), (fb[1], cfg.num_nodes, cfg.d_llm),
+                                             (fb[2], cfg.num_nodes, cfg.d_llm))})
+        for spec in (llm_spec, fc_spec):
+            entry = build_engine(spec, tmp, cache)
+            # engine parity against ONNX Runtime (fp32 graph) on the same inputs
+            if spec.graph == "llm":
+                a, m = pad_right(ids[: cfg.num_nodes], pad_id)
+                feeds = {"input_ids": a, "attention_mask": m}
+                ref = _ort_session(os.path.join(tmp, llm_files["fp32"]["file"])).run(None, feeds)[0]
+            else:
+                feeds = {"x": x[:1], "prompt_emb": emb[:1]}
+                ref = _ort_session(os.path.join(tmp, fc_files["fp32"]["file"])).run(None, feeds)[0]
+            entry["parity_vs_ort_fp32"] = _errors(run_engine(tmp, entry["file"], feeds), ref)
+            engines.append(entry)
+    return engines, f"built with TensorRT {trt.__version__}", trt.__version__

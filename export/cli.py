@@ -1,0 +1,87 @@
+"""`timecma-export` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import click
+
+
+def _triple(value: str) -> tuple[int, int, int]:
+    parts = tuple(int(v) for v in value.split(","))
+    if len(parts) != 3 or not parts[0] <= parts[1] <= parts[2] or parts[0] < 1:
+        raise click.BadParameter(f"expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+@click.command()
+@click.option("--ckpt", required=True, help="best.pt from timecma-train (or best_model.pth with --from-reference).")
+@click.option("--out", "out_dir", default=None, help="Bundle directory [default: next to the checkpoint, bundle/].")
+@click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
+@click.option("--data", "data_path", default=None, help="Data file (parity windows; required with --from-reference).")
+@click.option("--llm", "llm_id", default=None, help="LLM hub id or directory [default: the one in the checkpoint].")
+@click.option("--from-reference", is_flag=True, help="CKPT is a bare state_dict from the public TimeCMA repository.")
+@click.option("--time-col", default="date", show_default=True)
+@click.option("--split", type=click.Choice(["auto", "ett", "ratio"]), default="auto", show_default=True)
+@click.option("--seq-len", type=int, default=None, help="Reference import: checked against tensor shapes.")
+@click.option("--pred-len", type=int, default=None)
+@click.option("--channel", type=int, default=None)
+@click.option("--e-layer", type=int, default=None)
+@click.option("--d-layer", type=int, default=None)
+@click.option("--d-ff", type=int, default=None)
+@click.option("--head", type=int, default=8, show_default=True, help="Reference import: not inferable from shapes.")
+@click.option("--tolerance", default=1e-4, show_default=True, help="Max abs error vs PyTorch (fp32 graphs).")
+@click.option("--parity-windows", default=8, show_default=True)
+@click.option("--tensorrt", type=click.Choice(["auto", "off", "require"]), default="auto", show_default=True)
+@click.option("--trt-batch", default="1,7,64", show_default=True, help="LLM engine prompts per call MIN,OPT,MAX.")
+@click.option("--trt-seq", default="1,256,1024", show_default=True, help="LLM engine tokens MIN,OPT,MAX.")
+@click.option("--trt-forecast-batch", default="1,1,64", show_default=True)
+@click.option("--trt-precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
+@click.option("-v", "--verbose", is_flag=True)
+def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col, split, seq_len, pred_len, channel,
+               e_layer, d_layer, d_ff, head, tolerance, parity_windows, tensorrt, trt_batch, trt_seq,
+               trt_forecast_batch, trt_precision, verbose):
+    """Export a checkpoint to a bundle: two ONNX graphs (parity-checked), tokenizer, TensorRT
+    engines where TensorRT exists, and a JSON manifest."""
+    from timecma.checkpoint import CheckpointError
+    from timecma.cli import _setup_logging, fail
+    from timecma.data import DataError
+    from timecma.prompts import PromptError
+
+    from .bundle import ExportError, ExportOptions, export_bundle, source_from_checkpoint, source_from_reference
+
+    _setup_logging(verbose)
+    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "bundle")
+    opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance,
+                         parity_windows=parity_windows, tensorrt=tensorrt, trt_batch=_triple(trt_batch),
+                         trt_seq=_triple(trt_seq), trt_forecast_batch=_triple(trt_forecast_batch),
+                         trt_precisions=tuple(p.strip() for p in trt_precision.split(",")))
+    try:
+        if os.path.exists(out_dir) and not force:
+            raise ExportError(f"{out_dir} exists; pass --force to replace it")
+        from timecma.llm import load_llm
+
+        if from_reference:
+            if not data_path or not llm_id:
+                raise ExportError("--from-reference needs --data and --llm (the reference saves neither)")
+            llm = load_llm(llm_id)
+            src = source_from_reference(ckpt, data_path, llm, time_col, split, seq_len=seq_len, pred_len=pred_len,
+                                        channel=channel, e_layer=e_layer, d_layer=d_layer, d_ff=d_ff, head=head)
+        else:
+            src = source_from_checkpoint(ckpt)
+            llm = load_llm(llm_id or src.llm["id"])
+        manifest = export_bundle(src, llm, opts)
+    except (ExportError, CheckpointError, DataError, PromptError, OSError) as exc:
+        fail(str(exc))
+    g = manifest["graphs"]
+    click.echo(json.dumps({
+        "bundle": out_dir,
+        "llm_parity_max_abs": g["llm"]["parity_vs_torch"]["ort_cpu_fp32"]["per_window"]["max_abs"],
+        "forecaster_parity_max_abs_normalized": g["forecaster"]["parity_vs_torch"]["ort_cpu_fp32"]["batch_1"]["max_abs"],
+        "llm_cpu_preferred": g["llm"]["cpu_preferred"],
+        "engines": [e["file"] for e in manifest["engines"]],
+        "tensorrt": manifest["tensorrt_note"],
+        "export_seconds": manifest["export_seconds"],
+    }, indent=2))

@@ -1,0 +1,173 @@
+"""timecma-export: two ONNX graphs with dynamic axes, parity, atomic bundle, refusals."""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import run_cli
+from timecma.checkpoint import build_model, load_checkpoint
+from timecma.config import ModelConfig
+from timecma.llm import load_llm
+from timecma.manifest import BundleError, read_manifest
+from timecma.tokens import pad_right
+
+EXPORT = "timecma.export.cli:export_cmd"
+
+
+def test_bundle_layout_and_manifest(small_bundle, small_run):
+    m = read_manifest(small_bundle)
+    assert m["manifest_version"] == 1 and m["opset"] >= 17
+    assert (small_bundle / "llm_last_token.onnx").exists() and (small_bundle / "forecaster.onnx").exists()
+    assert (small_bundle / "tokenizer" / "tokenizer.json").exists()
+    assert not list(small_bundle.glob("*.pt")) and not list(small_bundle.glob("*.pkl"))  # no pickles
+    llm_par = m["graphs"]["llm"]["parity_vs_torch"]["ort_cpu_fp32"]
+    assert max(v["max_abs"] for v in llm_par.values()) <= 1e-4
+    fc_par = m["graphs"]["forecaster"]["parity_vs_torch"]["ort_cpu_fp32"]
+    assert max(v["max_abs"] for v in fc_par.values()) <= 1e-4
+    assert m["graphs"]["forecaster"]["scaler"] == "in_graph"
+    assert m["graphs"]["llm"]["cpu_preferred"] in m["graphs"]["llm"]["files"]
+    assert "fp16" in m["graphs"]["llm"]["files"] and "fp16" in m["graphs"]["forecaster"]["files"]
+    assert {"torch", "onnx", "onnxruntime", "tensorrt"} <= set(m["versions"])
+    assert m["data"]["variables"] == ["v0", "v1", "v2"] and m["llm"]["digest_verified"]
+
+
+def test_fp16_graph_keeps_sensitive_ops_and_io_in_fp32(small_bundle):
+    import onnx
+
+    model = onnx.load(small_bundle / "llm_last_token.fp16.onnx")
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.output)}
+    assert types["last_hidden"] == onnx.TensorProto.FLOAT
+    init16 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert init16, "weights were not converted to fp16"
+    ln_inputs = {n.input[0] for n in model.graph.node if n.op_type == "LayerNormalization"}
+    casts_to_fp32 = {n.output[0] for n in model.graph.node if n.op_type == "Cast"
+                     and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)}
+    assert ln_inputs and ln_inputs <= casts_to_fp32 | {i.name for i in model.graph.input}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 32])
+@pytest.mark.parametrize("seq", [5, 97, 300])
+def test_llm_graph_axes_are_dynamic(small_bundle, tiny_llm_dir, batch, seq):
+    llm = load_llm(tiny_llm_dir)
+    sess = ort.InferenceSession(str(small_bundle / "llm_last_token.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(batch * 1000 + seq)
+    ids = [rng.integers(1, 500, size=int(n)) for n in rng.integers(1, seq + 1, size=batch)]
+    ids[0] = rng.integers(1, 500, size=seq)  # at least one full-length row
+    a, m = pad_right(ids, llm.info.pad_id)
+    got = sess.run(None, {"input_ids": a, "attention_mask": m})[0]
+    with torch.no_grad():
+        ref = llm.encoder(torch.from_numpy(a), torch.from_numpy(m)).numpy()
+    assert got.shape == (batch, 32)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_forecaster_graph_returns_original_units(small_bundle, small_run):
+    _, run = small_run
+    ckpt = load_checkpoint(run / "best.pt")
+    model = build_model(ModelConfig(**ckpt["model_config"]), ckpt["state_dict"])
+    mean, std = np.array(ckpt["data"]["scaler_mean"]), np.array(ckpt["data"]["scaler_std"])
+    sess = ort.InferenceSession(str(small_bundle / "forecaster.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for b in (1, 3):
+        x = (rng.normal(size=(b, 24, 3)) * std + mean).astype(np.float32)
+        emb = rng.normal(size=(b, 3, 32)).astype(np.float32)
+        y = sess.run(None, {"x": x, "prompt_emb": emb})[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(((x - mean) / std).astype(np.float32)), torch.from_numpy(emb)).numpy()
+        np.testing.assert_allclose((y - mean) / std, ref, atol=1e-4, rtol=0)
+
+
+def test_existing_bundle_needs_force(small_run, tmp_path):
+    _, run = small_run
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run_cli(EXPORT, "--ckpt", str(run / "best.pt"), "--out", str(out))
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_checkpoints_leave_no_bundle(small_run, tmp_path, other_llm_dir):
+    _, run = small_run
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    future = tmp_path / "future.pt"
+    torch.save({**load_checkpoint(run / "best.pt"), "format_version": 99}, future)
+    cases = [
+        (tmp_path / "missing.pt", [], "does not exist"),
+        (corrupt, [], "corrupt or not a torch file"),
+        (future, [], "checkpoint format 99"),
+        (run / "best.pt", ["--llm", other_llm_dir], "weights digest"),
+    ]
+    if not _has_tensorrt():
+        cases.append((run / "best.pt", ["--tensorrt", "require"], "--tensorrt require, but TensorRT is not installed"))
+    for i, (ckpt, extra, message) in enumerate(cases):
+        out = tmp_path / f"bundle{i}"
+        r = run_cli(EXPORT, "--ckpt", str(ckpt), "--out", str(out), *extra)
+        assert r.returncode == 2 and message in r.stderr, (message, r.stderr[-500:])
+        assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bundle-")]  # no temp leftovers
+
+
+def test_reference_state_dict_import(small_run, tiny_llm_dir, tmp_path):
+    data, run = small_run
+    sd = dict(load_checkpoint(run / "best.pt")["state_dict"])
+    template = {k.replace("ts_encoder.layers.0.", "ts_encoder_layer."): v.clone()
+                for k, v in sd.items() if k.startswith("ts_encoder.layers.0.")}
+    ref = tmp_path / "best_model.pth"
+    torch.save({**sd, **template}, ref)
+    out = tmp_path / "ref_bundle"
+    r = run_cli(EXPORT, "--ckpt", str(ref), "--from-reference", "--data", str(data), "--llm", tiny_llm_dir,
+                "--seq-len", "24", "--pred-len", "12", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model_config"]["channel"] == 16 and m["model_config"]["pred_len"] == 12
+    assert m["llm"]["digest_verified"] is False and m["origin"].startswith("public-reference")
+    # shapes that contradict flags, and keys the model does not have, are errors
+    r = run_cli(EXPORT, "--ckpt", str(ref), "--from-reference", "--data", str(data), "--llm", tiny_llm_dir,
+                "--pred-len", "48", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "pred_len=48 but the tensors say 12" in r.stderr
+    torch.save({**sd, "mystery.weight": torch.zeros(2)}, ref)
+    r = run_cli(EXPORT, "--ckpt", str(ref), "--from-reference", "--data", str(data), "--llm", tiny_llm_dir,
+                "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "unexpected ['mystery.weight']" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_manifest_version_is_checked(small_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(small_bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["manifest_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="manifest version 2.*upgrade timecma"):
+        read_manifest(copy)
+
+
+def _has_tensorrt() -> bool:
+    from timecma.export.tensorrt_build import tensorrt_status
+
+    return tensorrt_status()[0]
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _has_tensorrt(), reason="TensorRT and a CUDA GPU are needed (not installable on this machine)")
+def test_tensorrt_engines_built_and_match_ort(small_run, tmp_path):
+    _, run = small_run
+    out = tmp_path / "trt"
+    r = run_cli(EXPORT, "--ckpt", str(run / "best.pt"), "--out", str(out), "--tensorrt", "require",
+                "--trt-precision", "fp32,fp16")
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(out)
+    assert {(e["graph"], e["precision"]) for e in m["engines"]} == {
+        ("llm", "fp32"), ("llm", "fp16"), ("forecaster", "fp32"), ("forecaster", "fp16")}
+    for e in m["engines"]:
+        assert (out / e["file"]).exists() and e["compute_capability"] in e["file"]
+        tol = 1e-4 if e["precision"] == "fp32" else 5e-2
+        assert e["parity_vs_ort_fp32"]["max_abs"] <= tol
