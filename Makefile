@@ -28,7 +28,13 @@ demo: $(STAMP)
 	$(BIN)/timecma-train --data timecma/data/ETTh1.csv --llm $(DEMO)/tiny-llm --out $(DEMO)/etth1 \
 		--seq-len 96 --pred-len 96 --epochs 10 --patience 3 --train-stride 4 --llm-batch-size 64
 	$(BIN)/timecma-export --ckpt $(DEMO)/etth1/best.pt --out $(DEMO)/etth1/bundle --force
-	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle"
+	@# ETTh1 rows 14400+ lie after the ett test split: serve them as unseen data (rolling backtest, one window a day).
+	$(BIN)/python -c "import pyarrow.csv as c, pyarrow.parquet as pq; \
+		pq.write_table(c.read_csv('timecma/data/ETTh1.csv').slice(14400), '$(DEMO)/etth1-heldout.parquet')"
+	$(BIN)/timecma-serve-batch $(DEMO)/etth1-heldout.parquet --bundle $(DEMO)/etth1/bundle --store $(DEMO)/etth1/store \
+		--out $(DEMO)/etth1-heldout.forecasts.parquet --mode rolling --stride 24 --force
+	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle,"
+	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet"
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,205 @@
+"""Inference backends behind one small interface (torch-free at module level).
+
+``tensorrt``  native engines from the bundle (named I/O, set_input_shape, set_tensor_address,
+              execute_async_v3 on a non-default stream, device buffers reused between calls)
+``ort-cuda``  ONNX Runtime CUDA EP with IO binding; CUDA graphs for the fixed-shape forecaster
+``ort-cpu``   ONNX Runtime CPU
+``torch``     eager PyTorch on the same weights (comparison only; torch imported lazily)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+import numpy as np
+
+from timecma.manifest import BundleError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu", "torch")
+
+
+class Backend(Protocol):
+    name: str
+
+    def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """[B,S] int64 x2 -> [B,d_llm] float32."""
+
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
+        """[B,seq_len,N] raw, [B,N,d_llm] -> [B,pred_len,N] raw."""
+
+
+def _ort():
+    import onnxruntime as ort
+
+    return ort
+
+
+def available_backends() -> dict[str, str]:
+    """Backend name -> why it is (or is not) usable here."""
+    out: dict[str, str] = {}
+    try:
+        import tensorrt  # noqa: F401
+
+        out["tensorrt"] = "available" if _cuda_device_count() > 0 else "TensorRT installed but no CUDA GPU"
+    except Exception as exc:
+        out["tensorrt"] = f"not installed ({type(exc).__name__})"
+    try:
+        providers = _ort().get_available_providers()
+        out["ort-cuda"] = "available" if "CUDAExecutionProvider" in providers else "onnxruntime has no CUDA provider"
+        out["ort-cpu"] = "available"
+    except ImportError:
+        out["ort-cuda"] = out["ort-cpu"] = "onnxruntime not installed"
+    try:
+        import importlib.util
+
+        out["torch"] = "available" if importlib.util.find_spec("torch") else "torch not installed"
+    except (ImportError, ValueError):
+        out["torch"] = "torch not installed"
+    return out
+
+
+def _cuda_device_count() -> int:
+    import ctypes
+
+    for lib in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+        try:
+            cudart = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        n = ctypes.c_int(0)
+        return n.value if cudart.cudaGetDeviceCount(ctypes.byref(n)) == 0 else 0
+    return 0
+
+
+class OrtBackend:
+    """ONNX Runtime on CPU, or CUDA with IO binding (outputs bound to host, inputs copied once)."""
+
+    def __init__(self, bundle_dir: str, manifest: dict, device: str = "cpu", threads: int | None = None,
+                 llm_variant: str | None = None, cuda_graph: bool = True):
+        ort = _ort()
+        self.name = "ort-cuda" if device == "cuda" else "ort-cpu"
+        self.device = device
+        graphs = manifest["graphs"]
+        variant = llm_variant or (graphs["llm"]["cpu_preferred"] if device == "cpu" else "fp32")
+        if variant not in graphs["llm"]["files"]:
+            raise BundleError(f"bundle has no LLM graph variant {variant!r}; it has {sorted(graphs['llm']['files'])}")
+        self.llm_variant = variant
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        if device == "cuda":
+            providers = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+            fc_providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}),
+                            "CPUExecutionProvider"]
+        else:
+            providers = fc_providers = ["CPUExecutionProvider"]
+        self.llm = ort.InferenceSession(os.path.join(bundle_dir, graphs["llm"]["files"][variant]["file"]), opts,
+                                        providers=providers)
+        self.fc = ort.InferenceSession(os.path.join(bundle_dir, graphs["forecaster"]["files"]["fp32"]["file"]), opts,
+                                       providers=fc_providers)
+        self._fc_graph = device == "cuda" and cuda_graph
+        if self._fc_graph:
+            cfg = manifest["model_config"]
+            # CUDA graphs replay fixed device addresses: bind batch-1 buffers once, copy into them.
+            self._x = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg["seq_len"], cfg["num_nodes"]), np.float32, "cuda", 0)
+            self._e = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg["num_nodes"], cfg["d_llm"]), np.float32, "cuda", 0)
+            self._y = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg["pred_len"], cfg["num_nodes"]), np.float32, "cuda", 0)
+            self._binding = self.fc.io_binding()
+            self._binding.bind_ortvalue_input("x", self._x)
+            self._binding.bind_ortvalue_input("prompt_emb", self._e)
+            self._binding.bind_ortvalue_output("y", self._y)
+
+    def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if self.device == "cpu":
+            return self.llm.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        binding = self.llm.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_output("last_hidden", "cpu")
+        self.llm.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        prompt_emb = np.ascontiguousarray(prompt_emb, dtype=np.float32)
+        if self._fc_graph and x.shape[0] == 1:
+            self._x.update_inplace(x)
+            self._e.update_inplace(prompt_emb)
+            self.fc.run_with_iobinding(self._binding)
+            return self._y.numpy()
+        if self.device == "cuda":  # other batch sizes: a plain CUDA run, one at a time under the graph
+            return np.concatenate([self.run_forecaster(x[i:i + 1], prompt_emb[i:i + 1]) for i in range(len(x))]) \
+                if self._fc_graph else self.fc.run(None, {"x": x, "prompt_emb": prompt_emb})[0]
+        return self.fc.run(None, {"x": x, "prompt_emb": prompt_emb})[0]
+
+
+class TorchBackend:
+    """Eager PyTorch on the checkpoint the bundle was exported from (for comparison only)."""
+
+    def __init__(self, manifest: dict, ckpt: str | None = None, device: str = "cpu", dtype: str = "float32"):
+        import torch
+
+        from timecma.checkpoint import build_model, load_checkpoint
+        from timecma.config import ModelConfig
+        from timecma.llm import load_llm
+
+        self.name = "torch" if dtype == "float32" else f"torch-{dtype}"
+        self.torch = torch
+        origin = manifest.get("origin", "")
+        ckpt = ckpt or (origin.split(" ", 2)[-1] if origin.startswith("timecma checkpoint") else None)
+        if not ckpt or not os.path.exists(ckpt):
+            raise BundleError(f"the torch backend needs the checkpoint the bundle came from ({ckpt!r} not found)")
+        c = load_checkpoint(ckpt)
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
+        self.mean = torch.tensor(c["data"]["scaler_mean"], dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(c["data"]["scaler_std"], dtype=torch.float32, device=self.device)
+        self.llm = load_llm(manifest["llm"]["id"], self.device).encoder.to(self.dtype)
+
+    def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        t = self.torch
+        with t.inference_mode():
+            out = self.llm(t.from_numpy(input_ids).to(self.device), t.from_numpy(attention_mask).to(self.device))
+            return out.float().cpu().numpy()
+
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
+        t = self.torch
+        with t.inference_mode():
+            xs = (t.from_numpy(np.asarray(x, np.float32)).to(self.device) - self.mean) / self.std
+            y = self.model(xs, t.from_numpy(np.asarray(prompt_emb, np.float32)).to(self.device))
+            return (y * self.std + self.mean).cpu().numpy()
+
+
+def make_backend(name: str, bundle_dir: str, manifest: dict, **kwargs) -> Backend:
+    """Instantiate a backend by name; ``auto`` picks tensorrt > ort-cuda > ort-cpu by what is present."""
+    avail = available_backends()
+    if name == "auto":
+        for cand in ("tensorrt", "ort-cuda", "ort-cpu"):
+            if avail.get(cand) == "available":
+                try:
+                    backend = make_backend(cand, bundle_dir, manifest, **kwargs)
+                except BundleError as exc:  # e.g. engines for another GPU: fall back, and say so
+                    log.warning("%s unusable (%s); trying the next backend", cand, exc)
+                    continue
+                log.info("backend auto -> %s", cand)
+                return backend
+        raise BundleError(f"no usable backend: {avail}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    if avail.get(name) != "available":
+        raise BundleError(f"backend {name} is not usable here: {avail.get(name)}")
+    if name == "ort-cpu":
+        return OrtBackend(bundle_dir, manifest, "cpu", **kwargs)
+    if name == "ort-cuda":
+        return OrtBackend(bundle_dir, manifest, "cuda", **kwargs)
+    if name == "torch":
+        return TorchBackend(manifest, **kwargs)
+    from .tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(bundle_dir, manifest)

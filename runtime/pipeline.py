@@ -1,0 +1,212 @@
+"""The serving pipeline: raw window -> prompts -> tokens -> store lookup -> LLM on misses ->
+store insert -> forecaster -> forecast in original units. Torch-free."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from timecma.manifest import BundleError, read_manifest
+from timecma.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
+from timecma.store import EmbeddingStore
+from timecma.tokens import check_lengths, encode_prompts, pad_right, tokenizer_digest
+
+from .backends import Backend, make_backend
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """A request's window is unusable; the message names the problem."""
+
+
+@dataclass
+class Stats:
+    """Counters and per-stage seconds accumulated over requests."""
+
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    llm_calls: int = 0
+    seconds: dict = field(default_factory=lambda: {"render": 0.0, "tokenize": 0.0, "store": 0.0, "llm": 0.0,
+                                                   "forecaster": 0.0})
+
+
+def timestamp_problem(ts: np.ndarray, frequency: str) -> tuple[int, str] | None:
+    """First row whose timestamp is duplicated, unsorted or off the model's step, with why; else None."""
+    ts = np.asarray(ts, dtype="datetime64[s]")
+    if len(ts) < 2:
+        return None
+    steps = np.diff(ts.astype(np.int64))
+    if (steps == 0).any():
+        i = int(np.flatnonzero(steps == 0)[0]) + 1
+        return i, f"duplicate timestamp {ts[i]}"
+    if (steps < 0).any():
+        i = int(np.flatnonzero(steps < 0)[0]) + 1
+        return i, f"timestamps not sorted ({ts[i]} after {ts[i - 1]})"
+    if frequency == "monthly":
+        bad = np.flatnonzero(np.diff(ts.astype("datetime64[M]").astype(np.int64)) != 1)
+    else:
+        bad = np.flatnonzero(steps != FREQUENCY_SECONDS[frequency])
+    if bad.size:
+        i = int(bad[0]) + 1
+        return i, f"step from {ts[i - 1]} to {ts[i]} does not match the model's frequency ({frequency})"
+    return None
+
+
+def check_timestamps(ts: np.ndarray, frequency: str, where: str = "window") -> None:
+    """Strictly increasing with the model's step (monthly: one calendar month)."""
+    problem = timestamp_problem(ts, frequency)
+    if problem:
+        raise InputError(f"{where}, row {problem[0]}: {problem[1]}")
+
+
+class Forecaster:
+    """A loaded bundle: ``Forecaster.load(bundle, backend="auto", store=dir).predict(window)``."""
+
+    def __init__(self, bundle_dir: str, manifest: dict, backend: Backend, store: EmbeddingStore | None,
+                 llm_batch: int = 64):
+        self.bundle_dir, self.manifest, self.backend, self.store = bundle_dir, manifest, backend, store
+        cfg, data = manifest["model_config"], manifest["data"]
+        self.seq_len, self.pred_len, self.n_vars = cfg["seq_len"], cfg["pred_len"], cfg["num_nodes"]
+        self.d_llm = cfg["d_llm"]
+        self.variables: list[str] = data["variables"]
+        self.time_col: str = data["time_col"]
+        self.frequency: str = data["frequency"]
+        self.renderer = PromptRenderer(get_template(manifest["prompt"]["name"], manifest["prompt"]["hash"]),
+                                       self.frequency)
+        self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, manifest["tokenizer"]["file"]))
+        if tokenizer_digest(self.tokenizer) != manifest["tokenizer"]["digest"]:
+            raise BundleError(f"{bundle_dir}: tokenizer.json differs from the one recorded at export")
+        self.pad_id = manifest["llm"]["pad_id"]
+        self.max_positions = manifest["llm"]["max_positions"]
+        self.llm_batch = llm_batch
+        self.stats = Stats()
+        # preallocated batch-1 buffers (no per-call allocation on the hot path)
+        self._x1 = np.empty((1, self.seq_len, self.n_vars), dtype=np.float32)
+        self._emb1 = np.empty((1, self.n_vars, self.d_llm), dtype=np.float32)
+
+    @classmethod
+    def load(cls, bundle_dir: str, backend: str = "auto", store: str | None = None, **backend_kwargs) -> "Forecaster":
+        manifest = read_manifest(bundle_dir)
+        be = make_backend(backend, bundle_dir, manifest, **backend_kwargs)
+        st = None
+        if store:
+            llm = manifest["llm"]
+            st = EmbeddingStore(store, llm["namespace"], llm["d_llm"], describe=f"LLM {llm['id']}")
+        log.info("loaded bundle %s on %s%s", bundle_dir, be.name, f" with store {store}" if store else "")
+        return cls(bundle_dir, manifest, be, st)
+
+    # -- request path ------------------------------------------------------------------
+    def predict(self, window, timestamps=None) -> np.ndarray:
+        """One window -> [pred_len, N] forecast in original units.
+
+        ``window``: a DataFrame with the time column and the model's variables (any column
+        order; matched by name), or a [seq_len, N] array with ``timestamps`` [seq_len].
+        """
+        values, ts = self._window_arrays(window, timestamps)
+        return self.predict_many(values[None], ts[None])[0]
+
+    def predict_many(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        """Windows [W, seq_len, N] raw + timestamps [W, seq_len] -> [W, pred_len, N]."""
+        values = np.asarray(values, dtype=np.float64)
+        w = values.shape[0]
+        if values.shape[1:] != (self.seq_len, self.n_vars):
+            raise InputError(f"windows must be [W, {self.seq_len}, {self.n_vars}], got {list(values.shape)}")
+        if not np.isfinite(values).all():
+            i, r, c = (int(a[0]) for a in np.nonzero(~np.isfinite(values)))
+            raise InputError(f"window {i}: non-finite value in column {self.variables[c]!r} at row {r}")
+        for i in range(w):
+            check_timestamps(timestamps[i], self.frequency, f"window {i}")
+        s = self.stats.seconds
+        t = time.perf_counter()
+        prompts = []
+        for i in range(w):
+            prompts += self.renderer.render_series(values[i], timestamps[i], [0], self.seq_len)
+        t1 = time.perf_counter()
+        s["render"] += t1 - t
+        ids = encode_prompts(self.tokenizer, prompts)
+        check_lengths(ids, self.max_positions, lambda k: f"window {k // self.n_vars}, variable "
+                                                         f"{self.variables[k % self.n_vars]!r}")
+        t2 = time.perf_counter()
+        s["tokenize"] += t2 - t1
+        emb = self._embeddings(ids)
+        t3 = time.perf_counter()
+        if w == 1:
+            self._x1[0] = values[0]
+            self._emb1[0] = emb.reshape(self.n_vars, self.d_llm)
+            y = self.backend.run_forecaster(self._x1, self._emb1)
+        else:
+            y = self.backend.run_forecaster(values.astype(np.float32), emb.reshape(w, self.n_vars, self.d_llm))
+        s["forecaster"] += time.perf_counter() - t3
+        self.stats.requests += w
+        return np.asarray(y, dtype=np.float32)
+
+    def _embeddings(self, ids: list[np.ndarray]) -> np.ndarray:
+        s = self.stats.seconds
+        t = time.perf_counter()
+        if self.store is not None:
+            keys = self.store.keys(ids)
+            emb, found = self.store.get_many(keys)
+        else:
+            keys, emb, found = None, np.zeros((len(ids), self.d_llm), np.float32), np.zeros(len(ids), bool)
+        s["store"] += time.perf_counter() - t
+        missing = np.flatnonzero(~found)
+        self.stats.hits += int(found.sum())
+        self.stats.misses += len(missing)
+        if len(missing):
+            t = time.perf_counter()
+            order = sorted(missing, key=lambda i: len(ids[i]))  # similar lengths together: little padding
+            for j in range(0, len(order), self.llm_batch):
+                chunk = order[j:j + self.llm_batch]
+                a, m = pad_right([ids[i] for i in chunk], self.pad_id)
+                emb[chunk] = self.backend.run_llm(a, m)
+                self.stats.llm_calls += 1
+            s["llm"] += time.perf_counter() - t
+            if self.store is not None:
+                t = time.perf_counter()
+                self.store.put_many([keys[i] for i in missing], emb[missing])
+                s["store"] += time.perf_counter() - t
+        return emb
+
+    def _window_arrays(self, window, timestamps) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(window, "columns"):  # a DataFrame (pandas is optional on deployment boxes)
+            cols = list(window.columns)
+            if self.time_col not in cols:
+                raise InputError(f"window has no time column {self.time_col!r}")
+            missing = [v for v in self.variables if v not in cols]
+            if missing:
+                raise InputError(f"window lacks variable column(s) {missing}")
+            extra = [c for c in cols if c not in self.variables and c != self.time_col]
+            if extra:
+                raise InputError(f"window has unexpected column(s) {extra}; the model's variables are {self.variables}")
+            values = window[self.variables].to_numpy(dtype=np.float64)
+            ts = np.asarray(window[self.time_col].to_numpy(), dtype="datetime64[ns]")
+        else:
+            if timestamps is None:
+                raise InputError("an array window needs its timestamps")
+            values, ts = np.asarray(window, dtype=np.float64), np.asarray(timestamps, dtype="datetime64[ns]")
+        if values.shape != (self.seq_len, self.n_vars):
+            raise InputError(f"window must be [{self.seq_len}, {self.n_vars}] (seq_len x variables), got {list(values.shape)}")
+        if ts.shape != (self.seq_len,):
+            raise InputError(f"expected {self.seq_len} timestamps, got {ts.shape[0]}")
+        return values, ts
+
+    def forecast_timestamps(self, end: np.datetime64) -> np.ndarray:
+        """Timestamps of the pred_len forecast steps after a window ending at ``end``."""
+        steps = np.arange(1, self.pred_len + 1)
+        if self.frequency == "monthly":
+            end = np.datetime64(end, "ns")
+            month = end.astype("datetime64[M]")
+            offset = end - month.astype("datetime64[ns]")
+            return (month + steps).astype("datetime64[ns]") + offset
+        return np.datetime64(end, "ns") + steps * np.timedelta64(FREQUENCY_SECONDS[self.frequency], "s")
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
