@@ -33,8 +33,11 @@ demo: $(STAMP)
 		pq.write_table(c.read_csv('timecma/data/ETTh1.csv').slice(14400), '$(DEMO)/etth1-heldout.parquet')"
 	$(BIN)/timecma-serve-batch $(DEMO)/etth1-heldout.parquet --bundle $(DEMO)/etth1/bundle --store $(DEMO)/etth1/store \
 		--out $(DEMO)/etth1-heldout.forecasts.parquet --mode rolling --stride 24 --force
+	@# a short benchmark: eager PyTorch vs ONNX Runtime on the same inputs (timecma-bench --help for the full one)
+	$(BIN)/timecma-bench --bundle $(DEMO)/etth1/bundle --backends torch,ort-cpu --hit-iters 50 --miss-iters 5 \
+		--sweep-iters 3 --out $(DEMO)/bench
 	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle,"
-	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet"
+	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet, benchmark plot $(DEMO)/bench/latency.png"
 
 clean:
 	rm -rf $(VENV) runs

@@ -39,10 +39,14 @@ def _triple(value: str) -> tuple[int, int, int]:
 @click.option("--trt-seq", default="1,256,1024", show_default=True, help="LLM engine tokens MIN,OPT,MAX.")
 @click.option("--trt-forecast-batch", default="1,1,64", show_default=True)
 @click.option("--trt-precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write a dynamic-int8 LLM graph for CPUs; kept (and preferred if faster) only if the "
+                   "forecast test MSE changes by less than 1%.")
+@click.option("--quantize-windows", default=64, show_default=True, help="Test windows for that MSE check.")
 @click.option("-v", "--verbose", is_flag=True)
 def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col, split, seq_len, pred_len, channel,
                e_layer, d_layer, d_ff, head, tolerance, parity_windows, tensorrt, trt_batch, trt_seq,
-               trt_forecast_batch, trt_precision, verbose):
+               trt_forecast_batch, trt_precision, quantize, quantize_windows, verbose):
     """Export a checkpoint to a bundle: two ONNX graphs (parity-checked), tokenizer, TensorRT
     engines where TensorRT exists, and a JSON manifest."""
     from timecma.checkpoint import CheckpointError
@@ -54,7 +58,8 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
 
     _setup_logging(verbose)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "bundle")
-    opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance,
+    opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance, quantize=quantize,
+                         quantize_windows=quantize_windows,
                          parity_windows=parity_windows, tensorrt=tensorrt, trt_batch=_triple(trt_batch),
                          trt_seq=_triple(trt_seq), trt_forecast_batch=_triple(trt_forecast_batch),
                          trt_precisions=tuple(p.strip() for p in trt_precision.split(",")))

@@ -118,3 +118,12 @@ def optimize_llm_for_cpu(src: str, dst: str, num_heads: int, hidden_size: int, m
         raise RuntimeError("onnxruntime's transformer optimizer could not process the LLM graph")
     opt.save_model_to_file(dst)
     return sorted({n.op_type for n in opt.model.graph.node if n.domain == "com.microsoft"})
+
+
+def quantize_int8(src: str, dst: str) -> None:
+    """Dynamic int8 weights for MatMul/Gemm (activations quantized per call): CPU only."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     extra_options={"MatMulConstBOnly": True})
+    onnx.checker.check_model(dst)

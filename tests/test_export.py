@@ -171,3 +171,22 @@ def test_tensorrt_engines_built_and_match_ort(small_run, tmp_path):
         assert (out / e["file"]).exists() and e["compute_capability"] in e["file"]
         tol = 1e-4 if e["precision"] == "fp32" else 5e-2
         assert e["parity_vs_ort_fp32"]["max_abs"] <= tol
+
+
+def test_int8_variant_is_judged_on_forecast_mse(small_run, tmp_path):
+    data, run = small_run
+    out = tmp_path / "bundle"
+    r = run_cli(EXPORT, "--ckpt", str(run / "best.pt"), "--out", str(out), "--quantize", "int8",
+                "--quantize-windows", "16", "--tensorrt", "off")
+    assert r.returncode == 0, r.stderr
+    llm = read_manifest(out)["graphs"]["llm"]
+    q = llm["files"].get("int8") or llm["int8_rejected"]
+    assert q["windows"] == 16 and q["hidden_max_rel_err"] > 0  # int8 really changed the hidden states
+    assert q["mse_rel_change"] == pytest.approx(abs(q["test_mse_int8"] - q["test_mse_fp32"]) / q["test_mse_fp32"])
+    assert q["accepted"] == (q["mse_rel_change"] < 0.01)
+    assert (out / "llm_last_token.int8.onnx").exists() == q["accepted"]
+    if q["accepted"]:
+        from timecma.runtime import Forecaster
+
+        f = Forecaster.load(str(out), backend="ort-cpu", llm_variant="int8")
+        assert f.backend.llm_variant == "int8"

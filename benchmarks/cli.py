@@ -1,0 +1,52 @@
+"""`timecma-bench`: batch-1 latency of every backend against eager PyTorch on the same inputs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .harness import BenchConfig, run
+from .report import markdown, write
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--backends", default="torch,torch-bf16,ort-cpu", show_default=True,
+              help="Comma-separated: torch, torch-bf16, ort-cpu[:variant], ort-cuda, tensorrt. "
+                   "Eager torch fp32 is the reference for parity and speed-up.")
+@click.option("--n-vars", default="7,21", show_default=True, help="LLM sweep: prompts per request.")
+@click.option("--prompt-tokens", default="64,256", show_default=True, help="LLM sweep: tokens per prompt.")
+@click.option("--hit-iters", default=200, show_default=True)
+@click.option("--miss-iters", default=10, show_default=True)
+@click.option("--sweep-iters", default=5, show_default=True)
+@click.option("--budget-s", default=30.0, show_default=True, help="Stop a measured point after this many seconds.")
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: ORT's choice).")
+@click.option("--data", default=None, help="Data file for real windows (default: the bundle's training data).")
+@click.option("--out", "out_dir", default="bench", show_default=True)
+def bench_cmd(bundle: str, backends: str, n_vars: str, prompt_tokens: str, hit_iters: int, miss_iters: int,
+              sweep_iters: int, budget_s: float, threads: int | None, data: str | None, out_dir: str) -> None:
+    """Measure, print a table, and write results.json, results.md and latency.png to --out."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = BenchConfig(bundle=bundle, backends=[b.strip() for b in backends.split(",") if b.strip()],
+                      n_vars=_ints(n_vars), prompt_tokens=_ints(prompt_tokens), hit_iters=hit_iters,
+                      miss_iters=miss_iters, sweep_iters=sweep_iters, budget_s=budget_s, threads=threads, data=data)
+    try:
+        res = run(cfg, progress=lambda msg: click.echo(msg, err=True))
+    except (FileNotFoundError, ValueError) as exc:
+        click.echo(f"timecma-bench: error: {exc}", err=True)
+        sys.exit(2)
+    paths = write(res, out_dir)
+    click.echo(markdown(res))
+    click.echo(f"wrote {paths['json']}, {paths['md']}, plot {paths['png']}")

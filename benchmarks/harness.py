@@ -1,0 +1,221 @@
+"""Batch-1 latency harness (DESIGN §11): every backend on the same inputs, per stage and end to
+end, store hit and miss, sweeps over the number of variables and the prompt length, and a
+parity column next to every timing (a fast wrong answer is not a result).
+
+Timings are host wall-clock (``time.perf_counter``) around calls that return host arrays, so
+on a GPU backend they include the device work and the copies (the calls synchronise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from timecma.manifest import read_manifest
+from timecma.runtime.backends import make_backend
+from timecma.runtime.pipeline import Forecaster
+from timecma.store import EmbeddingStore
+from timecma.tokens import encode_prompts, pad_right
+
+log = logging.getLogger(__name__)
+
+STAGES = ("render", "tokenize", "store", "llm", "forecaster")
+
+
+@dataclass
+class BenchConfig:
+    bundle: str
+    backends: list[str]
+    n_vars: list[int] = field(default_factory=lambda: [7, 21])
+    prompt_tokens: list[int] = field(default_factory=lambda: [64, 256])
+    hit_iters: int = 200
+    miss_iters: int = 10
+    sweep_iters: int = 5
+    warmup: int = 2
+    budget_s: float = 30.0  # at most this long per measured point (after the first iterations)
+    threads: int | None = None
+    data: str | None = None  # real windows from here; default: the bundle's training data
+
+
+def summarize(ms: list[float]) -> dict:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
+
+
+def machine_info() -> dict:
+    """CPU, cores, ISA flags that matter here, library versions and thread counts."""
+    info: dict = {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform(),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+        info["isa"] = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    import numpy
+    import onnxruntime
+
+    info["numpy"], info["onnxruntime"] = numpy.__version__, onnxruntime.__version__
+    info["ort_providers"] = onnxruntime.get_available_providers()
+    try:
+        import torch
+
+        info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def parse_backend(spec: str) -> tuple[str, dict]:
+    """``torch``, ``torch-bf16``, ``ort-cpu``, ``ort-cpu:int8`` (LLM graph variant), ``ort-cuda``, ``tensorrt``."""
+    if spec == "torch-bf16":
+        return "torch", {"dtype": "bfloat16"}
+    name, _, variant = spec.partition(":")
+    return name, ({"llm_variant": variant} if variant else {})
+
+
+def open_backend(spec: str, cfg: BenchConfig, manifest: dict):
+    name, kwargs = parse_backend(spec)
+    if name.startswith("ort") and cfg.threads:
+        kwargs["threads"] = cfg.threads
+    return make_backend(name, cfg.bundle, manifest, **kwargs)
+
+
+def _timed(fn, warmup: int, iters: int, budget_s: float) -> tuple[list[float], object]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    ms, start = [], time.perf_counter()
+    for i in range(iters):
+        t = time.perf_counter()
+        out = fn()
+        ms.append((time.perf_counter() - t) * 1000)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return ms, out
+
+
+def real_windows(manifest: dict, n: int, data: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """n consecutive windows (one row apart, so every window's prompts differ) from the end of the data."""
+    from timecma.data import load_series  # pandas: the benchmark machine has the training extras
+
+    path = data or manifest["data"].get("source")
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"real windows need the data file ({path!r}); pass --data")
+    s = load_series(path, manifest["data"]["time_col"])
+    if s.variables != manifest["data"]["variables"]:
+        raise ValueError(f"{path} has variables {s.variables}, the bundle expects {manifest['data']['variables']}")
+    L = manifest["model_config"]["seq_len"]
+    starts = np.arange(len(s.values) - L - n + 1, len(s.values) - L + 1)
+    return (np.stack([s.values[i:i + L] for i in starts]), np.stack([s.timestamps[i:i + L] for i in starts]))
+
+
+def bench_end_to_end(f: Forecaster, values: np.ndarray, ts: np.ndarray, cfg: BenchConfig) -> dict:
+    """Store miss (each request a new window) and store hit (one window again and again)."""
+    res = {}
+    for kind in ("miss", "hit"):
+        stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
+        total: list[float] = []
+        outs = []
+        if kind == "miss":
+            idx = list(range(1, min(cfg.miss_iters + 1, len(values))))
+            f.predict(values[0], ts[0])  # warm-up on a window not measured
+        else:
+            idx = [0] * cfg.hit_iters
+            for _ in range(cfg.warmup + 3):
+                f.predict(values[0], ts[0])
+        start = time.perf_counter()
+        for k, i in enumerate(idx):
+            before = dict(f.stats.seconds)
+            t = time.perf_counter()
+            y = f.predict(values[i], ts[i])
+            total.append((time.perf_counter() - t) * 1000)
+            for s in STAGES:
+                stage_ms[s].append((f.stats.seconds[s] - before[s]) * 1000)
+            if kind == "miss":
+                outs.append(y)
+            if k >= 2 and time.perf_counter() - start > cfg.budget_s:
+                break
+        res[kind] = {"end_to_end_ms": summarize(total), "stages_ms": {s: summarize(v) for s, v in stage_ms.items()},
+                     "windows": idx[:len(total)]}
+        if kind == "miss":
+            res["forecasts"] = np.stack(outs)
+    return res
+
+
+def sweep_inputs(f: Forecaster, values: np.ndarray, ts: np.ndarray, n: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """n real prompts (from successive windows) cut or tiled to ``tokens`` tokens each."""
+    prompts: list[str] = []
+    w = 0
+    while len(prompts) < n:
+        prompts += f.renderer.render_series(values[w % len(values)], ts[w % len(ts)], [0], f.seq_len)
+        w += 1
+    ids = [np.resize(i, tokens) for i in encode_prompts(f.tokenizer, prompts[:n])]
+    return pad_right(ids, f.pad_id)
+
+
+def run(cfg: BenchConfig, progress=None) -> dict:
+    """Measure every backend in ``cfg.backends``; the first one that is eager torch fp32 is the reference."""
+    manifest = read_manifest(cfg.bundle)
+    ref = "torch" if "torch" in cfg.backends else cfg.backends[0]
+    order = [ref] + [b for b in cfg.backends if b != ref]
+    values, ts = real_windows(manifest, max(cfg.miss_iters + 1, 8), cfg.data)
+    scale = np.asarray(manifest["data"]["scaler_std"], dtype=np.float64)
+    results: dict = {"config": asdict(cfg), "machine": machine_info(), "reference": ref,
+                     "bundle": {"llm": manifest["llm"]["id"], "d_llm": manifest["model_config"]["d_llm"],
+                                "n_vars": manifest["model_config"]["num_nodes"],
+                                "seq_len": manifest["model_config"]["seq_len"],
+                                "pred_len": manifest["model_config"]["pred_len"]},
+                     "backends": {}, "sweep": []}
+    ref_fc, ref_emb = None, {}
+    for spec in order:
+        try:
+            backend = open_backend(spec, cfg, manifest)
+        except Exception as exc:  # a backend that cannot run here is reported, not fatal
+            log.warning("backend %s skipped: %s", spec, exc)
+            results["backends"][spec] = {"skipped": str(exc)}
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            llm = manifest["llm"]
+            store = EmbeddingStore(os.path.join(tmp, "store"), llm["namespace"], llm["d_llm"])
+            f = Forecaster(cfg.bundle, manifest, backend, store)
+            e2e = bench_end_to_end(f, values, ts, cfg)
+            store.close()
+        fc = e2e.pop("forecasts")
+        if ref_fc is None:
+            ref_fc = fc
+        k = min(len(fc), len(ref_fc))
+        e2e["parity_vs_reference"] = {"max_abs_over_series_std": float((np.abs(fc[:k] - ref_fc[:k]) / scale).max()),
+                                      "windows_compared": k}
+        if hasattr(backend, "llm_variant"):
+            e2e["llm_graph"] = backend.llm_variant
+        results["backends"][spec] = e2e
+        if progress:
+            progress(f"{spec}: end to end miss p50 {e2e['miss']['end_to_end_ms']['p50']:.2f} ms, "
+                     f"hit p50 {e2e['hit']['end_to_end_ms']['p50']:.3f} ms")
+        for n in cfg.n_vars:
+            for tok in cfg.prompt_tokens:
+                ids, mask = sweep_inputs(f, values, ts, n, tok)
+                ms, emb = _timed(lambda: backend.run_llm(ids, mask), 1, cfg.sweep_iters, cfg.budget_s)
+                ref_emb.setdefault((n, tok), emb)
+                err = float(np.abs(emb - ref_emb[(n, tok)]).max())
+                rel = err / float(np.abs(ref_emb[(n, tok)]).max())
+                results["sweep"].append({"backend": spec, "n_vars": n, "prompt_tokens": tok, "llm_ms": summarize(ms),
+                                         "parity_max_abs": err, "parity_rel_to_max": rel})
+                if progress:
+                    progress(f"{spec}: LLM N={n} x {tok} tokens p50 {summarize(ms)['p50']:.1f} ms")
+    base = results["backends"].get("torch", {})
+    for spec, r in results["backends"].items():
+        if "skipped" in r or not base or "skipped" in base:
+            continue
+        r["speedup_vs_torch"] = {k: base[k]["end_to_end_ms"]["p50"] / r[k]["end_to_end_ms"]["p50"] for k in ("miss", "hit")}
+    return results

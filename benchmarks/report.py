@@ -1,0 +1,106 @@
+"""results.json -> results.md (tables) and latency.png (a plot read at a glance)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .harness import STAGES
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def markdown(res: dict) -> str:
+    m, b = res["machine"], res["bundle"]
+    lines = [
+        f"# timecma-bench: batch-1 latency ({m['date']})", "",
+        f"Machine: {m.get('cpu')}, {m['cores']} cores, ISA {', '.join(m.get('isa', [])) or 'n/a'}; "
+        f"Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m.get('torch')} "
+        f"({m.get('torch_threads')} threads), numpy {m['numpy']}.", "",
+        f"Bundle: LLM `{b['llm']}` (d_llm {b['d_llm']}), N = {b['n_vars']} variables, seq_len {b['seq_len']}, "
+        f"pred_len {b['pred_len']}. Real ETTh1 windows; the same inputs for every backend. Reference for parity and "
+        f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows.", "",
+        "## End to end (one window, N prompts), milliseconds", "",
+        "| backend | store | p50 | p90 | p99 | " + " | ".join(f"{s} p50" for s in STAGES) + " | speed-up vs torch | parity |",
+        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|",
+    ]
+    for spec, r in res["backends"].items():
+        if "skipped" in r:
+            lines.append(f"| {spec} | - | skipped: {r['skipped']} |" + " |" * (len(STAGES) + 4))
+            continue
+        for kind in ("miss", "hit"):
+            e, st = r[kind]["end_to_end_ms"], r[kind]["stages_ms"]
+            sp = r.get("speedup_vs_torch", {}).get(kind)
+            lines.append(f"| {spec} | {kind} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | "
+                         + " | ".join(_ms(st[s]["p50"]) for s in STAGES)
+                         + f" | {f'{sp:.2f}x' if sp else '-'} | {r['parity_vs_reference']['max_abs_over_series_std']:.1e} |")
+    if res["sweep"]:
+        lines += ["", "## LLM stage alone: N prompts x T tokens, p50 ms (parity: max abs vs reference / max |reference|)",
+                  "", "| backend | N | tokens | p50 | p90 | parity |", "|---|---|---|---|---|---|"]
+        for s in res["sweep"]:
+            lines.append(f"| {s['backend']} | {s['n_vars']} | {s['prompt_tokens']} | {_ms(s['llm_ms']['p50'])} | "
+                         f"{_ms(s['llm_ms']['p90'])} | {s['parity_rel_to_max']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {k: v for k, v in res["backends"].items() if "skipped" not in v}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax = axes[0]
+    labels, bottoms = [], []
+    colors = dict(zip(STAGES, ["#9ecae1", "#6baed6", "#fdae6b", "#e6550d", "#31a354"]))
+    x = 0
+    for spec, r in ok.items():
+        for kind in ("miss", "hit"):
+            bottom = 0.0
+            for s in STAGES:
+                v = r[kind]["stages_ms"][s]["p50"]
+                ax.bar(x, v, bottom=bottom, color=colors[s], label=s if x == 0 else None)
+                bottom += v
+            ax.text(x, bottom, _ms(r[kind]["end_to_end_ms"]["p50"]), ha="center", va="bottom", fontsize=8)
+            labels.append(f"{spec}\n{kind}")
+            bottoms.append(bottom)
+            x += 1
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per request (p50, log scale)")
+    ax.set_title("End to end per stage, batch 1 (store miss / hit)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    toks = sorted({s["prompt_tokens"] for s in res["sweep"]})
+    for spec in ok:
+        for t in toks:
+            pts = sorted((s["n_vars"], s["llm_ms"]["p50"]) for s in res["sweep"] if s["backend"] == spec
+                         and s["prompt_tokens"] == t)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{spec}, {t} tokens")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("number of variables N (prompts per request)")
+    ax.set_ylabel("LLM stage ms (p50)")
+    ax.set_title("LLM latency against the number of variables")
+    ax.legend(fontsize=7)
+    m = res["machine"]
+    fig.suptitle(f"timecma-bench — {m.get('cpu')} ({m['cores']} cores), d_llm {res['bundle']['d_llm']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(res: dict, out_dir: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f) for k, f in (("json", "results.json"), ("md", "results.md"),
+                                                       ("png", "latency.png"))}
+    with open(paths["json"], "w") as f:
+        json.dump(res, f, indent=2)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(res))
+    plot(res, paths["png"])
+    return paths
