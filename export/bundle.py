@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from timecma import __version__
-from timecma.checkpoint import CheckpointError, build_model, infer_reference_config, load_checkpoint, strip_reference_keys
+from timecma.checkpoint import (CheckpointError, build_model, infer_reference_config, load_checkpoint, load_torch_file,
+                                strip_reference_keys)
 from timecma.config import DataContract, ModelConfig
 from timecma.data import Scaler, load_series, make_windows, resolve_split, split_borders, validate_frame
 from timecma.llm import LoadedLLM, encode_last_token, load_llm
@@ -81,12 +82,7 @@ def source_from_checkpoint(path: str) -> Source:
 def source_from_reference(path: str, data_path: str, llm: LoadedLLM, time_col: str = "date", split: str = "auto",
                           **flags) -> Source:
     """A bare state_dict saved by the public reference (``best_model.pth``)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is corrupt or not a torch file: {exc}") from exc
+    sd = load_torch_file(path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a bare state_dict (a timecma checkpoint? drop --from-reference)")
     cfg = infer_reference_config(sd, **flags)

@@ -79,3 +79,15 @@ def small_bundle(small_run):
     r = run_cli("timecma.export.cli:export_cmd", "--ckpt", str(out / "best.pt"))
     assert r.returncode == 0, r.stderr
     return out / "bundle"
+
+
+def bundle_with_manifest_version(bundle, dest, version: int):
+    """A copy of ``bundle`` whose manifest claims another version (to test refusals)."""
+    import json
+    import shutil
+
+    shutil.copytree(bundle, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    m["manifest_version"] = version
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest

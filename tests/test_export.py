@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import bundle_with_manifest_version, run_cli
 from timecma.checkpoint import build_model, load_checkpoint
 from timecma.config import ModelConfig
 from timecma.llm import load_llm
@@ -139,13 +139,7 @@ def test_reference_state_dict_import(small_run, tiny_llm_dir, tmp_path):
 
 
 def test_manifest_version_is_checked(small_bundle, tmp_path):
-    import shutil
-
-    copy = tmp_path / "b"
-    shutil.copytree(small_bundle, copy)
-    m = json.loads((copy / "manifest.json").read_text())
-    m["manifest_version"] = 2
-    (copy / "manifest.json").write_text(json.dumps(m))
+    copy = bundle_with_manifest_version(small_bundle, tmp_path / "b", 2)
     with pytest.raises(BundleError, match="manifest version 2.*upgrade timecma"):
         read_manifest(copy)
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ETTH1, REPO, make_frame, run_cli
+from conftest import ETTH1, REPO, bundle_with_manifest_version, make_frame, run_cli
 from timecma.manifest import BundleError
 from timecma.runtime import Forecaster, InputError
 
@@ -82,14 +82,7 @@ def test_predict_refuses_bad_windows(small_bundle, bad, message):
 
 
 def test_newer_manifest_is_refused(small_bundle, tmp_path):
-    import json
-    import shutil
-
-    copy = tmp_path / "bundle"
-    shutil.copytree(small_bundle, copy)
-    m = json.loads((copy / "manifest.json").read_text())
-    m["manifest_version"] = 99
-    (copy / "manifest.json").write_text(json.dumps(m))
+    copy = bundle_with_manifest_version(small_bundle, tmp_path / "bundle", 99)
     with pytest.raises(BundleError, match="upgrade timecma"):
         Forecaster.load(str(copy))
     r = run_cli(SERVE, _write(make_frame(50), tmp_path / "in.parquet"), "--bundle", str(copy))

@@ -38,15 +38,21 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a timecma checkpoint (tensors and plain data only: weights_only)."""
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only (no pickled code), failures named as checkpoint errors."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {exc}") from exc
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a timecma checkpoint (tensors and plain data only: weights_only)."""
+    path = os.fspath(path)
+    ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(
             f"{path} is not a timecma checkpoint (a bare state_dict from the reference? use --from-reference)"
