@@ -41,6 +41,8 @@ class BenchConfig:
     budget_s: float = 30.0  # at most this long per measured point (after the first iterations)
     threads: int | None = None
     data: str | None = None  # real windows from here; default: the bundle's training data
+    precompute_prompts: int = 0  # >0: embedding precompute throughput over this many real prompts
+    precompute_batch: int = 32
 
 
 def summarize(ms: list[float]) -> dict:
@@ -163,6 +165,46 @@ def sweep_inputs(f: Forecaster, values: np.ndarray, ts: np.ndarray, n: int, toke
     return pad_right(ids, f.pad_id)
 
 
+def bench_precompute(manifest: dict, data: str | None, n_prompts: int, batch_size: int, progress=None) -> dict:
+    """Embedding precompute throughput (eager PyTorch, the training side), three ways on the
+    same real prompts: one prompt at a time through the plain Hugging Face forward (as the
+    public reference's embedding script does), batched and length-bucketed with the plain
+    forward, and timecma's precompute path (batched, bucketed, last block at the last
+    position only)."""
+    from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm
+    from timecma.prompts import PromptRenderer, get_template
+    from timecma.tokens import plan_llm_batches
+
+    n_vars = manifest["model_config"]["num_nodes"]
+    values, ts = real_windows(manifest, n_prompts // n_vars + 1, data)
+    renderer = PromptRenderer(get_template(manifest["prompt"]["name"], manifest["prompt"]["hash"]),
+                              manifest["data"]["frequency"])
+    prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
+    fast = load_llm(manifest["llm"]["id"])
+    plain = LoadedLLM(LastTokenEncoder(fast.encoder.model, last_position_only=False), fast.tokenizer, fast.info)
+    ids = encode_prompts(fast.backend, prompts)
+    tokens = int(sum(len(i) for i in ids))
+    one = [np.array([i]) for i in range(len(ids))]
+    bucketed = plan_llm_batches([len(i) for i in ids], batch_size)
+    out: dict = {"prompts": len(ids), "tokens": tokens, "batch_size": batch_size, "modes": {}}
+    for name, llm, batches in (("one at a time, plain forward (reference)", plain, one),
+                               (f"batched {batch_size}, length-bucketed, plain forward", plain, bucketed),
+                               (f"batched {batch_size}, length-bucketed, last position only (timecma)", fast, bucketed)):
+        encode_last_token(llm, [ids[i] for i in batches[0]])  # warm-up
+        t = time.perf_counter()
+        for b in batches:
+            encode_last_token(llm, [ids[i] for i in b])
+        sec = time.perf_counter() - t
+        out["modes"][name] = {"seconds": sec, "prompts_per_s": len(ids) / sec, "tokens_per_s": tokens / sec,
+                              "llm_calls": len(batches)}
+        if progress:
+            progress(f"precompute {name}: {len(ids) / sec:.1f} prompts/s")
+    first = next(iter(out["modes"].values()))["prompts_per_s"]
+    for m in out["modes"].values():
+        m["speedup_vs_reference"] = m["prompts_per_s"] / first
+    return out
+
+
 def run(cfg: BenchConfig, progress=None) -> dict:
     """Measure every backend in ``cfg.backends``; the first one that is eager torch fp32 is the reference."""
     manifest = read_manifest(cfg.bundle)
@@ -213,6 +255,9 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                                          "parity_max_abs": err, "parity_rel_to_max": rel})
                 if progress:
                     progress(f"{spec}: LLM N={n} x {tok} tokens p50 {summarize(ms)['p50']:.1f} ms")
+    if cfg.precompute_prompts:
+        results["precompute"] = bench_precompute(manifest, cfg.data, cfg.precompute_prompts, cfg.precompute_batch,
+                                                 progress)
     base = results["backends"].get("torch", {})
     for spec, r in results["backends"].items():
         if "skipped" in r or not base or "skipped" in base:

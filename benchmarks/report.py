@@ -42,6 +42,14 @@ def markdown(res: dict) -> str:
         for s in res["sweep"]:
             lines.append(f"| {s['backend']} | {s['n_vars']} | {s['prompt_tokens']} | {_ms(s['llm_ms']['p50'])} | "
                          f"{_ms(s['llm_ms']['p90'])} | {s['parity_rel_to_max']:.1e} |")
+    pc = res.get("precompute")
+    if pc:
+        lines += ["", f"## Embedding precompute throughput (eager PyTorch, {pc['prompts']} real prompts, "
+                      f"{pc['tokens']} tokens)", "", "| mode | prompts/s | tokens/s | LLM calls | speed-up |",
+                  "|---|---|---|---|---|"]
+        for name, v in pc["modes"].items():
+            lines.append(f"| {name} | {v['prompts_per_s']:.1f} | {v['tokens_per_s']:.0f} | {v['llm_calls']} | "
+                         f"{v['speedup_vs_reference']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from timecma.checkpoint import (CheckpointError, build_model, infer_reference_co
                                 strip_reference_keys)
 from timecma.config import DataContract, ModelConfig
 from timecma.data import Scaler, load_series, make_windows, resolve_split, split_borders, validate_frame
-from timecma.llm import LoadedLLM, encode_last_token, load_llm
+from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm
 from timecma.manifest import file_sha256, write_manifest
 from timecma.prompts import PromptRenderer, get_template
 from timecma.tokens import encode_prompts, pad_right, tokenizer_digest
@@ -116,12 +116,55 @@ def _check_llm(src: Source, llm: LoadedLLM) -> None:
         raise ExportError(f"LLM hidden size {llm.info.d_llm} != the model's d_llm {src.cfg.d_llm}")
 
 
-def _ort_session(path: str):
+def _ort_session(path: str, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(sess, feeds: dict, seconds: float = 0.3) -> float:
+    """Median latency of a fast graph over ~``seconds`` of calls (after a warm-up)."""
+    for _ in range(10):
+        sess.run(None, feeds)
+    ms, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds or len(ms) < 20:
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        ms.append((time.perf_counter() - t) * 1000)
+    return float(np.median(ms))
+
+
+FORECASTER_B1_ONNX = "forecaster.b1.onnx"
+
+
+def _batch1_forecaster(graph: ForecasterGraph, tmp: str, x: np.ndarray, emb: np.ndarray, y_torch: np.ndarray,
+                       std: np.ndarray, tolerance: float) -> dict:
+    """Pick the CPU forecaster for batch-1 requests: the dynamic graph or a fixed-batch-1 one,
+    with all cores or one thread (a batch-1 pass is ~400 tiny ops, where waking a second
+    thread per op can cost more than it gives). Measured here, recorded in the manifest."""
+    export_forecaster(graph, os.path.join(tmp, FORECASTER_B1_ONNX), batch_one=True)
+    feeds = {"x": x[:1], "prompt_emb": emb[:1]}
+    cands = {}
+    for file in (FORECASTER_ONNX, FORECASTER_B1_ONNX):
+        for threads in (None, 1):
+            sess = _ort_session(os.path.join(tmp, file), threads)
+            cands[(file, threads)] = _median_ms(sess, feeds)
+    b1 = _ort_session(os.path.join(tmp, FORECASTER_B1_ONNX))
+    y = np.concatenate([b1.run(None, {"x": x[i:i + 1], "prompt_emb": emb[i:i + 1]})[0] for i in range(len(x))])
+    err = _errors(y / std, y_torch / std)
+    if err["max_abs"] > tolerance:
+        raise ExportError(f"batch-1 forecaster graph parity {err['max_abs']:.2e} exceeds tolerance {tolerance:.0e}")
+    file, threads = min(cands, key=cands.get)
+    log.info("batch-1 forecaster on CPU: %s with %s thread(s), %.3f ms (candidates %s)", file, threads or "all",
+             cands[(file, threads)], {f"{f}/{t or 'all'}": round(v, 3) for (f, t), v in cands.items()})
+    if file != FORECASTER_B1_ONNX:
+        os.unlink(os.path.join(tmp, FORECASTER_B1_ONNX))
+    return {"file": file, "threads": threads, "ort_cpu_ms": {f"{f}/{t or 'all'}": v for (f, t), v in cands.items()},
+            **({"parity_vs_torch": err} if file == FORECASTER_B1_ONNX else {})}
 
 
 def _real_windows(src: Source, data_path: str | None, n: int):
@@ -257,7 +300,10 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
     if [list(a) for a in ids] != [list(a) for a in encode_prompts(llm.backend, prompts)]:
         raise ExportError("the saved tokenizer.json tokenizes differently from the LLM's tokenizer")
     n = cfg.num_nodes
-    torch_emb = np.concatenate([encode_last_token(llm, ids[i * n:(i + 1) * n]) for i in range(len(starts))])
+    # Parity against the unmodified Hugging Face forward (what users run eagerly), so the
+    # check covers the last-position shortcut in the exported graph as well as the export.
+    plain = LoadedLLM(LastTokenEncoder(llm.encoder.model, last_position_only=False), llm.tokenizer, llm.info)
+    torch_emb = np.concatenate([encode_last_token(plain, ids[i * n:(i + 1) * n]) for i in range(len(starts))])
     llm_sess = _ort_session(os.path.join(tmp, LLM_ONNX))
 
     def ort_llm(sess, chunk):
@@ -267,7 +313,7 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
     ort_emb = np.concatenate([ort_llm(llm_sess, ids[i * n:(i + 1) * n]) for i in range(len(starts))])
     llm_err = _errors(ort_emb, torch_emb)
     # shapes other than the export example: all prompts in one batch, and single prompts
-    llm_err_all = _errors(ort_llm(llm_sess, ids), encode_last_token(llm, ids))
+    llm_err_all = _errors(ort_llm(llm_sess, ids), encode_last_token(plain, ids))
     llm_err_one = _errors(ort_llm(llm_sess, ids[:1]), torch_emb[:1])
     worst_llm = max(llm_err["max_abs"], llm_err_all["max_abs"], llm_err_one["max_abs"])
     if worst_llm > opts.tolerance:
@@ -286,6 +332,7 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
     if worst_fc > opts.tolerance:
         raise ExportError(f"forecaster graph parity {worst_fc:.2e} (normalized units) exceeds tolerance {opts.tolerance:.0e}")
     log.info("parity: LLM max abs %.2e, forecaster max abs %.2e (normalized)", worst_llm, worst_fc)
+    fc_batch1 = _batch1_forecaster(graph, tmp, x, emb, y_torch, std, opts.tolerance)
 
     quant_rejected = None
     # ---- CPU-optimised LLM graph (kept only if faster with parity) ----------------------
@@ -344,6 +391,7 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
         for v in files.values():
             v["sha256"] = file_sha256(os.path.join(tmp, v["file"]))
             v["bytes"] = os.path.getsize(os.path.join(tmp, v["file"]))
+    fc_batch1["sha256"] = file_sha256(os.path.join(tmp, fc_batch1["file"]))
 
     # ---- TensorRT -----------------------------------------------------------------------
     engines, trt_note, trt_version = _tensorrt(opts, tmp, cfg, llm_files, fc_files, ids, llm.info.pad_id, x, emb)
@@ -370,7 +418,8 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
                 "inputs": {"input_ids": {"shape": ["B", "S"], "dtype": "int64"},
                            "attention_mask": {"shape": ["B", "S"], "dtype": "int64"}},
                 "outputs": {"last_hidden": {"shape": ["B", cfg.d_llm], "dtype": "float32"}},
-                "padding": "right", "files": llm_files, "cpu_preferred": cpu_preferred,
+                "padding": "right", "last_block_last_position_only": llm.encoder.last_position_only,
+                "files": llm_files, "cpu_preferred": cpu_preferred,
                 "ort_cpu_ms_batch_n": timings, **({"int8_rejected": quant_rejected} if quant_rejected else {}),
                 "parity_vs_torch": {"ort_cpu_fp32": {"per_window": llm_err, "all_in_one_batch": llm_err_all,
                                                      "single_prompt": llm_err_one}},
@@ -380,7 +429,7 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
                 "inputs": {"x": {"shape": ["B", cfg.seq_len, cfg.num_nodes], "dtype": "float32", "units": "raw"},
                            "prompt_emb": {"shape": ["B", cfg.num_nodes, cfg.d_llm], "dtype": "float32"}},
                 "outputs": {"y": {"shape": ["B", cfg.pred_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}},
-                "scaler": "in_graph", "files": fc_files, "cpu_preferred": "fp32",
+                "scaler": "in_graph", "files": fc_files, "cpu_preferred": "fp32", "cpu_batch1": fc_batch1,
                 "parity_vs_torch": {"units": "normalized", "ort_cpu_fp32": {"batch_1": fc_err, "batched": fc_err_b}},
                 "export_seconds": round(fc_export_s, 1),
             },

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from timecma.manifest import BundleError, read_manifest
 from timecma.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
 from timecma.store import EmbeddingStore
-from timecma.tokens import check_lengths, encode_prompts, pad_right, tokenizer_digest
+from timecma.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
 
 from .backends import Backend, make_backend
 
@@ -128,14 +128,8 @@ class Forecaster:
         prompts = []
         for i in range(w):
             prompts += self.renderer.render_series(values[i], timestamps[i], [0], self.seq_len)
-        t1 = time.perf_counter()
-        s["render"] += t1 - t
-        ids = encode_prompts(self.tokenizer, prompts)
-        check_lengths(ids, self.max_positions, lambda k: f"window {k // self.n_vars}, variable "
-                                                         f"{self.variables[k % self.n_vars]!r}")
-        t2 = time.perf_counter()
-        s["tokenize"] += t2 - t1
-        emb = self._embeddings(ids)
+        s["render"] += time.perf_counter() - t
+        emb = self._embeddings(prompts)
         t3 = time.perf_counter()
         if w == 1:
             self._x1[0] = values[0]
@@ -147,31 +141,54 @@ class Forecaster:
         self.stats.requests += w
         return np.asarray(y, dtype=np.float32)
 
-    def _embeddings(self, ids: list[np.ndarray]) -> np.ndarray:
+    def _embeddings(self, prompts: list[str]) -> np.ndarray:
+        """[P, d_llm] for P prompts: text index, then token-id keys, then the LLM on misses.
+
+        Tokenization runs only for prompts the text index does not know, so a store hit
+        costs a hash and a lookup per prompt.
+        """
         s = self.stats.seconds
         t = time.perf_counter()
         if self.store is not None:
-            keys = self.store.keys(ids)
-            emb, found = self.store.get_many(keys)
+            emb, found = self.store.get_many_by_text(prompts)
         else:
-            keys, emb, found = None, np.zeros((len(ids), self.d_llm), np.float32), np.zeros(len(ids), bool)
+            emb, found = np.zeros((len(prompts), self.d_llm), np.float32), np.zeros(len(prompts), bool)
         s["store"] += time.perf_counter() - t
-        missing = np.flatnonzero(~found)
-        self.stats.hits += int(found.sum())
+        need = np.flatnonzero(~found)
+        if len(need) == 0:
+            self.stats.hits += len(prompts)
+            return emb
+        t = time.perf_counter()
+        texts = [prompts[i] for i in need]
+        ids = encode_prompts(self.tokenizer, texts)
+        check_lengths(ids, self.max_positions, lambda k: f"window {need[k] // self.n_vars}, variable "
+                                                         f"{self.variables[need[k] % self.n_vars]!r}")
+        s["tokenize"] += time.perf_counter() - t
+        sub = emb[need]
+        keys = None
+        if self.store is not None:
+            t = time.perf_counter()
+            keys = self.store.keys(ids)
+            sub, got = self.store.get_many(keys, out=sub)
+            s["store"] += time.perf_counter() - t
+        else:
+            got = np.zeros(len(need), bool)
+        missing = np.flatnonzero(~got)
+        self.stats.hits += len(prompts) - len(missing)
         self.stats.misses += len(missing)
         if len(missing):
             t = time.perf_counter()
-            order = sorted(missing, key=lambda i: len(ids[i]))  # similar lengths together: little padding
-            for j in range(0, len(order), self.llm_batch):
-                chunk = order[j:j + self.llm_batch]
-                a, m = pad_right([ids[i] for i in chunk], self.pad_id)
-                emb[chunk] = self.backend.run_llm(a, m)
+            for chunk in plan_llm_batches([len(ids[i]) for i in missing], self.llm_batch):
+                rows = missing[chunk]
+                a, m = pad_right([ids[i] for i in rows], self.pad_id)
+                sub[rows] = self.backend.run_llm(a, m)
                 self.stats.llm_calls += 1
             s["llm"] += time.perf_counter() - t
-            if self.store is not None:
-                t = time.perf_counter()
-                self.store.put_many([keys[i] for i in missing], emb[missing])
-                s["store"] += time.perf_counter() - t
+        emb[need] = sub
+        if self.store is not None:  # new vectors, and text entries for keys found by their ids
+            t = time.perf_counter()
+            self.store.put_many(keys, sub, texts)
+            s["store"] += time.perf_counter() - t
         return emb
 
     def _window_arrays(self, window, timestamps) -> tuple[np.ndarray, np.ndarray]:

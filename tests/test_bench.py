@@ -9,7 +9,8 @@ def test_bench_runs_and_parity_is_computed(small_bundle, tmp_path):
     out = tmp_path / "bench"
     r = run_cli("timecma.benchmarks.cli:bench_cmd", "--bundle", str(small_bundle), "--backends",
                 "torch,ort-cpu,ort-cpu:fp16,tensorrt", "--n-vars", "2,5", "--prompt-tokens", "16",
-                "--hit-iters", "5", "--miss-iters", "3", "--sweep-iters", "2", "--out", str(out))
+                "--hit-iters", "5", "--miss-iters", "3", "--sweep-iters", "2", "--precompute-prompts", "12",
+                "--precompute-batch", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().startswith("# timecma-bench") and (out / "latency.png").stat().st_size > 0
@@ -25,6 +26,11 @@ def test_bench_runs_and_parity_is_computed(small_bundle, tmp_path):
     sweep = {(s["backend"], s["n_vars"]) for s in res["sweep"]}
     assert {("torch", 2), ("torch", 5), ("ort-cpu", 2), ("ort-cpu", 5)} <= sweep
     assert "speedup_vs_torch" in cpu
+    pc = res["precompute"]
+    assert pc["prompts"] == 12 and len(pc["modes"]) == 3
+    calls = [m["llm_calls"] for m in pc["modes"].values()]
+    assert calls[0] == 12 and 3 <= calls[1] == calls[2] < 12  # one at a time vs bucketed batches of <= 4
+    assert "Embedding precompute throughput" in (out / "results.md").read_text()
 
 
 def test_bench_rejects_bad_sweep_values(small_bundle, tmp_path):

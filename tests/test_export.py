@@ -11,7 +11,7 @@ import torch
 from conftest import bundle_with_manifest_version, run_cli
 from timecma.checkpoint import build_model, load_checkpoint
 from timecma.config import ModelConfig
-from timecma.llm import load_llm
+from timecma.llm import LastTokenEncoder, load_llm
 from timecma.manifest import BundleError, read_manifest
 from timecma.tokens import pad_right
 
@@ -33,6 +33,7 @@ def test_bundle_layout_and_manifest(small_bundle, small_run):
     assert "fp16" in m["graphs"]["llm"]["files"] and "fp16" in m["graphs"]["forecaster"]["files"]
     assert {"torch", "onnx", "onnxruntime", "tensorrt"} <= set(m["versions"])
     assert m["data"]["variables"] == ["v0", "v1", "v2"] and m["llm"]["digest_verified"]
+    assert m["graphs"]["llm"]["last_block_last_position_only"] is True
 
 
 def test_fp16_graph_keeps_sensitive_ops_and_io_in_fp32(small_bundle):
@@ -59,8 +60,9 @@ def test_llm_graph_axes_are_dynamic(small_bundle, tiny_llm_dir, batch, seq):
     ids[0] = rng.integers(1, 500, size=seq)  # at least one full-length row
     a, m = pad_right(ids, llm.info.pad_id)
     got = sess.run(None, {"input_ids": a, "attention_mask": m})[0]
+    plain = LastTokenEncoder(llm.encoder.model, last_position_only=False)  # the unmodified HF forward
     with torch.no_grad():
-        ref = llm.encoder(torch.from_numpy(a), torch.from_numpy(m)).numpy()
+        ref = plain(torch.from_numpy(a), torch.from_numpy(m)).numpy()
     assert got.shape == (batch, 32)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
@@ -70,9 +72,11 @@ def test_forecaster_graph_returns_original_units(small_bundle, small_run):
     ckpt = load_checkpoint(run / "best.pt")
     model = build_model(ModelConfig(**ckpt["model_config"]), ckpt["state_dict"])
     mean, std = np.array(ckpt["data"]["scaler_mean"]), np.array(ckpt["data"]["scaler_std"])
-    sess = ort.InferenceSession(str(small_bundle / "forecaster.onnx"), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    for b in (1, 3):
+    b1 = read_manifest(small_bundle)["graphs"]["forecaster"]["cpu_batch1"]  # the graph batch-1 requests use
+    assert b1["file"] in ("forecaster.onnx", "forecaster.b1.onnx") and (small_bundle / b1["file"]).exists()
+    for b, file in ((1, "forecaster.onnx"), (3, "forecaster.onnx"), (1, b1["file"])):
+        sess = ort.InferenceSession(str(small_bundle / file), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(b)
         x = (rng.normal(size=(b, 24, 3)) * std + mean).astype(np.float32)
         emb = rng.normal(size=(b, 3, 32)).astype(np.float32)
         y = sess.run(None, {"x": x, "prompt_emb": emb})[0]

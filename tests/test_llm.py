@@ -38,3 +38,48 @@ def test_prompt_longer_than_positions_is_an_error(tmp_path):
     ids = encode_prompts(llm.backend, ["a b c", "From 01/07/2016 00:00 to 04/07/2016 23:00, the values were 1, 2, 3, 4, 5"])
     with pytest.raises(PromptTooLongError, match=r"window 7, variable 'OT' has \d+ tokens .* at most 16"):
         check_lengths(ids, llm.info.max_positions, lambda i: "window 7, variable 'OT'")
+
+
+def test_last_position_only_equals_the_plain_forward(tiny_llm_dir):
+    """The last-block shortcut (what is exported and precomputed) is the same function as the
+    unmodified Hugging Face forward, on a ragged right-padded batch with a 1-token prompt."""
+    from timecma.llm import LastTokenEncoder
+    from timecma.tokens import pad_right
+
+    llm = load_llm(tiny_llm_dir)
+    assert llm.encoder.last_position_only
+    plain = LastTokenEncoder(llm.encoder.model, last_position_only=False)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 500, size=n) for n in (40, 1, 57, 3, 57)]
+    a, m = (torch.from_numpy(t) for t in pad_right(ids, llm.info.pad_id))
+    with torch.inference_mode():
+        fast, ref = llm.encoder(a, m).numpy(), plain(a, m).numpy()
+    np.testing.assert_allclose(fast, ref, atol=1e-5, rtol=0)
+    assert np.abs(ref).max() > 0.1  # not a trivially small output
+    # the shortcut does not register (or export) the weights twice
+    assert len(llm.encoder.state_dict()) == len(llm.encoder.model.state_dict())
+
+
+def test_plan_llm_batches_is_optimal_and_complete():
+    """Against brute force over every contiguous split of the length-sorted prompts."""
+    import itertools
+
+    from timecma.tokens import plan_llm_batches
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        n, max_batch, cost = int(rng.integers(1, 8)), int(rng.integers(1, 5)), int(rng.integers(0, 40))
+        lengths = rng.integers(1, 120, size=n).tolist()
+        plan = plan_llm_batches(lengths, max_batch, cost)
+        assert sorted(i for g in plan for i in g) == list(range(n)) and all(len(g) <= max_batch for g in plan)
+        got = sum(len(g) * max(lengths[i] for i in g) + cost for g in plan)
+        s = sorted(lengths)
+        best = min(
+            sum((b - a) * s[b - 1] + cost for a, b in zip((0,) + cuts, cuts + (n,)))
+            for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+            if all(b - a <= max_batch for a, b in zip((0,) + cuts, cuts + (n,)))
+        )
+        assert got == best
+    # one long outlier gets its own call instead of padding six prompts to its length
+    plan = plan_llm_batches([226, 227, 322, 226, 228, 226, 228], 64)
+    assert [sorted(g.tolist()) for g in plan] == [[0, 1, 3, 4, 5, 6], [2]]

@@ -56,3 +56,20 @@ def test_bad_values_are_refused():
     ts = np.array(["2021-01-01T00", "2021-01-01T01"], dtype="datetime64[ns]")
     with pytest.raises(PromptError, match="NaN"):
         renderer.render_window(np.array([[1.0], [np.nan]]), ts)
+
+
+def test_vectorised_values_and_trends_match_the_scalar_rules():
+    """The renderer's fast paths write exactly what str(int(v)) and trend_value write."""
+    import numpy as np
+
+    from timecma.prompts import format_values, trend_value
+
+    rng = np.random.default_rng(7)
+    for scale in (1e-3, 1.0, 1e3, 1e6):
+        raw = rng.normal(0, 1, (96, 4)) * scale
+        raw[0, 0] = -0.5  # truncation toward zero gives "0", as int() does
+        assert format_values(raw[:, 0], "int") == [str(int(v)) for v in raw[:, 0].tolist()]
+        fast = np.diff(np.ascontiguousarray(raw.T), axis=1).sum(axis=1)
+        assert fast.tolist() == [trend_value(raw[:, j]) for j in range(4)]
+    huge = np.array([1e300, -3.7])
+    assert format_values(huge, "int") == [str(int(1e300)), "-3"]

@@ -48,15 +48,42 @@ def test_runtime_serves_with_torch_import_blocked(small_bundle, tmp_path):
     assert pq.read_table(out).num_rows == PRED
 
 
+def test_store_written_by_token_ids_only_is_hit_and_indexed(small_bundle, tmp_path):
+    """A store filled without prompt texts (an older writer) still serves hits by token ids,
+    and the first such hit adds the texts, so the next one skips tokenization."""
+    from timecma.llm import encode_last_token, load_llm
+    from timecma.manifest import read_manifest
+    from timecma.store import EmbeddingStore
+    from timecma.tokens import encode_prompts
+
+    df = make_frame(SEQ, seed=11)
+    m = read_manifest(str(small_bundle))
+    f = Forecaster.load(str(small_bundle), backend="ort-cpu")
+    prompts = f.renderer.render_series(df[f.variables].to_numpy(), df["date"].to_numpy(), [0], SEQ)
+    llm = load_llm(m["llm"]["id"])
+    ids = encode_prompts(f.tokenizer, prompts)
+    with EmbeddingStore(tmp_path / "store", m["llm"]["namespace"], m["llm"]["d_llm"]) as st:
+        st.put_many(st.keys(ids), encode_last_token(llm, ids))
+    g = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"))
+    y = g.predict(df)
+    assert g.stats.llm_calls == 0 and g.stats.hits == 3 and g.stats.seconds["tokenize"] > 0
+    tokenize_s = g.stats.seconds["tokenize"]
+    np.testing.assert_allclose(g.predict(df), y, rtol=0, atol=0)
+    assert g.stats.seconds["tokenize"] == tokenize_s and g.stats.hits == 6
+    np.testing.assert_allclose(y, f.predict(df), rtol=0, atol=1e-5)
+    g.close()
+
+
 def test_second_request_runs_no_llm_and_store_changes_nothing(small_bundle, tmp_path):
     df = make_frame(SEQ, seed=7)
     with_store = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"))
     y1 = with_store.predict(df)
-    calls = with_store.stats.llm_calls
-    assert calls == 1 and with_store.stats.misses == 3
+    calls, tokenize_s = with_store.stats.llm_calls, with_store.stats.seconds["tokenize"]
+    assert calls == 1 and with_store.stats.misses == 3 and tokenize_s > 0
     y2 = with_store.predict(df[["v2", "date", "v0", "v1"]])  # columns matched by name, not order
     assert with_store.stats.llm_calls == calls, "a stored window ran the LLM again"
     assert with_store.stats.hits == 3
+    assert with_store.stats.seconds["tokenize"] == tokenize_s, "a store hit tokenized (the text index missed)"
     without = Forecaster.load(str(small_bundle), backend="ort-cpu")
     y3 = without.predict(df["v0 v1 v2".split()].to_numpy(), df["date"].to_numpy())
     assert y1.shape == (PRED, 3)

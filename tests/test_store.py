@@ -112,3 +112,24 @@ def test_concurrent_readers_while_writing(tmp_path):
     assert all(status == "ok" and reads > 0 for status, reads in results), results
     with EmbeddingStore(path, NS, DIM) as store:
         assert len(store) == n
+
+
+def test_text_index_finds_vectors_without_token_ids(tmp_path):
+    ids, vecs = _vectors(4)
+    texts = [f"prompt {i}" for i in range(4)]
+    with EmbeddingStore(tmp_path / "s", NS, DIM) as store:
+        keys = store.keys(ids)
+        store.put_many(keys[:2], vecs[:2], texts[:2])
+        store.put_many(keys[2:3], vecs[2:3])  # stored by ids only (e.g. an older writer)
+        out, found = store.get_many_by_text(texts)
+        assert found.tolist() == [True, True, False, False]
+        np.testing.assert_array_equal(out[:2], vecs[:2])
+        store.put_many(keys[2:3], None, texts[2:3])  # text entry for a key already stored
+        assert store.get_many_by_text(texts)[1].tolist() == [True, True, True, False]
+        assert len(store) == 3  # vectors, not index entries
+    with EmbeddingStore(tmp_path / "s", NS, DIM, readonly=True) as ro:
+        assert ro.get_many_by_text(texts)[1].sum() == 3 and len(ro) == 3
+    # another namespace never sees these texts (and is refused anyway)
+    other = EmbeddingStore(tmp_path / "o", "cd" * 32, DIM)
+    assert not other.get_many_by_text(texts)[1].any()
+    other.close()

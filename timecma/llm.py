@@ -7,6 +7,7 @@ module is what gets exported to ONNX).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -27,22 +28,85 @@ WRAPPER_VERSION = "last-token-v1"
 
 
 class LastTokenEncoder(nn.Module):
-    """Wraps a decoder LM; returns the final hidden state at the last non-padding token."""
+    """Wraps a decoder LM; returns the final hidden state at the last non-padding token.
 
-    def __init__(self, model: nn.Module):
+    With ``last_position_only`` (GPT-2 architecture) the last block runs its query, attention
+    output and MLP for the last real position alone: earlier positions still give keys and
+    values, but their outputs are never read, so about 10/12 of that block's matmul FLOPs
+    (and its full attention matrix) are skipped. The result is the same function; the
+    unmodified Hugging Face forward is what ``last_position_only=False`` runs.
+    """
+
+    def __init__(self, model: nn.Module, last_position_only: bool = False):
         super().__init__()
         self.model = model
+        self.last_position_only = bool(last_position_only) and supports_last_position_only(model)
+        if self.last_position_only:
+            # The first L-1 blocks through Hugging Face's own forward (masks, positions), on a
+            # shallow copy that shares every parameter; kept out of _modules so the weights
+            # are not registered (or exported) twice.
+            trunk = copy.copy(model)
+            trunk._modules = dict(model._modules)
+            trunk.h = nn.ModuleList(list(model.h)[:-1])
+            trunk.ln_f = nn.Identity()
+            object.__setattr__(self, "_trunk", trunk)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         seq = input_ids.shape[1]
         # Right padding: positions are a plain range (GPT-2 does not derive them from the mask).
         position_ids = torch.arange(seq, device=input_ids.device, dtype=torch.long).unsqueeze(0).expand_as(input_ids)
-        hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
         last = attention_mask.sum(dim=1) - 1  # [B]
-        index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-        return torch.gather(hidden, 1, index).squeeze(1)
+        if self.last_position_only:
+            hidden = self._trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+            return self._last_block(hidden, last)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return _gather_rows(hidden, last)
+
+    def _last_block(self, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """GPT-2's last block and final LayerNorm, evaluated at position ``last`` of each row."""
+        block = self.model.h[-1]
+        attn = block.attn
+        b, s, d = hidden.shape
+        heads = attn.num_heads
+        x = block.ln_1(hidden)  # every position: keys and values
+        w, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: x @ w + bias, w [d, 3d] = q | k | v
+        kv = torch.matmul(x, w[:, d:]) + bias[d:]
+        k, v = kv.split(d, dim=-1)
+        q = torch.matmul(_gather_rows(x, last), w[:, :d]) + bias[:d]  # [B, d]
+        q = q.view(b, heads, 1, d // heads)
+        k = k.view(b, s, heads, d // heads).transpose(1, 2)
+        v = v.view(b, s, heads, d // heads).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * _attention_scale(attn)  # [B, H, 1, S]
+        # causal + right padding: the last real position sees exactly positions 0..last
+        beyond = torch.arange(s, device=hidden.device).view(1, 1, 1, s) > last.view(b, 1, 1, 1)
+        scores = scores.masked_fill(beyond, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(b, d)
+        h = _gather_rows(hidden, last) + attn.c_proj(out)
+        h = h + block.mlp(block.ln_2(h))
+        return self.model.ln_f(h)
+
+
+def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, d], index [B] -> hidden[b, index[b]] as [B, d] (a Gather in the graph)."""
+    idx = index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return torch.gather(hidden, 1, idx).squeeze(1)
+
+
+def _attention_scale(attn: nn.Module) -> float:
+    if hasattr(attn, "scaling"):
+        return float(attn.scaling)
+    scale = attn.head_dim ** -0.5 if attn.scale_attn_weights else 1.0
+    return scale / (attn.layer_idx + 1) if attn.scale_attn_by_inverse_layer_idx else scale
+
+
+def supports_last_position_only(model: nn.Module) -> bool:
+    """The last-block shortcut is written for Hugging Face's GPT-2 (Conv1D q|k|v, pre-LN blocks)."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", None) == "gpt2" and hasattr(model, "h") and hasattr(model, "ln_f")
+            and len(model.h) >= 1 and not getattr(cfg, "add_cross_attention", False))
 
 
 @dataclass
@@ -69,8 +133,13 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> LoadedLLM:
-    """Load a Hugging Face model (hub id or local directory) as a frozen last-token encoder."""
+def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+             last_position_only: bool = True) -> LoadedLLM:
+    """Load a Hugging Face model (hub id or local directory) as a frozen last-token encoder.
+
+    ``last_position_only=False`` keeps the plain Hugging Face forward (the eager baseline
+    benchmarks compare against); both compute the same embeddings.
+    """
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -105,7 +174,7 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
         pad_id=int(pad_id),
         extra={"model_type": cfg.model_type},
     )
-    encoder = LastTokenEncoder(model).to(device)
+    encoder = LastTokenEncoder(model, last_position_only).to(device)
     log.info("loaded LLM %s (d=%d, %d positions, weights %s)", name_or_dir, d_llm, max_positions, w[:12])
     return LoadedLLM(encoder, tokenizer, info)
 

@@ -13,7 +13,7 @@ from .data import Series, SplitWindows
 from .llm import LoadedLLM, encode_last_token
 from .prompts import PromptRenderer
 from .store import EmbeddingStore
-from .tokens import check_lengths, encode_prompts, length_batches
+from .tokens import check_lengths, encode_prompts, plan_llm_batches
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class PromptSet:
     n_vars: int
     token_ids: list[np.ndarray]
     keys: list[bytes]
+    prompts: list[str]
 
     def window_keys(self, i: int) -> list[bytes]:
         return self.keys[i * self.n_vars : (i + 1) * self.n_vars]
@@ -45,7 +46,7 @@ def build_prompt_set(
                 f"variable {series.variables[i % n]!r}")
 
     check_lengths(token_ids, llm.info.max_positions, describe)
-    return PromptSet(windows.name, n, token_ids, store.keys(token_ids))
+    return PromptSet(windows.name, n, token_ids, store.keys(token_ids), prompts)
 
 
 def precompute(
@@ -56,11 +57,14 @@ def precompute(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     desc: str = "embeddings",
+    prompts: list[str] | None = None,
 ) -> int:
     """Compute and store embeddings for keys not yet present; returns how many were computed.
 
     Batches group prompts of similar length (little padding) and each batch is one
-    committed transaction, so a killed run resumes where it stopped.
+    committed transaction, so a killed run resumes where it stopped. With ``prompts``
+    (the texts behind ``token_ids``) the store's text index is filled too, so serving
+    finds these prompts without tokenizing them.
     """
     todo = store.missing(keys)
     seen: dict[bytes, int] = {}
@@ -71,10 +75,11 @@ def precompute(
         log.info("%s: all %d prompts already in the store", desc, len(keys))
         return 0
     sub = [token_ids[i] for i in unique]
-    batches = length_batches(sub, batch_size)
+    batches = plan_llm_batches([len(t) for t in sub], batch_size)
     with tqdm(total=len(unique), desc=desc, unit="prompt", mininterval=1.0) as bar:
         for batch in batches:
             vecs = encode_last_token(llm, [sub[j] for j in batch], device)
-            store.put_many([keys[unique[j]] for j in batch], vecs)
+            store.put_many([keys[unique[j]] for j in batch], vecs,
+                           None if prompts is None else [prompts[unique[j]] for j in batch])
             bar.update(len(batch))
     return len(unique)

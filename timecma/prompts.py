@@ -91,8 +91,12 @@ def get_template(name: str, expected_hash: str | None = None) -> PromptTemplate:
 def format_values(values: np.ndarray, value_format: str) -> list[str]:
     """Render raw values as the template writes them (vectorised once per column)."""
     if value_format == "int":
-        # str(int(v)) truncates toward zero, like the reference.
-        return [str(int(v)) for v in np.asarray(values, dtype=np.float64).tolist()]
+        # str(int(v)) truncates toward zero, like the reference; int64 truncates the same way
+        # and converts in one call wherever every value is exactly representable.
+        values = np.asarray(values, dtype=np.float64)
+        if values.size and np.abs(values).max() < 2.0 ** 53:
+            return list(map(str, values.astype(np.int64).tolist()))
+        return [str(int(v)) for v in values.tolist()]
     if value_format == "sig4":
         return [f"{v:.4g}" for v in np.asarray(values, dtype=np.float64).tolist()]
     raise PromptError(f"unknown value format {value_format!r}")
@@ -159,6 +163,8 @@ class PromptRenderer:
             if s < 0 or e > raw.shape[0]:
                 raise PromptError(f"window [{s}, {e}) is outside the series of {raw.shape[0]} rows")
             start, end = stamp(s), stamp(e - 1)
+            # every column's trend at once; rows of a contiguous transpose sum like trend_value's 1-D sum
+            trends = np.diff(np.ascontiguousarray(raw[s:e].T), axis=1).sum(axis=1).tolist()
             for j in range(n_vars):
                 out.append(
                     text.format(
@@ -166,7 +172,7 @@ class PromptRenderer:
                         end=end,
                         values=", ".join(cols[j][s:e]),
                         every=self.every,
-                        trend=self.template.trend_format.format(trend_value(raw[s:e, j])),
+                        trend=self.template.trend_format.format(trends[j]),
                     )
                 )
         return out

@@ -2,7 +2,9 @@
 
 Key = sha256(namespace + prompt token ids); the namespace digests the LLM weights, the
 tokenizer and the wrapper version, so an embedding is only ever reused for the exact
-same model and prompt. LMDB gives atomic, durable commits (a writer killed at any
+same model and prompt. A second table maps sha256(namespace + prompt text) to that key:
+the namespace fixes the tokenizer, so text -> ids is a pure function under it, and a
+store hit can skip tokenization (the largest cost of a hit) without changing the key. LMDB gives atomic, durable commits (a writer killed at any
 instant loses only its uncommitted batch) and many concurrent reader processes.
 """
 
@@ -23,6 +25,7 @@ STORE_FORMAT = 1
 _META_KEY = b"__timecma_store_meta__"
 # Virtual address space reserved for the map; the file grows only as data is written.
 DEFAULT_MAP_SIZE = 1 << 38
+_TEXT_DB = b"prompt-text"
 
 
 class StoreMismatchError(ValueError):
@@ -60,6 +63,7 @@ class EmbeddingStore:
             lock=True,
             sync=True,
             metasync=True,
+            max_dbs=2,
         )
         meta = {
             "format": STORE_FORMAT,
@@ -76,6 +80,10 @@ class EmbeddingStore:
                 txn.put(_META_KEY, json.dumps(meta).encode())
             else:
                 self._check(json.loads(raw), meta)
+        try:  # the text index; absent in a read-only store written before it existed
+            self._text_db = self.env.open_db(_TEXT_DB, create=not readonly)
+        except lmdb.NotFoundError:
+            self._text_db = None
 
     def _check(self, found: dict, wanted: dict) -> None:
         if found.get("format") != STORE_FORMAT:
@@ -103,6 +111,29 @@ class EmbeddingStore:
     def keys(self, token_ids: Sequence[np.ndarray]) -> list[bytes]:
         return [self.key(t) for t in token_ids]
 
+    def text_key(self, prompt: str) -> bytes:
+        """Address of a prompt's text in the text index (same namespace as ``key``)."""
+        return hashlib.sha256(self._ns + b"\0text\0" + prompt.encode()).digest()
+
+    def get_many_by_text(self, prompts: Sequence[str], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``get_many`` but addressed by prompt text, through the text index."""
+        if out is None:
+            out = np.zeros((len(prompts), self.dim), dtype=self.dtype)
+        found = np.zeros(len(prompts), dtype=bool)
+        if self._text_db is None:
+            return out, found
+        nbytes = self.dim * self.dtype.itemsize
+        with self.env.begin(buffers=True) as txn:
+            for i, p in enumerate(prompts):
+                key = txn.get(self.text_key(p), db=self._text_db)
+                buf = txn.get(bytes(key)) if key is not None else None
+                if buf is not None:
+                    if len(buf) != nbytes:
+                        raise StoreMismatchError(f"corrupt entry in {self.path}: {len(buf)} bytes")
+                    out[i] = np.frombuffer(buf, dtype=self.dtype)
+                    found[i] = True
+        return out, found
+
     def get_many(self, keys: Sequence[bytes], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors for ``keys`` as [len(keys), dim] and a boolean found-mask."""
         if out is None:
@@ -124,18 +155,30 @@ class EmbeddingStore:
         with self.env.begin() as txn:
             return [i for i, k in enumerate(keys) if txn.get(k) is None]
 
-    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Insert a batch in one durable transaction (all or nothing)."""
-        vectors = np.ascontiguousarray(vectors, dtype=self.dtype)
-        if vectors.shape != (len(keys), self.dim):
-            raise ValueError(f"expected vectors of shape {(len(keys), self.dim)}, got {vectors.shape}")
+    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray | None,
+                 prompts: Sequence[str] | None = None) -> None:
+        """Insert a batch in one durable transaction (all or nothing).
+
+        ``prompts`` (the texts the keys were tokenized from) also fill the text index;
+        ``vectors=None`` adds only those text entries, for keys already stored.
+        """
+        if vectors is not None:
+            vectors = np.ascontiguousarray(vectors, dtype=self.dtype)
+            if vectors.shape != (len(keys), self.dim):
+                raise ValueError(f"expected vectors of shape {(len(keys), self.dim)}, got {vectors.shape}")
+        if prompts is not None and len(prompts) != len(keys):
+            raise ValueError(f"{len(prompts)} prompt texts for {len(keys)} keys")
         with self.env.begin(write=True) as txn:
-            for k, v in zip(keys, vectors):
-                txn.put(k, v.tobytes(), overwrite=False)
+            if vectors is not None:
+                for k, v in zip(keys, vectors):
+                    txn.put(k, v.tobytes(), overwrite=False)
+            if prompts is not None and self._text_db is not None:
+                for k, p in zip(keys, prompts):
+                    txn.put(self.text_key(p), k, db=self._text_db)
 
     def __len__(self) -> int:
-        with self.env.begin() as txn:
-            return txn.stat()["entries"] - 1  # minus the metadata record
+        with self.env.begin() as txn:  # minus the metadata record and the text index's name
+            return txn.stat()["entries"] - 1 - (self._text_db is not None)
 
     def close(self) -> None:
         self.env.close()

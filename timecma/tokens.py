@@ -63,7 +63,32 @@ def pad_right(
     return ids, mask
 
 
-def length_batches(token_ids: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length so padding costs little compute."""
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def plan_llm_batches(lengths: Sequence[int], max_batch: int, call_cost_tokens: int = 32) -> list[np.ndarray]:
+    """Split prompts into right-padded LLM calls that waste the least compute on padding.
+
+    A call over prompts of lengths l costs ``len(l) * max(l)`` padded tokens plus a fixed
+    ``call_cost_tokens`` (launch overhead in token equivalents). Prompts sorted by length
+    are cut into contiguous groups of at most ``max_batch`` by dynamic programming, which
+    is optimal for this cost: one long outlier gets its own call instead of padding the
+    other prompts to its length. Returns index arrays into ``lengths``.
+    """
+    if max_batch < 1:
+        raise ValueError("max_batch must be at least 1")
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    sl = np.asarray(lengths, dtype=np.int64)[order]
+    best = np.zeros(n + 1, dtype=np.int64)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):  # best[j]: cheapest plan for the j shortest prompts
+        i = np.arange(max(0, j - max_batch), j)
+        cost = best[i] + (j - i) * sl[j - 1] + call_cost_tokens
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], i[k]
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = int(cut[j])
+    return groups[::-1]

@@ -141,7 +141,8 @@ def train(
     n_computed = 0
     for name, w in windows.items():
         ps = build_prompt_set(series, w, renderer, llm, store)
-        n_computed += precompute(store, llm, ps.token_ids, ps.keys, train_cfg.llm_batch_size, device, desc=f"{name} prompts")
+        n_computed += precompute(store, llm, ps.token_ids, ps.keys, train_cfg.llm_batch_size, device, desc=f"{name} prompts",
+                                 prompts=ps.prompts)
         splits[name] = SplitData(w.starts, ps)
     emb_seconds = time.time() - t_emb
     log.info("embeddings ready: %d computed, store holds %d (%.1fs)", n_computed, len(store), emb_seconds)
