@@ -117,32 +117,30 @@ class EmbeddingStore:
 
     def get_many_by_text(self, prompts: Sequence[str], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Like ``get_many`` but addressed by prompt text, through the text index."""
-        if out is None:
-            out = np.zeros((len(prompts), self.dim), dtype=self.dtype)
-        found = np.zeros(len(prompts), dtype=bool)
         if self._text_db is None:
-            return out, found
-        nbytes = self.dim * self.dtype.itemsize
-        with self.env.begin(buffers=True) as txn:
-            for i, p in enumerate(prompts):
-                key = txn.get(self.text_key(p), db=self._text_db)
-                buf = txn.get(bytes(key)) if key is not None else None
-                if buf is not None:
-                    if len(buf) != nbytes:
-                        raise StoreMismatchError(f"corrupt entry in {self.path}: {len(buf)} bytes")
-                    out[i] = np.frombuffer(buf, dtype=self.dtype)
-                    found[i] = True
-        return out, found
+            return (np.zeros((len(prompts), self.dim), dtype=self.dtype) if out is None else out,
+                    np.zeros(len(prompts), dtype=bool))
+
+        def key_of(txn, i: int) -> bytes | None:
+            key = txn.get(self.text_key(prompts[i]), db=self._text_db)
+            return None if key is None else bytes(key)
+
+        return self._read(len(prompts), key_of, out)
 
     def get_many(self, keys: Sequence[bytes], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors for ``keys`` as [len(keys), dim] and a boolean found-mask."""
+        return self._read(len(keys), lambda txn, i: keys[i], out)
+
+    def _read(self, n: int, key_of, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Read n vectors in one transaction; ``key_of(txn, i)`` gives entry i's key (None: absent)."""
         if out is None:
-            out = np.zeros((len(keys), self.dim), dtype=self.dtype)
-        found = np.zeros(len(keys), dtype=bool)
+            out = np.zeros((n, self.dim), dtype=self.dtype)
+        found = np.zeros(n, dtype=bool)
         nbytes = self.dim * self.dtype.itemsize
         with self.env.begin(buffers=True) as txn:
-            for i, k in enumerate(keys):
-                buf = txn.get(k)
+            for i in range(n):
+                k = key_of(txn, i)
+                buf = txn.get(k) if k is not None else None
                 if buf is not None:
                     if len(buf) != nbytes:
                         raise StoreMismatchError(f"corrupt entry in {self.path}: {len(buf)} bytes")
