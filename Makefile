@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO   := runs/demo
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: $(STAMP)
 		--sweep-iters 3 --out $(DEMO)/bench
 	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle,"
 	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet, benchmark plot $(DEMO)/bench/latency.png"
+
+# For GPU owners: GPU extras, engines for this GPU, gpu-marked tests, a short GPU benchmark.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

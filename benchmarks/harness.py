@@ -78,11 +78,14 @@ def machine_info() -> dict:
 
 
 def parse_backend(spec: str) -> tuple[str, dict]:
-    """``torch``, ``torch-bf16``, ``ort-cpu``, ``ort-cpu:int8`` (LLM graph variant), ``ort-cuda``, ``tensorrt``."""
+    """``torch``, ``torch-bf16``, ``ort-cpu``, ``ort-cpu:int8`` (LLM graph variant), ``ort-cuda``,
+    ``tensorrt``, ``tensorrt:fp32`` (engine precision)."""
     if spec == "torch-bf16":
         return "torch", {"dtype": "bfloat16"}
     name, _, variant = spec.partition(":")
-    return name, ({"llm_variant": variant} if variant else {})
+    if not variant:
+        return name, {}
+    return name, ({"precision": variant} if name == "tensorrt" else {"llm_variant": variant})
 
 
 def open_backend(spec: str, cfg: BenchConfig, manifest: dict):

@@ -26,7 +26,9 @@ from timecma.checkpoint import (CheckpointError, build_model, infer_reference_co
 from timecma.config import DataContract, ModelConfig
 from timecma.data import Scaler, load_series, make_windows, resolve_split, split_borders, validate_frame
 from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm
-from timecma.manifest import file_sha256, write_manifest
+from timecma.manifest import (BackendUnavailable, BundleError, file_sha256, list_bundle_files, read_manifest,
+                              write_manifest)
+from timecma.runtime.engine_build import PARITY_FILE, EngineProfile, build_engines, default_profile
 from timecma.prompts import PromptRenderer, get_template
 from timecma.tokens import encode_prompts, pad_right, tokenizer_digest
 
@@ -50,11 +52,13 @@ class ExportOptions:
     llm_id: str | None = None
     tolerance: float = 1e-4
     parity_windows: int = 8
-    tensorrt: str = "auto"  # auto | off | require
+    tensorrt: str = "build"  # build (where a flavour is installed) | require | skip
+    trt_flavour: str = "auto"  # auto | standard | rtx
     trt_batch: tuple[int, int, int] = (1, 7, 64)  # prompts per LLM call: min, opt, max
-    trt_seq: tuple[int, int, int] = (1, 256, 1024)
+    trt_seq: tuple[int, int, int] | None = None  # tokens; default (1, 256, 1024) capped at the LLM's positions
     trt_forecast_batch: tuple[int, int, int] = (1, 1, 64)
     trt_precisions: tuple[str, ...] = ("fp16",)
+    trt_targets: tuple[str, ...] = ()  # compute capabilities (RTX); empty = the flavour's default
     quantize: str | None = None  # "int8": opt-in dynamic-int8 LLM graph, kept only if test MSE moves < 1%
     quantize_windows: int = 64
     extra: dict = field(default_factory=dict)
@@ -241,17 +245,21 @@ def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> dict:
     if os.path.exists(out_dir) and not opts.force:
         raise ExportError(f"{out_dir} exists; pass --force to replace it")
     _check_llm(src, llm)
-    if opts.tensorrt == "require":
-        from .tensorrt_build import tensorrt_status
+    if opts.tensorrt == "require":  # fail before minutes of export, not after
+        from timecma.runtime.trt_flavour import load_flavour
 
-        ok, reason = tensorrt_status()
-        if not ok:
-            raise ExportError(f"--tensorrt require, but {reason}")
+        try:
+            load_flavour(opts.trt_flavour)
+        except BackendUnavailable as exc:
+            raise ExportError(f"--tensorrt require, but {exc}") from exc
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
     try:
         manifest = _build(src, llm, opts, tmp)
+        manifest["files"] = list_bundle_files(tmp)
+        write_manifest(tmp, manifest)
+        manifest = _engines(opts, tmp, manifest)
         manifest["export_seconds"] = round(time.time() - t0, 1)
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
@@ -333,6 +341,11 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
         raise ExportError(f"forecaster graph parity {worst_fc:.2e} (normalized units) exceeds tolerance {opts.tolerance:.0e}")
     log.info("parity: LLM max abs %.2e, forecaster max abs %.2e (normalized)", worst_llm, worst_fc)
     fc_batch1 = _batch1_forecaster(graph, tmp, x, emb, y_torch, std, opts.tolerance)
+    # real inputs and ONNX Runtime fp32 outputs, for engine parity wherever engines are built
+    a1, m1 = pad_right(ids[:n], llm.info.pad_id)
+    os.makedirs(os.path.join(tmp, os.path.dirname(PARITY_FILE)), exist_ok=True)
+    np.savez(os.path.join(tmp, PARITY_FILE), llm_input_ids=a1, llm_attention_mask=m1, llm_out=ort_emb[:n],
+             fc_x=x[:1], fc_prompt_emb=emb[:1], fc_out=y_ort[:1])
 
     quant_rejected = None
     # ---- CPU-optimised LLM graph (kept only if faster with parity) ----------------------
@@ -393,11 +406,11 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
             v["bytes"] = os.path.getsize(os.path.join(tmp, v["file"]))
     fc_batch1["sha256"] = file_sha256(os.path.join(tmp, fc_batch1["file"]))
 
-    # ---- TensorRT -----------------------------------------------------------------------
-    engines, trt_note, trt_version = _tensorrt(opts, tmp, cfg, llm_files, fc_files, ids, llm.info.pad_id, x, emb)
+    from timecma.runtime.trt_flavour import installed
 
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                "tensorrt": trt_version, "timecma": __version__}
+                **{k: (None if v.startswith("not installed") else v) for k, v in installed().items()},
+                "timecma": __version__}
     try:
         import transformers
 
@@ -436,8 +449,7 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
         },
         "parity_tolerance": opts.tolerance,
         "parity_windows": [int(s) for s in starts],
-        "engines": engines,
-        "tensorrt_note": trt_note,
+        "engines": [],
         "versions": versions,
         "metrics": src.metrics,
     }
@@ -449,43 +461,22 @@ def _errors(a: np.ndarray, b: np.ndarray) -> dict:
             "mean_abs": float(diff.mean())}
 
 
-def _tensorrt(opts: ExportOptions, tmp: str, cfg: ModelConfig, llm_files: dict, fc_files: dict, ids, pad_id: int,
-              x: np.ndarray, emb: np.ndarray) -> tuple[list, str, str | None]:
-    from .tensorrt_build import EngineSpec, build_engine, run_engine, tensorrt_status
-
-    if opts.tensorrt == "off":
-        return [], "TensorRT build switched off (--tensorrt off); ONNX-only bundle", None
-    ok, reason = tensorrt_status()
-    if not ok:
+def _engines(opts: ExportOptions, tmp: str, manifest: dict) -> dict:
+    """TensorRT engines through the same code as `timecma-engines build`; the manifest after it."""
+    if opts.tensorrt == "skip":
+        note = "TensorRT build skipped (--tensorrt skip); ONNX-only bundle. Add engines later with timecma-engines build"
+        return {**manifest, "tensorrt_note": note}
+    d = default_profile(manifest)
+    profile = EngineProfile(opts.trt_batch, opts.trt_seq or d.llm_seq, opts.trt_forecast_batch)
+    try:
+        build_engines(tmp, opts.trt_precisions, opts.trt_flavour, profile, list(opts.trt_targets) or None)
+    except BackendUnavailable as exc:
         if opts.tensorrt == "require":
-            raise ExportError(f"--tensorrt require, but {reason}")
-        log.warning("%s: writing an ONNX-only bundle (the runtime uses ONNX Runtime)", reason)
-        return [], f"{reason}; ONNX-only bundle", None
-    import tensorrt as trt
-
-    cache = os.path.join(tmp, "engines", "timing.cache")
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    b, s, fb = opts.trt_batch, opts.trt_seq, opts.trt_forecast_batch
-    engines = []
-    for precision in opts.trt_precisions:
-        llm_spec = EngineSpec("llm", precision, llm_files[precision]["file"], llm_files[precision]["sha256"],
-                              {"input_ids": ((b[0], s[0]), (b[1], s[1]), (b[2], s[2])),
-                               "attention_mask": ((b[0], s[0]), (b[1], s[1]), (b[2], s[2]))})
-        fc_spec = EngineSpec("forecaster", precision, fc_files[precision]["file"], fc_files[precision]["sha256"],
-                             {"x": ((fb[0], cfg.seq_len, cfg.num_nodes), (fb[1], cfg.seq_len, cfg.num_nodes),
-                                    (fb[2], cfg.seq_len, cfg.num_nodes)),
-                              "prompt_emb": ((fb[0], cfg.num_nodes, cfg.d_llm), (fb[1], cfg.num_nodes, cfg.d_llm),
-                                             (fb[2], cfg.num_nodes, cfg.d_llm))})
-        for spec in (llm_spec, fc_spec):
-            entry = build_engine(spec, tmp, cache)
-            # engine parity against ONNX Runtime (fp32 graph) on the same inputs
-            if spec.graph == "llm":
-                a, m = pad_right(ids[: cfg.num_nodes], pad_id)
-                feeds = {"input_ids": a, "attention_mask": m}
-                ref = _ort_session(os.path.join(tmp, llm_files["fp32"]["file"])).run(None, feeds)[0]
-            else:
-                feeds = {"x": x[:1], "prompt_emb": emb[:1]}
-                ref = _ort_session(os.path.join(tmp, fc_files["fp32"]["file"])).run(None, feeds)[0]
-            entry["parity_vs_ort_fp32"] = _errors(run_engine(tmp, entry["file"], feeds), ref)
-            engines.append(entry)
-    return engines, f"built with TensorRT {trt.__version__}", trt.__version__
+            raise ExportError(f"--tensorrt require, but {exc}") from exc
+        log.warning("%s: writing an ONNX-only bundle (the runtime uses ONNX Runtime)", exc)
+        return {**read_manifest(tmp, verify=False), "tensorrt_note": f"{exc}; ONNX-only bundle"}
+    except (ValueError, BundleError) as exc:
+        raise ExportError(f"TensorRT engine build failed: {exc}") from exc
+    m = read_manifest(tmp, verify=False)
+    built = sorted({f"{e['flavour']} {e['version']}" for e in m["engines"]})
+    return {**m, "tensorrt_note": f"engines built with {', '.join(built)}"}

@@ -15,7 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
-from timecma.manifest import BundleError
+from timecma.manifest import BackendUnavailable, BundleError
+
+from . import cuda
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,10 @@ BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu", "torch")
 
 class Backend(Protocol):
     name: str
+    limits: dict[str, int]  # largest llm_batch / llm_seq / forecast_batch it accepts; {} = unbounded
+
+    def close(self) -> None:
+        """Free what the backend holds (device memory, sessions)."""
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """[B,S] int64 x2 -> [B,d_llm] float32."""
@@ -41,12 +47,14 @@ def _ort():
 def available_backends() -> dict[str, str]:
     """Backend name -> why it is (or is not) usable here."""
     out: dict[str, str] = {}
-    try:
-        import tensorrt  # noqa: F401
+    from .trt_flavour import installed
 
-        out["tensorrt"] = "available" if _cuda_device_count() > 0 else "TensorRT installed but no CUDA GPU"
-    except Exception as exc:
-        out["tensorrt"] = f"not installed ({type(exc).__name__})"
+    flavours = {k: v for k, v in installed().items() if not v.startswith("not installed")}
+    if not flavours:
+        out["tensorrt"] = "no TensorRT flavour installed (pip install tensorrt-rtx, or NVIDIA's TensorRT)"
+    else:
+        out["tensorrt"] = "available" if cuda.device_count() > 0 else \
+            f"{', '.join(f'{k} {v}' for k, v in flavours.items())} installed but no CUDA GPU is visible"
     try:
         providers = _ort().get_available_providers()
         out["ort-cuda"] = "available" if "CUDAExecutionProvider" in providers else "onnxruntime has no CUDA provider"
@@ -62,21 +70,10 @@ def available_backends() -> dict[str, str]:
     return out
 
 
-def _cuda_device_count() -> int:
-    import ctypes
-
-    for lib in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
-        try:
-            cudart = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        n = ctypes.c_int(0)
-        return n.value if cudart.cudaGetDeviceCount(ctypes.byref(n)) == 0 else 0
-    return 0
-
-
 class OrtBackend:
     """ONNX Runtime on CPU, or CUDA with IO binding (outputs bound to host, inputs copied once)."""
+
+    limits: dict[str, int] = {}
 
     def __init__(self, bundle_dir: str, manifest: dict, device: str = "cpu", threads: int | None = None,
                  llm_variant: str | None = None, cuda_graph: bool = True):
@@ -133,6 +130,9 @@ class OrtBackend:
         self.llm.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
+    def close(self) -> None:
+        """ORT sessions are freed with the object."""
+
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         prompt_emb = np.ascontiguousarray(prompt_emb, dtype=np.float32)
@@ -150,6 +150,8 @@ class OrtBackend:
 
 class TorchBackend:
     """Eager PyTorch on the checkpoint the bundle was exported from (for comparison only)."""
+
+    limits: dict[str, int] = {}
 
     def __init__(self, manifest: dict, ckpt: str | None = None, device: str = "cpu", dtype: str = "float32"):
         import torch
@@ -179,6 +181,9 @@ class TorchBackend:
             out = self.llm(t.from_numpy(input_ids).to(self.device), t.from_numpy(attention_mask).to(self.device))
             return out.float().cpu().numpy()
 
+    def close(self) -> None:
+        """Modules are freed with the object."""
+
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
         t = self.torch
         with t.inference_mode():
@@ -195,16 +200,16 @@ def make_backend(name: str, bundle_dir: str, manifest: dict, **kwargs) -> Backen
             if avail.get(cand) == "available":
                 try:
                     backend = make_backend(cand, bundle_dir, manifest, **kwargs)
-                except BundleError as exc:  # e.g. engines for another GPU: fall back, and say so
+                except BackendUnavailable as exc:  # e.g. engines for another GPU: fall back, and say so
                     log.warning("%s unusable (%s); trying the next backend", cand, exc)
                     continue
                 log.info("backend auto -> %s", cand)
                 return backend
-        raise BundleError(f"no usable backend: {avail}")
+        raise BackendUnavailable(f"no usable backend: {avail}")
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     if avail.get(name) != "available":
-        raise BundleError(f"backend {name} is not usable here: {avail.get(name)}")
+        raise BackendUnavailable(f"backend {name} is not usable here: {avail.get(name)}")
     if name == "ort-cpu":
         return OrtBackend(bundle_dir, manifest, "cpu", **kwargs)
     if name == "ort-cuda":
@@ -213,4 +218,4 @@ def make_backend(name: str, bundle_dir: str, manifest: dict, **kwargs) -> Backen
         return TorchBackend(manifest, **kwargs)
     from .tensorrt_backend import TensorRTBackend
 
-    return TensorRTBackend(bundle_dir, manifest)
+    return TensorRTBackend(bundle_dir, manifest, **kwargs)

@@ -85,7 +85,13 @@ class Forecaster:
             raise BundleError(f"{bundle_dir}: tokenizer.json differs from the one recorded at export")
         self.pad_id = manifest["llm"]["pad_id"]
         self.max_positions = manifest["llm"]["max_positions"]
-        self.llm_batch = llm_batch
+        # the engines' profiles bound what may be asked of them (ONNX Runtime has no bounds)
+        lim = getattr(backend, "limits", {}) or {}
+        self.llm_batch = min(llm_batch, lim.get("llm_batch", llm_batch))
+        self.max_tokens = min(self.max_positions, lim.get("llm_seq", self.max_positions))
+        self._token_limit = ("the LLM accepts at most {n} positions" if self.max_tokens == self.max_positions
+                             else "the TensorRT engine's profile allows at most {n} tokens")
+        self.forecast_batch = lim.get("forecast_batch", 1 << 30)
         self.stats = Stats()
         # preallocated batch-1 buffers (no per-call allocation on the hot path)
         self._x1 = np.empty((1, self.seq_len, self.n_vars), dtype=np.float32)
@@ -136,7 +142,8 @@ class Forecaster:
             self._emb1[0] = emb.reshape(self.n_vars, self.d_llm)
             y = self.backend.run_forecaster(self._x1, self._emb1)
         else:
-            y = self.backend.run_forecaster(values.astype(np.float32), emb.reshape(w, self.n_vars, self.d_llm))
+            x, e, b = values.astype(np.float32), emb.reshape(w, self.n_vars, self.d_llm), self.forecast_batch
+            y = np.concatenate([self.backend.run_forecaster(x[i:i + b], e[i:i + b]) for i in range(0, w, b)])
         s["forecaster"] += time.perf_counter() - t3
         self.stats.requests += w
         return np.asarray(y, dtype=np.float32)
@@ -161,8 +168,8 @@ class Forecaster:
         t = time.perf_counter()
         texts = [prompts[i] for i in need]
         ids = encode_prompts(self.tokenizer, texts)
-        check_lengths(ids, self.max_positions, lambda k: f"window {need[k] // self.n_vars}, variable "
-                                                         f"{self.variables[need[k] % self.n_vars]!r}")
+        check_lengths(ids, self.max_tokens, lambda k: f"window {need[k] // self.n_vars}, variable "
+                                                      f"{self.variables[need[k] % self.n_vars]!r}", self._token_limit)
         s["tokenize"] += time.perf_counter() - t
         sub = emb[need]
         keys = None
@@ -225,5 +232,13 @@ class Forecaster:
         return np.datetime64(end, "ns") + steps * np.timedelta64(FREQUENCY_SECONDS[self.frequency], "s")
 
     def close(self) -> None:
+        """Close the store and free the backend (device memory for TensorRT)."""
         if self.store is not None:
             self.store.close()
+        self.backend.close()
+
+    def __enter__(self) -> "Forecaster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from timecma.manifest import BundleError
+from timecma.manifest import BackendUnavailable, BundleError
 from timecma.prompts import PromptError
 from timecma.store import StoreMismatchError
 from timecma.tokens import PromptTooLongError
@@ -299,7 +299,7 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
     kwargs = {"threads": threads} if threads and backend in ("auto", "ort-cpu", "ort-cuda") else {}
     try:
         f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
-    except (BundleError, StoreMismatchError, OSError) as exc:
+    except (BundleError, BackendUnavailable, StoreMismatchError, OSError) as exc:
         _fail(str(exc))
     try:
         summary = BatchServer(f, series_col, mode, stride, batch_windows).run(input_path, out, progress=not quiet)

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# hermetic user cache (verified-file hashes, TensorRT caches) for this test session and its subprocesses
+os.environ.setdefault("TIMECMA_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="timecma-test-cache-"))
 REPO = Path(__file__).resolve().parents[1]
 ETTH1 = REPO / "timecma" / "data" / "ETTh1.csv"
 

@@ -249,20 +249,6 @@ def test_etth1_runtime_matches_pytorch(etth1_bundle, tiny_llm_dir):
         assert (np.abs(got - expected) / scale).max() <= 1e-4
 
 
-def test_engines_for_another_gpu_or_tensorrt_are_refused():
-    from timecma.runtime.tensorrt_backend import select_engines
-
-    engines = [{"graph": g, "precision": "fp16", "compute_capability": "90", "tensorrt": "10.13.0", "file": f"{g}.plan"}
-               for g in ("llm", "forecaster")]
-    assert select_engines(engines, "90", "10.13.0")["llm"]["file"] == "llm.plan"
-    with pytest.raises(BundleError, match=r"sm80, TensorRT 10.13.0.*sm90/TensorRT 10.13.0.*Rebuild"):
-        select_engines(engines, "80", "10.13.0")
-    with pytest.raises(BundleError, match="TensorRT 11.0"):
-        select_engines(engines, "90", "11.0")
-    with pytest.raises(BundleError, match="no TensorRT engines"):
-        select_engines([], "90", "10.13.0")
-
-
 def test_auto_backend_says_what_it_picked(small_bundle, caplog):
     import logging
 

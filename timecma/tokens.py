@@ -34,17 +34,21 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[np.ndar
     return out
 
 
-def check_lengths(token_ids: Sequence[np.ndarray], max_positions: int, describe) -> None:
-    """Raise naming the first prompt longer than ``max_positions``.
+def check_lengths(token_ids: Sequence[np.ndarray], max_positions: int, describe,
+                  limit: str = "the LLM accepts at most {n} positions") -> None:
+    """Raise naming the first prompt longer than ``max_positions`` (or empty: no last token).
 
-    ``describe(i)`` returns a human description of prompt i (window and variable).
+    ``describe(i)`` returns a human description of prompt i (window and variable); ``limit``
+    says where the bound comes from (the LLM's positions, or an engine's profile).
     """
     for i, ids in enumerate(token_ids):
         if len(ids) > max_positions:
             raise PromptTooLongError(
-                f"prompt for {describe(i)} has {len(ids)} tokens but the LLM accepts at most "
-                f"{max_positions} positions; use a shorter --seq-len or another template"
+                f"prompt for {describe(i)} has {len(ids)} tokens but {limit.format(n=max_positions)}; "
+                "use a shorter --seq-len or another template"
             )
+        if len(ids) == 0:  # TensorRT's out-of-range Gather returns zeros instead of failing
+            raise PromptTooLongError(f"prompt for {describe(i)} has no tokens")
 
 
 def pad_right(

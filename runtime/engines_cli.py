@@ -1,0 +1,156 @@
+"""`timecma-engines`: build, list and verify a bundle's TensorRT engines, without torch.
+
+Engines are built on (or for) the box that serves, from the ONNX graphs export wrote, and
+added to the bundle next to the engines other GPUs already have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from timecma.manifest import BackendUnavailable, BundleError, read_manifest
+
+EXIT_BAD_BUNDLE, EXIT_UNAVAILABLE = 2, 3
+EPILOG = ("Exit status: 0 done; 2 the bundle or a request is wrong (message names it; the bundle is "
+          "unchanged); 3 TensorRT or the GPU it needs is not available here.")
+
+
+def triple(value: str) -> tuple[int, int, int]:
+    """MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX."""
+    try:
+        parts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise click.BadParameter(f"expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+def precisions(value: str) -> tuple[str, ...]:
+    out = tuple(p.strip() for p in value.split(",") if p.strip())
+    bad = [p for p in out if p not in ("fp16", "fp32")]
+    if not out or bad:
+        raise click.BadParameter(f"precisions are fp16 and/or fp32, got {value!r}")
+    return out
+
+
+def _fail(code: int, msg: str) -> None:
+    click.echo(f"timecma-engines: error: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True)
+def engines_cmd(verbose: bool) -> None:
+    """Build, list and verify the TensorRT engines of a timecma bundle (torch-free)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@engines_cmd.command("build", epilog=EPILOG)
+@click.argument("bundle", type=click.Path())
+@click.option("--precision", "precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
+@click.option("--trt-flavour", type=click.Choice(["auto", "standard", "rtx"]), default="auto", show_default=True,
+              help="standard TensorRT builds on the GPU it targets; TensorRT-RTX builds anywhere (auto: standard "
+                   "where it can build, else RTX).")
+@click.option("--llm-batch", default="1,7,64", show_default=True, help="LLM prompts per call MIN,OPT,MAX.")
+@click.option("--llm-seq", default=None, help="LLM tokens per prompt MIN,OPT,MAX [default: 1,256,1024 capped at "
+                                              "the LLM's positions].")
+@click.option("--forecast-batch", default="1,1,64", show_default=True, help="Forecaster windows per call.")
+@click.option("--max-batch", type=int, default=None, help="Shortcut: the MAX of --llm-batch and --forecast-batch.")
+@click.option("--max-seq", type=int, default=None, help="Shortcut: the MAX of --llm-seq.")
+@click.option("--compute-capability", default="", help="TensorRT-RTX targets, e.g. 75 or 86,89 [default: "
+                                                       "portable 8.6/8.9/12.0].")
+@click.option("--graph", type=click.Choice(["all", "llm", "forecaster"]), default="all", show_default=True)
+def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch, max_batch, max_seq,
+              compute_capability, graph):
+    """Build engines from BUNDLE's ONNX graphs and add them to it, atomically."""
+    from .engine_build import GRAPHS, EngineProfile, build_engines, default_profile
+
+    try:
+        manifest = read_manifest(bundle)
+        d = default_profile(manifest)
+        lb, ls, fb = triple(llm_batch), triple(llm_seq) if llm_seq else d.llm_seq, triple(forecast_batch)
+        if max_batch is not None:
+            lb, fb = (min(lb[0], max_batch), min(lb[1], max_batch), max_batch), \
+                     (min(fb[0], max_batch), min(fb[1], max_batch), max_batch)
+        if max_seq is not None:
+            ls = (min(ls[0], max_seq), min(ls[1], max_seq), max_seq)
+        targets = [c.strip().replace(".", "") for c in compute_capability.split(",") if c.strip()] or None
+        new = build_engines(bundle, precisions(precision), trt_flavour, EngineProfile(lb, ls, fb), targets,
+                            GRAPHS if graph == "all" else (graph,))
+    except BackendUnavailable as exc:
+        _fail(EXIT_UNAVAILABLE, f"{exc} (bundle unchanged)")
+    except (BundleError, ValueError, OSError) as exc:
+        _fail(EXIT_BAD_BUNDLE, f"{exc} (bundle unchanged)")
+    for e in new:
+        click.echo(f"built {e['file']} ({e['bytes'] / 1e6:.1f} MB, {e['build_seconds']} s, {e['target']}); "
+                   f"parity: {_parity(e)}")
+
+
+def _parity(e: dict) -> str:
+    p = e.get("parity_vs_ort_fp32", {})
+    return p["not_measured"] if "not_measured" in p else f"max abs {p['max_abs']:.2e} vs ONNX Runtime fp32"
+
+
+@engines_cmd.command("list", epilog=EPILOG)
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="The manifest's engine entries as JSON.")
+def list_cmd(bundle, as_json):
+    """The engines in BUNDLE: graph, precision, flavour, target, profile."""
+    try:
+        manifest = read_manifest(bundle, verify=False)
+    except BundleError as exc:
+        _fail(EXIT_BAD_BUNDLE, str(exc))
+    engines = manifest.get("engines", [])
+    if as_json:
+        click.echo(json.dumps(engines, indent=2))
+        return
+    if not engines:
+        click.echo(f"{bundle}: no engines ({manifest.get('tensorrt_note', '')})")
+    for e in engines:
+        prof = "; ".join(f"{k} {v[0]}..{v[2]}" for k, v in e["profile"].items())
+        click.echo(f"{e['file']}\n    {e['graph']} {e['precision']}, {e['flavour']} {e['version']}, {e['target']}, "
+                   f"{e['bytes'] / 1e6:.1f} MB, built {e['built']} in {e['build_seconds']} s\n    profile: {prof}\n"
+                   f"    parity: {_parity(e)}; builder warnings: {len(e.get('warnings', []))}")
+
+
+@engines_cmd.command("verify", epilog=EPILOG)
+@click.argument("bundle", type=click.Path())
+def verify_cmd(bundle):
+    """Check every file of BUNDLE against its sha256; summarise graphs, parity, engines and which
+    backends can run it on this machine (and why not)."""
+    from .backends import available_backends
+    from .tensorrt_backend import select_engines
+    from .trt_flavour import installed
+
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as exc:
+        _fail(EXIT_BAD_BUNDLE, str(exc))
+    cfg = manifest["model_config"]
+    click.echo(f"bundle {os.path.abspath(bundle)}: {len(manifest['files'])} files verified (sha256)")
+    click.echo(f"  model: seq_len {cfg['seq_len']}, pred_len {cfg['pred_len']}, {cfg['num_nodes']} variables, "
+               f"LLM {manifest['llm']['id']} (d_llm {cfg['d_llm']})")
+    for g, info in manifest["graphs"].items():
+        par = info.get("parity_vs_torch", {}).get("ort_cpu_fp32", {})
+        worst = max((v["max_abs"] for v in par.values() if isinstance(v, dict) and "max_abs" in v), default=None)
+        click.echo(f"  graph {g}: {', '.join(sorted(info['files']))}; parity vs PyTorch (ORT CPU fp32) "
+                   f"{'%.1e' % worst if worst is not None else 'n/a'}")
+    for e in manifest.get("engines", []):
+        click.echo(f"  engine {e['graph']} {e['precision']}: {e['flavour']} {e['version']}, {e['target']}; "
+                   f"{_parity(e)}")
+    avail = available_backends()
+    for name, why in avail.items():
+        if name == "tensorrt" and why == "available":
+            from .cuda import CudaRuntime
+
+            try:
+                select_engines(manifest, bundle, CudaRuntime().capability(), installed())
+            except BackendUnavailable as exc:
+                why = str(exc)
+        click.echo(f"  backend {name}: {'can run here' if why == 'available' else why}")
