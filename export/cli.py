@@ -9,6 +9,7 @@ import os
 import click
 
 
+from timecma.runtime.engines_cli import flavour_option, parse_targets, targets_option
 from timecma.runtime.engines_cli import precisions as _precisions
 from timecma.runtime.engines_cli import triple as _triple
 
@@ -34,16 +35,13 @@ from timecma.runtime.engines_cli import triple as _triple
 @click.option("--tensorrt", type=click.Choice(["build", "require", "skip"]), default="build", show_default=True,
               help="Build TensorRT engines with the same code as `timecma-engines build`: where a flavour is "
                    "installed (build), or fail without one (require), or not at all (skip).")
-@click.option("--trt-flavour", type=click.Choice(["auto", "standard", "rtx"]), default="auto", show_default=True,
-              help="standard TensorRT (builds on the target GPU) or TensorRT-RTX (builds anywhere); auto: "
-                   "standard where it can build, else RTX.")
+@flavour_option
 @click.option("--trt-batch", default="1,7,64", show_default=True, help="LLM engine prompts per call MIN,OPT,MAX.")
 @click.option("--trt-seq", default=None, help="LLM engine tokens MIN,OPT,MAX [default: 1,256,1024 capped at the "
                                               "LLM's positions].")
 @click.option("--trt-forecast-batch", default="1,1,64", show_default=True)
 @click.option("--trt-precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
-@click.option("--compute-capability", "trt_targets", default="",
-              help="TensorRT-RTX targets, e.g. 75 or 86,89 [default: portable 8.6/8.9/12.0].")
+@targets_option
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write a dynamic-int8 LLM graph for CPUs; kept (and preferred if faster) only if the "
                    "forecast test MSE changes by less than 1%.")
@@ -51,7 +49,7 @@ from timecma.runtime.engines_cli import triple as _triple
 @click.option("-v", "--verbose", is_flag=True)
 def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col, split, seq_len, pred_len, channel,
                e_layer, d_layer, d_ff, head, tolerance, parity_windows, tensorrt, trt_flavour, trt_batch, trt_seq,
-               trt_forecast_batch, trt_precision, trt_targets, quantize, quantize_windows, verbose):
+               trt_forecast_batch, trt_precision, targets, quantize, quantize_windows, verbose):
     """Export a checkpoint to a bundle: two ONNX graphs (parity-checked), tokenizer, TensorRT
     engines where TensorRT exists, and a JSON manifest."""
     from timecma.checkpoint import CheckpointError
@@ -69,7 +67,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
                          trt_batch=_triple(trt_batch), trt_seq=_triple(trt_seq) if trt_seq else None,
                          trt_forecast_batch=_triple(trt_forecast_batch),
                          trt_precisions=_precisions(trt_precision),
-                         trt_targets=tuple(c.strip() for c in trt_targets.split(",") if c.strip()))
+                         trt_targets=tuple(parse_targets(targets) or ()))
     try:
         if os.path.exists(out_dir) and not force:
             raise ExportError(f"{out_dir} exists; pass --force to replace it")

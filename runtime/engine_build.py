@@ -111,7 +111,7 @@ def parse_network(flavour: Flavour, onnx_path: str):
 
 
 def build_plan(flavour: Flavour, onnx_path: str, shapes: dict[str, list[list[int]]], targets: list[str],
-               portable: bool, workspace_gib: float = 4.0) -> tuple[bytes, dict, list[str], float]:
+               portable: bool, workspace_gib: float | None = None) -> tuple[bytes, dict, list[str], float]:
     """One strongly typed engine with one optimization profile: (plan, network report, warnings, seconds)."""
     t0 = time.perf_counter()
     builder, network, _parser, logger, report = parse_network(flavour, onnx_path)
@@ -120,7 +120,8 @@ def build_plan(flavour: Flavour, onnx_path: str, shapes: dict[str, list[list[int
         raise BundleError(f"{os.path.basename(onnx_path)} has inputs {sorted(names)}; the profile names "
                           f"{sorted(shapes)}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(flavour.trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if workspace_gib:  # default: TensorRT's own (the device's memory), which large profiles need
+        config.set_memory_pool_limit(flavour.trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     state = flavour.configure(config, targets, portable)
     profile = builder.create_optimization_profile()
     for name, (mn, opt, mx) in shapes.items():
@@ -186,7 +187,7 @@ def _gpu_cc() -> str | None:
 
 def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flavour: str = "auto",
                   profile: EngineProfile | None = None, targets: list[str] | None = None,
-                  graphs: tuple[str, ...] = GRAPHS, workspace_gib: float = 4.0) -> list[dict]:
+                  graphs: tuple[str, ...] = GRAPHS, workspace_gib: float | None = None) -> list[dict]:
     """Build one engine per (graph, precision) from the bundle's ONNX graphs; add them to the bundle.
 
     Returns the new manifest entries. An entry for the same graph, precision, flavour, version

@@ -39,6 +39,20 @@ def precisions(value: str) -> tuple[str, ...]:
     return out
 
 
+# options shared with `timecma-export` (one definition, one meaning)
+flavour_option = click.option(
+    "--trt-flavour", type=click.Choice(["auto", "standard", "rtx"]), default="auto", show_default=True,
+    help="standard TensorRT builds on the GPU it targets; TensorRT-RTX builds anywhere (auto: standard where it "
+         "can build, else RTX).")
+targets_option = click.option(
+    "--compute-capability", "targets", default="",
+    help="TensorRT-RTX targets, e.g. 75 or 86,89 [default: portable 8.6/8.9/12.0].")
+
+
+def parse_targets(value: str) -> list[str] | None:
+    return [c.strip().replace(".", "") for c in value.split(",") if c.strip()] or None
+
+
 def _fail(code: int, msg: str) -> None:
     click.echo(f"timecma-engines: error: {msg}", err=True)
     sys.exit(code)
@@ -54,20 +68,17 @@ def engines_cmd(verbose: bool) -> None:
 @engines_cmd.command("build", epilog=EPILOG)
 @click.argument("bundle", type=click.Path())
 @click.option("--precision", "precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
-@click.option("--trt-flavour", type=click.Choice(["auto", "standard", "rtx"]), default="auto", show_default=True,
-              help="standard TensorRT builds on the GPU it targets; TensorRT-RTX builds anywhere (auto: standard "
-                   "where it can build, else RTX).")
+@flavour_option
 @click.option("--llm-batch", default="1,7,64", show_default=True, help="LLM prompts per call MIN,OPT,MAX.")
 @click.option("--llm-seq", default=None, help="LLM tokens per prompt MIN,OPT,MAX [default: 1,256,1024 capped at "
                                               "the LLM's positions].")
 @click.option("--forecast-batch", default="1,1,64", show_default=True, help="Forecaster windows per call.")
 @click.option("--max-batch", type=int, default=None, help="Shortcut: the MAX of --llm-batch and --forecast-batch.")
 @click.option("--max-seq", type=int, default=None, help="Shortcut: the MAX of --llm-seq.")
-@click.option("--compute-capability", default="", help="TensorRT-RTX targets, e.g. 75 or 86,89 [default: "
-                                                       "portable 8.6/8.9/12.0].")
+@targets_option
 @click.option("--graph", type=click.Choice(["all", "llm", "forecaster"]), default="all", show_default=True)
 def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch, max_batch, max_seq,
-              compute_capability, graph):
+              targets, graph):
     """Build engines from BUNDLE's ONNX graphs and add them to it, atomically."""
     from .engine_build import GRAPHS, EngineProfile, build_engines, default_profile
 
@@ -80,9 +91,8 @@ def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch
                      (min(fb[0], max_batch), min(fb[1], max_batch), max_batch)
         if max_seq is not None:
             ls = (min(ls[0], max_seq), min(ls[1], max_seq), max_seq)
-        targets = [c.strip().replace(".", "") for c in compute_capability.split(",") if c.strip()] or None
-        new = build_engines(bundle, precisions(precision), trt_flavour, EngineProfile(lb, ls, fb), targets,
-                            GRAPHS if graph == "all" else (graph,))
+        new = build_engines(bundle, precisions(precision), trt_flavour, EngineProfile(lb, ls, fb),
+                            parse_targets(targets), GRAPHS if graph == "all" else (graph,))
     except BackendUnavailable as exc:
         _fail(EXIT_UNAVAILABLE, f"{exc} (bundle unchanged)")
     except (BundleError, ValueError, OSError) as exc:

@@ -315,3 +315,20 @@ def test_engine_runner_checks_shapes_and_frees_memory(small_bundle):
     with pytest.raises(RuntimeError, match="closed"):
         r({})
     assert rt.mem_info()[0] >= free0 - (64 << 20)
+
+
+def test_only_the_flavour_module_imports_tensorrt():
+    """What differs between the flavours lives in one module; nothing else imports TensorRT."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("timecma", "export", "runtime", "benchmarks"):
+        for path in (repo / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(n.split(".")[0] in ("tensorrt", "tensorrt_rtx") for n in names):
+                    offenders.append(str(path.relative_to(repo)))
+    assert offenders == []  # runtime/trt_flavour.py imports the flavour by name (importlib), on request

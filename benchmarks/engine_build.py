@@ -1,0 +1,60 @@
+"""TensorRT engine build cost for a bundle: time, plan size and layer precisions per engine.
+
+Builds with the same code as ``timecma-engines build`` (into the bundle) and writes
+``engine_build.json`` and ``engine_build.md`` with the machine record. On a CPU-only
+machine only TensorRT-RTX builds; the engines are compiled, not executed.
+
+    python -m benchmarks.engine_build --bundle runs/gpt2/bundle --precision fp16,fp32 --out benchmarks/results/x
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from timecma.runtime.engine_build import build_engines
+
+from .harness import machine_info
+
+
+@click.command()
+@click.option("--bundle", required=True, type=click.Path(exists=True))
+@click.option("--precision", default="fp16,fp32", show_default=True)
+@click.option("--trt-flavour", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path())
+def main(bundle: str, precision: str, trt_flavour: str, out: str) -> None:
+    entries = build_engines(bundle, tuple(precision.split(",")), trt_flavour)
+    from timecma.manifest import read_manifest
+
+    m = read_manifest(bundle, verify=False)
+    onnx_mb = {e["file"]: m["files"][e["onnx_file"]]["bytes"] / 1e6 for e in entries}
+    rows = [{"graph": e["graph"], "precision": e["precision"], "flavour": f"{e['flavour']} {e['version']}",
+             "target": e["target"], "build_s": e["build_seconds"], "plan_mb": round(e["bytes"] / 1e6, 1),
+             "onnx_mb": round(onnx_mb[e["file"]], 1), "layers": e["network"]["layers"],
+             "matmul_dtypes": e["network"]["layer_output_dtypes"]["matmul"],
+             "profile": e["profile"], "parity": e["parity_vs_ort_fp32"]} for e in entries]
+    info = machine_info()
+    cfg = m["model_config"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "engine_build.json"), "w") as f:
+        json.dump({"machine": info, "bundle": os.path.abspath(bundle), "llm": m["llm"]["id"], "model_config": cfg,
+                   "engines": rows}, f, indent=2)
+    lines = [f"# TensorRT engine builds ({info['date']})", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores, ISA {', '.join(info['isa'])}, no GPU; "
+             f"Python {info['python']}. Bundle: LLM d_llm {cfg['d_llm']}, N = {cfg['num_nodes']}, "
+             f"seq_len {cfg['seq_len']}, pred_len {cfg['pred_len']}.", "",
+             "| graph | precision | flavour | target | build s | plan MB | ONNX MB | layers | matmul outputs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['graph']} | {r['precision']} | {r['flavour']} | {r['target']} | {r['build_s']} | "
+                     f"{r['plan_mb']} | {r['onnx_mb']} | {r['layers']} | {r['matmul_dtypes']} |")
+    lines += ["", "Parity: " + "; ".join(sorted({json.dumps(r['parity']) for r in rows}))]
+    with open(os.path.join(out, "engine_build.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    click.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
