@@ -14,27 +14,30 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[test]'
+	@# setuptools prints an informational note for every editable install whose packages are
+	@# mapped from other folders (ours: export/ and runtime/ -> timecma.*); nothing to act on.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --hypothesis-show-statistics
 
 # Train on the bundled ETTh1 with the offline random-weight tiny GPT-2 (no hub here).
 demo: $(STAMP)
 	@test -f $(DEMO)/tiny-llm/config.json || $(BIN)/timecma-tiny-llm $(DEMO)/tiny-llm
-	$(BIN)/timecma-train --data timecma/data/ETTh1.csv --llm $(DEMO)/tiny-llm --out $(DEMO)/etth1 \
+	$(BIN)/timecma-train --data timecma/datasets/ETTh1.csv --llm $(DEMO)/tiny-llm --out $(DEMO)/etth1 \
 		--seq-len 96 --pred-len 96 --epochs 10 --patience 3 --train-stride 4 --llm-batch-size 64
 	$(BIN)/timecma-export --ckpt $(DEMO)/etth1/best.pt --out $(DEMO)/etth1/bundle --force
 	@# ETTh1 rows 14400+ lie after the ett test split: serve them as unseen data (rolling backtest, one window a day).
 	$(BIN)/python -c "import pyarrow.csv as c, pyarrow.parquet as pq; \
-		pq.write_table(c.read_csv('timecma/data/ETTh1.csv').slice(14400), '$(DEMO)/etth1-heldout.parquet')"
+		pq.write_table(c.read_csv('timecma/datasets/ETTh1.csv').slice(14400), '$(DEMO)/etth1-heldout.parquet')"
 	$(BIN)/timecma-serve-batch $(DEMO)/etth1-heldout.parquet --bundle $(DEMO)/etth1/bundle --store $(DEMO)/etth1/store \
 		--out $(DEMO)/etth1-heldout.forecasts.parquet --mode rolling --stride 24 --force
 	@# a short benchmark: eager PyTorch vs ONNX Runtime on the same inputs (timecma-bench --help for the full one)
-	$(BIN)/timecma-bench --bundle $(DEMO)/etth1/bundle --backends torch,ort-cpu --hit-iters 50 --miss-iters 5 \
+	$(BIN)/timecma-bench --bundle $(DEMO)/etth1/bundle --data timecma/datasets/ETTh1.csv --backends torch,ort-cpu \
+		--hit-iters 50 --miss-iters 5 \
 		--sweep-iters 3 --out $(DEMO)/bench
 	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle,"
 	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet, benchmark plot $(DEMO)/bench/latency.png"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
+
+from timecma.core.errors import BackendUnavailable, fail
 
 from .harness import BenchConfig, run
 from .report import markdown, write
@@ -49,9 +50,8 @@ def bench_cmd(bundle: str, backends: str, n_vars: str, prompt_tokens: str, hit_i
                       precompute_prompts=precompute_prompts, precompute_batch=precompute_batch)
     try:
         res = run(cfg, progress=lambda msg: click.echo(msg, err=True))
-    except (FileNotFoundError, ValueError) as exc:
-        click.echo(f"timecma-bench: error: {exc}", err=True)
-        sys.exit(2)
+    except (FileNotFoundError, ValueError, BackendUnavailable) as exc:  # Input/BundleError are ValueErrors
+        fail("timecma-bench", exc)
     paths = write(res, out_dir)
     click.echo(markdown(res))
     click.echo(f"wrote {paths['json']}, {paths['md']}, plot {paths['png']}")

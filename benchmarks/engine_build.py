@@ -26,7 +26,7 @@ from .harness import machine_info
 @click.option("--out", required=True, type=click.Path())
 def main(bundle: str, precision: str, trt_flavour: str, out: str) -> None:
     entries = build_engines(bundle, tuple(precision.split(",")), trt_flavour)
-    from timecma.manifest import read_manifest
+    from timecma.core.manifest import read_manifest
 
     m = read_manifest(bundle, verify=False)
     onnx_mb = {e["file"]: m["files"][e["onnx_file"]]["bytes"] / 1e6 for e in entries}

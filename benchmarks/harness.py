@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from timecma.manifest import read_manifest
+from timecma.core.manifest import read_manifest
+from timecma.core.timing import summarize, time_calls
 from timecma.runtime.backends import make_backend
 from timecma.runtime.pipeline import Forecaster
-from timecma.store import EmbeddingStore
-from timecma.tokens import encode_prompts, pad_right
+from timecma.core.store import EmbeddingStore
+from timecma.core.tokens import encode_prompts, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,6 @@ class BenchConfig:
     data: str | None = None  # real windows from here; default: the bundle's training data
     precompute_prompts: int = 0  # >0: embedding precompute throughput over this many real prompts
     precompute_batch: int = 32
-
-
-def summarize(ms: list[float]) -> dict:
-    a = np.asarray(ms, dtype=np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
 
 
 def machine_info() -> dict:
@@ -95,27 +90,15 @@ def open_backend(spec: str, cfg: BenchConfig, manifest: dict):
     return make_backend(name, cfg.bundle, manifest, **kwargs)
 
 
-def _timed(fn, warmup: int, iters: int, budget_s: float) -> tuple[list[float], object]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    ms, start = [], time.perf_counter()
-    for i in range(iters):
-        t = time.perf_counter()
-        out = fn()
-        ms.append((time.perf_counter() - t) * 1000)
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return ms, out
-
-
 def real_windows(manifest: dict, n: int, data: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """n consecutive windows (one row apart, so every window's prompts differ) from the end of the data."""
     from timecma.data import load_series  # pandas: the benchmark machine has the training extras
 
-    path = data or manifest["data"].get("source")
-    if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"real windows need the data file ({path!r}); pass --data")
+    src = manifest["data"].get("source", {})
+    if not data or not os.path.exists(data):
+        raise FileNotFoundError(f"real windows need the data file the bundle was made from ({src.get('file')}, "
+                                f"{src.get('rows')} rows); pass --data" + (f" ({data!r} not found)" if data else ""))
+    path = data
     s = load_series(path, manifest["data"]["time_col"])
     if s.variables != manifest["data"]["variables"]:
         raise ValueError(f"{path} has variables {s.variables}, the bundle expects {manifest['data']['variables']}")
@@ -129,7 +112,6 @@ def bench_end_to_end(f: Forecaster, values: np.ndarray, ts: np.ndarray, cfg: Ben
     res = {}
     for kind in ("miss", "hit"):
         stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
-        total: list[float] = []
         outs = []
         if kind == "miss":
             idx = list(range(1, min(cfg.miss_iters + 1, len(values))))
@@ -138,18 +120,16 @@ def bench_end_to_end(f: Forecaster, values: np.ndarray, ts: np.ndarray, cfg: Ben
             idx = [0] * cfg.hit_iters
             for _ in range(cfg.warmup + 3):
                 f.predict(values[0], ts[0])
-        start = time.perf_counter()
-        for k, i in enumerate(idx):
+        def call(k: int):
             before = dict(f.stats.seconds)
-            t = time.perf_counter()
-            y = f.predict(values[i], ts[i])
-            total.append((time.perf_counter() - t) * 1000)
+            return before, f.predict(values[idx[k]], ts[idx[k]]), dict(f.stats.seconds)
+
+        total, results = time_calls(call, len(idx), budget_s=cfg.budget_s)
+        for before, y, after in results:
             for s in STAGES:
-                stage_ms[s].append((f.stats.seconds[s] - before[s]) * 1000)
+                stage_ms[s].append((after[s] - before[s]) * 1000)
             if kind == "miss":
                 outs.append(y)
-            if k >= 2 and time.perf_counter() - start > cfg.budget_s:
-                break
         res[kind] = {"end_to_end_ms": summarize(total), "stages_ms": {s: summarize(v) for s, v in stage_ms.items()},
                      "windows": idx[:len(total)]}
         if kind == "miss":
@@ -168,22 +148,25 @@ def sweep_inputs(f: Forecaster, values: np.ndarray, ts: np.ndarray, n: int, toke
     return pad_right(ids, f.pad_id)
 
 
-def bench_precompute(manifest: dict, data: str | None, n_prompts: int, batch_size: int, progress=None) -> dict:
+def bench_precompute(bundle: str, manifest: dict, data: str | None, n_prompts: int, batch_size: int,
+                     progress=None) -> dict:
     """Embedding precompute throughput (eager PyTorch, the training side), three ways on the
     same real prompts: one prompt at a time through the plain Hugging Face forward (as the
     public reference's embedding script does), batched and length-bucketed with the plain
     forward, and timecma's precompute path (batched, bucketed, last block at the last
     position only)."""
     from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm
-    from timecma.prompts import PromptRenderer, get_template
-    from timecma.tokens import plan_llm_batches
+    from timecma.core.prompts import PromptRenderer, get_template
+    from timecma.core.tokens import plan_llm_batches
 
     n_vars = manifest["model_config"]["num_nodes"]
     values, ts = real_windows(manifest, n_prompts // n_vars + 1, data)
     renderer = PromptRenderer(get_template(manifest["prompt"]["name"], manifest["prompt"]["hash"]),
                               manifest["data"]["frequency"])
     prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
-    fast = load_llm(manifest["llm"]["id"])
+    from timecma.runtime.torch_backend import llm_source
+
+    fast = load_llm(llm_source(bundle, manifest))
     plain = LoadedLLM(LastTokenEncoder(fast.encoder.model, last_position_only=False), fast.tokenizer, fast.info)
     ids = encode_prompts(fast.backend, prompts)
     tokens = int(sum(len(i) for i in ids))
@@ -250,7 +233,8 @@ def run(cfg: BenchConfig, progress=None) -> dict:
         for n in cfg.n_vars:
             for tok in cfg.prompt_tokens:
                 ids, mask = sweep_inputs(f, values, ts, n, tok)
-                ms, emb = _timed(lambda: backend.run_llm(ids, mask), 1, cfg.sweep_iters, cfg.budget_s)
+                ms, embs = time_calls(lambda k: backend.run_llm(ids, mask), cfg.sweep_iters, 1, cfg.budget_s)
+                emb = embs[-1]
                 ref_emb.setdefault((n, tok), emb)
                 err = float(np.abs(emb - ref_emb[(n, tok)]).max())
                 rel = err / float(np.abs(ref_emb[(n, tok)]).max())
@@ -259,7 +243,7 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                 if progress:
                     progress(f"{spec}: LLM N={n} x {tok} tokens p50 {summarize(ms)['p50']:.1f} ms")
     if cfg.precompute_prompts:
-        results["precompute"] = bench_precompute(manifest, cfg.data, cfg.precompute_prompts, cfg.precompute_batch,
+        results["precompute"] = bench_precompute(cfg.bundle, manifest, cfg.data, cfg.precompute_prompts, cfg.precompute_batch,
                                                  progress)
     base = results["backends"].get("torch", {})
     for spec, r in results["backends"].items():

@@ -3,7 +3,7 @@
 Latency does not depend on weight values, so a GPT-2-size bundle can be measured without
 embedding 100k prompts for training first. The data contract comes from a real file.
 
-    python -m benchmarks.random_checkpoint --llm runs/gpt2-size --data timecma/data/ETTh1.csv --out runs/gpt2-size-ckpt/best.pt
+    python -m benchmarks.random_checkpoint --llm runs/gpt2-size --data timecma/datasets/ETTh1.csv --out runs/gpt2-size-ckpt/best.pt
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import click
 import torch
 
 from timecma.checkpoint import save_checkpoint
-from timecma.config import DataContract, ModelConfig
+from timecma.core.config import DataContract, ModelConfig
 from timecma.data import Scaler, load_series, resolve_split, split_borders
 from timecma.llm import load_llm
 from timecma.model import TimeCMA
-from timecma.prompts import get_template
+from timecma.core.prompts import get_template
 
 
 @click.command()

@@ -23,14 +23,17 @@ import torch
 from timecma import __version__
 from timecma.checkpoint import (CheckpointError, build_model, infer_reference_config, load_checkpoint, load_torch_file,
                                 strip_reference_keys)
-from timecma.config import DataContract, ModelConfig
+from timecma.core.config import DataContract, ModelConfig
 from timecma.data import Scaler, load_series, make_windows, resolve_split, split_borders, validate_frame
-from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm
-from timecma.manifest import (BackendUnavailable, BundleError, file_sha256, list_bundle_files, read_manifest,
-                              write_manifest)
+from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
+from timecma.core.errors import BackendUnavailable, InputError
+from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
+from timecma.core.manifest import file_sha256, list_bundle_files, read_manifest, write_manifest
+from timecma.core.timing import time_calls
+from timecma.runtime.backends import ort_session
 from timecma.runtime.engine_build import PARITY_FILE, EngineProfile, build_engines, default_profile
-from timecma.prompts import PromptRenderer, get_template
-from timecma.tokens import encode_prompts, pad_right, tokenizer_digest
+from timecma.core.prompts import PromptRenderer, get_template
+from timecma.core.tokens import encode_prompts, pad_right, tokenizer_digest
 
 from .onnx_export import ForecasterGraph, OPSET, convert_fp16, export_forecaster, export_llm, optimize_llm_for_cpu
 
@@ -40,7 +43,7 @@ LLM_ONNX = "llm_last_token.onnx"
 FORECASTER_ONNX = "forecaster.onnx"
 
 
-class ExportError(RuntimeError):
+class ExportError(InputError):
     """Export cannot produce a correct bundle (parity beyond tolerance, wrong LLM, bad input)."""
 
 
@@ -74,13 +77,35 @@ class Source:
     prompt: dict
     llm: dict | None  # recorded LLM identity; None for reference checkpoints
     metrics: dict
-    origin: str
+    origin: dict  # kind, file name and sha256 of what the bundle came from (no build-machine paths)
 
 
 def source_from_checkpoint(path: str) -> Source:
     ckpt = load_checkpoint(path)
     return Source(ModelConfig(**ckpt["model_config"]), ckpt["state_dict"], DataContract(**ckpt["data"]),
-                  ckpt["prompt"], ckpt["llm"], ckpt["metrics"], f"timecma checkpoint {os.path.abspath(path)}")
+                  ckpt["prompt"], ckpt["llm"], ckpt["metrics"], _origin("timecma checkpoint", path))
+
+
+def _origin(kind: str, path: str) -> dict:
+    return {"kind": kind, "file": os.path.basename(path), "sha256": file_sha256(path)}
+
+
+def _portable_data(data: DataContract, data_path: str | None) -> dict:
+    """The data contract for the manifest: the source as file name, sha256 and row count, no path."""
+    d = data.to_dict()
+    path = data_path or data.source
+    src = {"file": os.path.basename(data.source or path or "")}
+    if path and os.path.exists(path):
+        from timecma.data import read_table
+
+        src.update(sha256=file_sha256(path), rows=int(len(read_table(path))))
+    return {**d, "source": src}
+
+
+def _portable_llm(info: dict) -> dict:
+    """A local LLM directory is recorded by its folder name (digests identify it), a hub id as is."""
+    return {**info, "id": os.path.basename(os.path.normpath(info["id"])) if os.path.isdir(info["id"]) else info["id"],
+            "local_directory": os.path.isdir(info["id"])}
 
 
 def source_from_reference(path: str, data_path: str, llm: LoadedLLM, time_col: str = "date", split: str = "auto",
@@ -103,7 +128,7 @@ def source_from_reference(path: str, data_path: str, llm: LoadedLLM, time_col: s
                             scaler.mean.tolist(), scaler.std.tolist(), split, os.path.abspath(data_path))
     tmpl = get_template("reference")
     return Source(cfg, strip_reference_keys(sd), contract, {"name": tmpl.name, "hash": tmpl.hash}, None, {},
-                  f"public-reference state_dict {os.path.abspath(path)}")
+                  _origin("public-reference state_dict", path))
 
 
 def _check_llm(src: Source, llm: LoadedLLM) -> None:
@@ -121,24 +146,12 @@ def _check_llm(src: Source, llm: LoadedLLM) -> None:
 
 
 def _ort_session(path: str, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return ort_session(path, "cpu", threads)
 
 
 def _median_ms(sess, feeds: dict, seconds: float = 0.3) -> float:
     """Median latency of a fast graph over ~``seconds`` of calls (after a warm-up)."""
-    for _ in range(10):
-        sess.run(None, feeds)
-    ms, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < seconds or len(ms) < 20:
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        ms.append((time.perf_counter() - t) * 1000)
+    ms, _ = time_calls(lambda k: sess.run(None, feeds), 1 << 20, warmup=10, budget_s=seconds, min_iters=20)
     return float(np.median(ms))
 
 
@@ -231,17 +244,29 @@ def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, renderer, 
 
 
 def _time_session(sess, feeds: dict, repeat: int = 5) -> float:
-    sess.run(None, feeds)
-    t = time.perf_counter()
-    for _ in range(repeat):
-        sess.run(None, feeds)
-    return (time.perf_counter() - t) / repeat * 1000
+    """Mean ms of a slow graph (the LLM) over a few calls after one warm-up."""
+    ms, _ = time_calls(lambda k: sess.run(None, feeds), repeat, warmup=1)
+    return float(np.mean(ms))
+
+
+def recover_bundle(out_dir: str) -> None:
+    """Clean up after a killed export of ``out_dir``: remove its dead temporaries, and put back a
+    previous bundle that a kill between the two renames left stranded in ``.old-bundle-*``."""
+    parent, name = os.path.split(out_dir)
+    for old in dead_temporaries(parent, f".old-bundle-{name}-"):
+        stranded = os.path.join(old, "b")
+        if not os.path.exists(out_dir) and os.path.isfile(os.path.join(stranded, "manifest.json")):
+            os.replace(stranded, out_dir)
+            log.warning("recovered the bundle %s that a killed export left in %s", out_dir, old)
+        shutil.rmtree(old, ignore_errors=True)
+    remove_dead_temporaries(parent, f".bundle-{name}-", "an unfinished bundle")
 
 
 def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> dict:
     """Write the bundle; returns its manifest. Nothing is left at ``out_dir`` on failure."""
     t0 = time.time()
     out_dir = os.path.abspath(opts.out_dir)
+    recover_bundle(out_dir)
     if os.path.exists(out_dir) and not opts.force:
         raise ExportError(f"{out_dir} exists; pass --force to replace it")
     _check_llm(src, llm)
@@ -254,7 +279,8 @@ def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> dict:
             raise ExportError(f"--tensorrt require, but {exc}") from exc
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
+    name = os.path.basename(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f".bundle-{name}-{os.getpid()}-", dir=parent)
     try:
         manifest = _build(src, llm, opts, tmp)
         manifest["files"] = list_bundle_files(tmp)
@@ -264,7 +290,7 @@ def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> dict:
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=".old-bundle-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".old-bundle-{name}-{os.getpid()}-", dir=parent)
             os.replace(out_dir, os.path.join(old, "b"))
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -421,9 +447,9 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "origin": src.origin,
         "model_config": cfg.to_dict(),
-        "data": data.to_dict(),
+        "data": _portable_data(data, opts.data_path),
         "prompt": src.prompt,
-        "llm": {**llm.info.to_dict(), "digest_verified": src.llm is not None},
+        "llm": {**_portable_llm(llm.info.to_dict()), "digest_verified": src.llm is not None},
         "tokenizer": {"file": "tokenizer/tokenizer.json", "digest": tokenizer_digest(saved_tok)},
         "opset": OPSET,
         "graphs": {
@@ -475,7 +501,7 @@ def _engines(opts: ExportOptions, tmp: str, manifest: dict) -> dict:
             raise ExportError(f"--tensorrt require, but {exc}") from exc
         log.warning("%s: writing an ONNX-only bundle (the runtime uses ONNX Runtime)", exc)
         return {**read_manifest(tmp, verify=False), "tensorrt_note": f"{exc}; ONNX-only bundle"}
-    except (ValueError, BundleError) as exc:
+    except InputError as exc:
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
     m = read_manifest(tmp, verify=False)
     built = sorted({f"{e['flavour']} {e['version']}" for e in m["engines"]})

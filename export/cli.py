@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import click
 
 
+from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 from timecma.runtime.engines_cli import flavour_option, parse_targets, targets_option
 from timecma.runtime.engines_cli import precisions as _precisions
 from timecma.runtime.engines_cli import triple as _triple
 
 
-@click.command()
+@click.command(epilog=EXIT_CODES_HELP)
 @click.option("--ckpt", required=True, help="best.pt from timecma-train (or best_model.pth with --from-reference).")
 @click.option("--out", "out_dir", default=None, help="Bundle directory [default: next to the checkpoint, bundle/].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
@@ -52,10 +52,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
                trt_forecast_batch, trt_precision, targets, quantize, quantize_windows, verbose):
     """Export a checkpoint to a bundle: two ONNX graphs (parity-checked), tokenizer, TensorRT
     engines where TensorRT exists, and a JSON manifest."""
-    from timecma.checkpoint import CheckpointError
-    from timecma.cli import _setup_logging, fail
-    from timecma.data import DataError
-    from timecma.prompts import PromptError
+    from timecma.cli import _setup_logging
 
     from .bundle import ExportError, ExportOptions, export_bundle, source_from_checkpoint, source_from_reference
 
@@ -83,8 +80,8 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
             src = source_from_checkpoint(ckpt)
             llm = load_llm(llm_id or src.llm["id"])
         manifest = export_bundle(src, llm, opts)
-    except (ExportError, CheckpointError, DataError, PromptError, OSError) as exc:
-        fail(str(exc))
+    except (InputError, BundleError, BackendUnavailable, OSError) as exc:
+        fail("timecma-export", exc)
     g = manifest["graphs"]
     click.echo(json.dumps({
         "bundle": out_dir,

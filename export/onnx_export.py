@@ -9,7 +9,6 @@ feeds raw values and gets forecasts in original units.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 
 import numpy as np
@@ -43,6 +42,9 @@ def _export(module: nn.Module, args: tuple, path: str, input_names: list[str], o
             dynamic_shapes: dict | None) -> None:
     """torch.onnx.export(dynamo=True) with the quirks of the installed torch handled here only."""
     module.eval()
+    # The exporter's op registry logs one warning per torchvision op when torchvision is not
+    # installed; we export no vision ops, so that is noise.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The fused "fast path" of nn.TransformerEncoderLayer is a single opaque op; exporting

@@ -5,9 +5,10 @@
     y = f.predict(window_df)   # [pred_len, N] in original units
 """
 
-from timecma.manifest import BundleError
+from timecma.core.errors import BackendUnavailable, BundleError, InputError
 
 from .backends import BACKENDS, available_backends, make_backend
-from .pipeline import Forecaster, InputError
+from .pipeline import Forecaster
 
-__all__ = ["BACKENDS", "BundleError", "Forecaster", "InputError", "available_backends", "make_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "BundleError", "Forecaster", "InputError", "available_backends",
+           "make_backend"]

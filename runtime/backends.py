@@ -4,7 +4,7 @@
               execute_async_v3 on a non-default stream, device buffers reused between calls)
 ``ort-cuda``  ONNX Runtime CUDA EP with IO binding; CUDA graphs for the fixed-shape forecaster
 ``ort-cpu``   ONNX Runtime CPU
-``torch``     eager PyTorch on the same weights (comparison only; torch imported lazily)
+``torch``     eager PyTorch on the same weights (comparison only; ``torch_backend.py``, imported on request)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from timecma.manifest import BackendUnavailable, BundleError
+from timecma.core.errors import BackendUnavailable, BundleError
 
 from . import cuda
 
@@ -70,6 +70,20 @@ def available_backends() -> dict[str, str]:
     return out
 
 
+def ort_session(path: str, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False):
+    """The one ONNX Runtime session factory (serving, export's measurements, benchmarks): all graph
+    optimisations; ``threads`` intra-op threads (None: ORT's choice); CUDA with optional CUDA graph."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers: list = ["CPUExecutionProvider"]
+    if device == "cuda":
+        providers.insert(0, ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}))
+    return ort.InferenceSession(path, opts, providers=providers)
+
+
 class OrtBackend:
     """ONNX Runtime on CPU, or CUDA with IO binding (outputs bound to host, inputs copied once)."""
 
@@ -85,29 +99,14 @@ class OrtBackend:
         if variant not in graphs["llm"]["files"]:
             raise BundleError(f"bundle has no LLM graph variant {variant!r}; it has {sorted(graphs['llm']['files'])}")
         self.llm_variant = variant
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        if device == "cuda":
-            providers = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
-            fc_providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}),
-                            "CPUExecutionProvider"]
-        else:
-            providers = fc_providers = ["CPUExecutionProvider"]
-        self.llm = ort.InferenceSession(os.path.join(bundle_dir, graphs["llm"]["files"][variant]["file"]), opts,
-                                        providers=providers)
-        self.fc = ort.InferenceSession(os.path.join(bundle_dir, graphs["forecaster"]["files"]["fp32"]["file"]), opts,
-                                       providers=fc_providers)
+        self.llm = ort_session(os.path.join(bundle_dir, graphs["llm"]["files"][variant]["file"]), device, threads)
+        self.fc = ort_session(os.path.join(bundle_dir, graphs["forecaster"]["files"]["fp32"]["file"]), device, threads,
+                              cuda_graph=cuda_graph)
         # batch-1 requests on CPU: the graph and thread count export measured fastest
         self.fc1 = self.fc
         b1 = graphs["forecaster"].get("cpu_batch1")
         if device == "cpu" and b1:
-            opts1 = ort.SessionOptions()
-            opts1.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads or b1.get("threads"):
-                opts1.intra_op_num_threads = threads or b1["threads"]
-            self.fc1 = ort.InferenceSession(os.path.join(bundle_dir, b1["file"]), opts1, providers=providers)
+            self.fc1 = ort_session(os.path.join(bundle_dir, b1["file"]), device, threads or b1.get("threads"))
         self._fc_graph = device == "cuda" and cuda_graph
         if self._fc_graph:
             cfg = manifest["model_config"]
@@ -148,50 +147,6 @@ class OrtBackend:
         return sess.run(None, {"x": x, "prompt_emb": prompt_emb})[0]
 
 
-class TorchBackend:
-    """Eager PyTorch on the checkpoint the bundle was exported from (for comparison only)."""
-
-    limits: dict[str, int] = {}
-
-    def __init__(self, manifest: dict, ckpt: str | None = None, device: str = "cpu", dtype: str = "float32"):
-        import torch
-
-        from timecma.checkpoint import build_model, load_checkpoint
-        from timecma.config import ModelConfig
-        from timecma.llm import load_llm
-
-        self.name = "torch" if dtype == "float32" else f"torch-{dtype}"
-        self.torch = torch
-        origin = manifest.get("origin", "")
-        ckpt = ckpt or (origin.split(" ", 2)[-1] if origin.startswith("timecma checkpoint") else None)
-        if not ckpt or not os.path.exists(ckpt):
-            raise BundleError(f"the torch backend needs the checkpoint the bundle came from ({ckpt!r} not found)")
-        c = load_checkpoint(ckpt)
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype)
-        self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
-        self.mean = torch.tensor(c["data"]["scaler_mean"], dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(c["data"]["scaler_std"], dtype=torch.float32, device=self.device)
-        # the plain Hugging Face forward: the eager baseline users run today
-        self.llm = load_llm(manifest["llm"]["id"], self.device, last_position_only=False).encoder.to(self.dtype)
-
-    def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        t = self.torch
-        with t.inference_mode():
-            out = self.llm(t.from_numpy(input_ids).to(self.device), t.from_numpy(attention_mask).to(self.device))
-            return out.float().cpu().numpy()
-
-    def close(self) -> None:
-        """Modules are freed with the object."""
-
-    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
-        t = self.torch
-        with t.inference_mode():
-            xs = (t.from_numpy(np.asarray(x, np.float32)).to(self.device) - self.mean) / self.std
-            y = self.model(xs, t.from_numpy(np.asarray(prompt_emb, np.float32)).to(self.device))
-            return (y * self.std + self.mean).cpu().numpy()
-
-
 def make_backend(name: str, bundle_dir: str, manifest: dict, **kwargs) -> Backend:
     """Instantiate a backend by name; ``auto`` picks tensorrt > ort-cuda > ort-cpu by what is present."""
     avail = available_backends()
@@ -215,7 +170,9 @@ def make_backend(name: str, bundle_dir: str, manifest: dict, **kwargs) -> Backen
     if name == "ort-cuda":
         return OrtBackend(bundle_dir, manifest, "cuda", **kwargs)
     if name == "torch":
-        return TorchBackend(manifest, **kwargs)
+        from .torch_backend import TorchBackend  # torch only here, only on request
+
+        return TorchBackend(bundle_dir, manifest, **kwargs)
     from .tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend(bundle_dir, manifest, **kwargs)

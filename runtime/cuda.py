@@ -16,7 +16,7 @@ import site
 import sys
 from functools import lru_cache
 
-from timecma.manifest import BackendUnavailable
+from timecma.core.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,9 @@ from typing import Iterator
 
 import numpy as np
 
-from timecma.manifest import (BackendUnavailable, BundleError, file_record, read_manifest, write_manifest)
+from timecma.core.errors import BackendUnavailable, BundleError, InputError
+from timecma.core.leftovers import remove_dead_temporaries
+from timecma.core.manifest import file_record, read_manifest, write_manifest
 
 from . import cuda as _cuda
 from .trt_flavour import FLAVOURS, Flavour, load_flavour
@@ -47,9 +49,9 @@ class EngineProfile:
     def check(self, max_positions: int) -> None:
         for name, (lo, opt, hi) in asdict(self).items():
             if not 1 <= lo <= opt <= hi:
-                raise ValueError(f"profile {name} must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+                raise InputError(f"profile {name} must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
         if self.llm_seq[2] > max_positions:
-            raise ValueError(f"profile llm_seq max {self.llm_seq[2]} exceeds the LLM's {max_positions} positions "
+            raise InputError(f"profile llm_seq max {self.llm_seq[2]} exceeds the LLM's {max_positions} positions "
                              "recorded in the manifest")
 
     def shapes(self, graph: str, cfg: dict) -> dict[str, list[list[int]]]:
@@ -171,7 +173,9 @@ def _build_flavour(choice: str, gpu_cc: str | None) -> Flavour:
 @contextlib.contextmanager
 def bundle_lock(bundle_dir: str) -> Iterator[None]:
     """One engine writer per bundle at a time (other processes wait)."""
-    with open(os.path.join(bundle_dir, ".engines.lock"), "a") as f:
+    engines_dir = os.path.join(bundle_dir, "engines")
+    os.makedirs(engines_dir, exist_ok=True)
+    with open(os.path.join(engines_dir, ".lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -211,7 +215,8 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
     os.makedirs(engines_dir, exist_ok=True)
     with bundle_lock(bundle_dir):
         manifest = read_manifest(bundle_dir, verify=False)  # re-read under the lock: another builder may have written
-        tmp = tempfile.mkdtemp(prefix=".build-", dir=engines_dir)
+        remove_dead_temporaries(engines_dir, ".build-", "an unfinished engine build")
+        tmp = tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=engines_dir)
         new: list[dict] = []
         try:
             for p in precisions:

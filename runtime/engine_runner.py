@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from timecma.manifest import BackendUnavailable, BundleError
+from timecma.core.errors import BackendUnavailable, BundleError, InputError
 
 from .cuda import D2H, H2D, CudaRuntime
 from .trt_flavour import Flavour
@@ -23,7 +23,7 @@ from .trt_flavour import Flavour
 log = logging.getLogger(__name__)
 
 
-class EngineShapeError(ValueError):
+class EngineShapeError(InputError):
     """A feed does not fit the engine (name, dtype, rank or a dimension outside its profile)."""
 
 

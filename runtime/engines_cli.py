@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 import click
 
-from timecma.manifest import BackendUnavailable, BundleError, read_manifest
+from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
+from timecma.core.manifest import read_manifest
 
-EXIT_BAD_BUNDLE, EXIT_UNAVAILABLE = 2, 3
-EPILOG = ("Exit status: 0 done; 2 the bundle or a request is wrong (message names it; the bundle is "
-          "unchanged); 3 TensorRT or the GPU it needs is not available here.")
+EPILOG = EXIT_CODES_HELP + " A failed build leaves the bundle unchanged."
+PROG = "timecma-engines"
 
 
 def triple(value: str) -> tuple[int, int, int]:
@@ -51,11 +50,6 @@ targets_option = click.option(
 
 def parse_targets(value: str) -> list[str] | None:
     return [c.strip().replace(".", "") for c in value.split(",") if c.strip()] or None
-
-
-def _fail(code: int, msg: str) -> None:
-    click.echo(f"timecma-engines: error: {msg}", err=True)
-    sys.exit(code)
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,10 +87,8 @@ def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch
             ls = (min(ls[0], max_seq), min(ls[1], max_seq), max_seq)
         new = build_engines(bundle, precisions(precision), trt_flavour, EngineProfile(lb, ls, fb),
                             parse_targets(targets), GRAPHS if graph == "all" else (graph,))
-    except BackendUnavailable as exc:
-        _fail(EXIT_UNAVAILABLE, f"{exc} (bundle unchanged)")
-    except (BundleError, ValueError, OSError) as exc:
-        _fail(EXIT_BAD_BUNDLE, f"{exc} (bundle unchanged)")
+    except (InputError, BundleError, BackendUnavailable, OSError) as exc:
+        fail(PROG, exc, " (bundle unchanged)")
     for e in new:
         click.echo(f"built {e['file']} ({e['bytes'] / 1e6:.1f} MB, {e['build_seconds']} s, {e['target']}); "
                    f"parity: {_parity(e)}")
@@ -115,7 +107,7 @@ def list_cmd(bundle, as_json):
     try:
         manifest = read_manifest(bundle, verify=False)
     except BundleError as exc:
-        _fail(EXIT_BAD_BUNDLE, str(exc))
+        fail(PROG, exc)
     engines = manifest.get("engines", [])
     if as_json:
         click.echo(json.dumps(engines, indent=2))
@@ -141,7 +133,7 @@ def verify_cmd(bundle):
     try:
         manifest = read_manifest(bundle)
     except BundleError as exc:
-        _fail(EXIT_BAD_BUNDLE, str(exc))
+        fail(PROG, exc)
     cfg = manifest["model_config"]
     click.echo(f"bundle {os.path.abspath(bundle)}: {len(manifest['files'])} files verified (sha256)")
     click.echo(f"  model: seq_len {cfg['seq_len']}, pred_len {cfg['pred_len']}, {cfg['num_nodes']} variables, "

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from decimal import Decimal
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from timecma.manifest import BundleError, read_manifest
-from timecma.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
-from timecma.store import EmbeddingStore
-from timecma.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
+from timecma.core.errors import BundleError, InputError
+from timecma.core.manifest import read_manifest
+from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
+from timecma.core.store import EmbeddingStore
+from timecma.core.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
 
 from .backends import Backend, make_backend
 
 log = logging.getLogger(__name__)
-
-
-class InputError(ValueError):
-    """A request's window is unusable; the message names the problem."""
 
 
 @dataclass
@@ -66,8 +65,45 @@ def check_timestamps(ts: np.ndarray, frequency: str, where: str = "window") -> N
         raise InputError(f"{where}, row {problem[0]}: {problem[1]}")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _as_array(x, dtype, what: str) -> np.ndarray:
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InputError(f"{what} cannot be read as {np.dtype(dtype)}: {exc}") from exc
+
+
+def _numeric_column(col, name: str) -> np.ndarray:
+    """A DataFrame column as float64: ints and floats, or objects that are all numbers (Decimal)."""
+    kind = col.dtype.kind
+    if kind in "iuf":
+        return col.to_numpy(dtype=np.float64)
+    if kind == "O":
+        items = col.tolist()
+        if all(isinstance(x, (int, float, Decimal)) and not isinstance(x, bool) for x in items):
+            return np.array([float(x) for x in items], dtype=np.float64)
+    raise InputError(f"variable column {name!r} has dtype {col.dtype}; numbers are needed")
+
+
+def _time_column(col, name: str) -> np.ndarray:
+    """Timestamps as naive datetime64[ns]; timezone-aware ones are taken in UTC (as serve-batch does)."""
+    if getattr(col.dtype, "tz", None) is not None:
+        col = col.dt.tz_convert("UTC").dt.tz_localize(None)
+    try:
+        return np.asarray(col.to_numpy(), dtype="datetime64[ns]")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InputError(f"time column {name!r} holds a value that is not a timestamp: {exc}") from exc
+
+
 class Forecaster:
-    """A loaded bundle: ``Forecaster.load(bundle, backend="auto", store=dir).predict(window)``."""
+    """A loaded bundle: ``Forecaster.load(bundle, backend="auto", store=dir).predict(window)``.
+
+    Thread-safe: requests from several threads are served one at a time under one lock,
+    because what they share is not (a TensorRT execution context and its device buffers, the
+    preallocated batch-1 arrays, the counters). For parallel throughput use processes
+    (several may share one store) or batch windows with ``predict_many``."""
 
     def __init__(self, bundle_dir: str, manifest: dict, backend: Backend, store: EmbeddingStore | None,
                  llm_batch: int = 64):
@@ -93,6 +129,7 @@ class Forecaster:
                              else "the TensorRT engine's profile allows at most {n} tokens")
         self.forecast_batch = lim.get("forecast_batch", 1 << 30)
         self.stats = Stats()
+        self._lock = threading.Lock()
         # preallocated batch-1 buffers (no per-call allocation on the hot path)
         self._x1 = np.empty((1, self.seq_len, self.n_vars), dtype=np.float32)
         self._emb1 = np.empty((1, self.n_vars, self.d_llm), dtype=np.float32)
@@ -120,13 +157,24 @@ class Forecaster:
 
     def predict_many(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
         """Windows [W, seq_len, N] raw + timestamps [W, seq_len] -> [W, pred_len, N]."""
-        values = np.asarray(values, dtype=np.float64)
-        w = values.shape[0]
-        if values.shape[1:] != (self.seq_len, self.n_vars):
+        with self._lock:
+            return self._predict_many(values, timestamps)
+
+    def _predict_many(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        values = _as_array(values, np.float64, "window values")
+        timestamps = _as_array(timestamps, "datetime64[ns]", "timestamps")
+        if values.ndim != 3 or values.shape[1:] != (self.seq_len, self.n_vars):
             raise InputError(f"windows must be [W, {self.seq_len}, {self.n_vars}], got {list(values.shape)}")
+        w = values.shape[0]
+        if timestamps.shape != (w, self.seq_len):
+            raise InputError(f"timestamps must be [{w}, {self.seq_len}], got {list(timestamps.shape)}")
         if not np.isfinite(values).all():
             i, r, c = (int(a[0]) for a in np.nonzero(~np.isfinite(values)))
             raise InputError(f"window {i}: non-finite value in column {self.variables[c]!r} at row {r}")
+        if w and np.abs(values).max() > FLOAT32_MAX:
+            i, r, c = (int(a[0]) for a in np.nonzero(np.abs(values) > FLOAT32_MAX))
+            raise InputError(f"window {i}: value {values[i, r, c]:.3g} in column {self.variables[c]!r} at row {r} "
+                             "is beyond float32, the model's precision")
         for i in range(w):
             check_timestamps(timestamps[i], self.frequency, f"window {i}")
         s = self.stats.seconds
@@ -146,7 +194,12 @@ class Forecaster:
             y = np.concatenate([self.backend.run_forecaster(x[i:i + b], e[i:i + b]) for i in range(0, w, b)])
         s["forecaster"] += time.perf_counter() - t3
         self.stats.requests += w
-        return np.asarray(y, dtype=np.float32)
+        y = np.asarray(y, dtype=np.float32)
+        if not np.isfinite(y).all():
+            i = int(np.nonzero(~np.isfinite(y))[0][0])
+            raise InputError(f"window {i}: the forecast is not finite; its values are outside the range the model "
+                             "can represent (magnitudes far beyond the training data)")
+        return y
 
     def _embeddings(self, prompts: list[str]) -> np.ndarray:
         """[P, d_llm] for P prompts: text index, then token-id keys, then the LLM on misses.
@@ -209,12 +262,14 @@ class Forecaster:
             extra = [c for c in cols if c not in self.variables and c != self.time_col]
             if extra:
                 raise InputError(f"window has unexpected column(s) {extra}; the model's variables are {self.variables}")
-            values = window[self.variables].to_numpy(dtype=np.float64)
-            ts = np.asarray(window[self.time_col].to_numpy(), dtype="datetime64[ns]")
+            values = np.stack([_numeric_column(window[v], v) for v in self.variables], axis=1) \
+                if len(window) else np.empty((0, self.n_vars))
+            ts = _time_column(window[self.time_col], self.time_col)
         else:
             if timestamps is None:
                 raise InputError("an array window needs its timestamps")
-            values, ts = np.asarray(window, dtype=np.float64), np.asarray(timestamps, dtype="datetime64[ns]")
+            values = _as_array(window, np.float64, "window values")
+            ts = _as_array(timestamps, "datetime64[ns]", "timestamps")
         if values.shape != (self.seq_len, self.n_vars):
             raise InputError(f"window must be [{self.seq_len}, {self.n_vars}] (seq_len x variables), got {list(values.shape)}")
         if ts.shape != (self.seq_len,):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,13 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from timecma.manifest import BackendUnavailable, BundleError
-from timecma.prompts import PromptError
-from timecma.store import StoreMismatchError
-from timecma.tokens import PromptTooLongError
+from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
+from timecma.core.leftovers import remove_dead_temporaries
 
 from .backends import BACKENDS
-from .pipeline import Forecaster, InputError, timestamp_problem
+from .pipeline import Forecaster, timestamp_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +51,18 @@ def _label(series_col: str | None, sid) -> str:
     return f"series {sid!r}" if series_col else "input"
 
 
+def temp_prefix(out: str) -> str:
+    """Hidden temporary beside the output: .NAME.tmp-PID (the PID tells dead ones from live ones)."""
+    return f".{os.path.basename(os.path.abspath(out))}.tmp-"
+
+
 class _Writer:
     """Appends forecast rows to a temporary parquet file; ``commit`` renames it into place."""
 
     def __init__(self, out: str, schema: pa.Schema):
         self.out = out
         d, name = os.path.split(os.path.abspath(out))
-        self.tmp = os.path.join(d, f".{name}.tmp-{os.getpid()}")
+        self.tmp = os.path.join(d, f"{temp_prefix(out)}{os.getpid()}")
         self.schema = schema
         self.writer: pq.ParquetWriter | None = None
 
@@ -137,7 +139,11 @@ class BatchServer:
         values = np.empty((batch.num_rows, len(f.variables)), np.float64)
         for j, v in enumerate(f.variables):
             c = batch.column(batch.schema.get_field_index(v))
-            values[:, j] = c.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
+            try:
+                values[:, j] = c.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
+            except (pa.ArrowInvalid, ValueError) as exc:
+                raise InputError(f"variable column {v!r} (rows {first_row}..{first_row + len(c) - 1}) cannot be "
+                                 f"read as numbers: {exc}") from exc
         if self.series_col:
             sc = batch.column(batch.schema.get_field_index(self.series_col))
             if sc.null_count:
@@ -266,12 +272,10 @@ class BatchServer:
         return summary
 
 
-def _fail(msg: str) -> None:
-    click.echo(f"timecma-serve-batch: error: {msg}", err=True)
-    sys.exit(2)
+PROG = "timecma-serve-batch"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT.parquet")
 @click.option("--bundle", required=True, type=click.Path(), help="Bundle directory written by timecma-export.")
 @click.option("--out", default=None, help="Output parquet (default: INPUT stem + .forecasts.parquet).")
@@ -292,19 +296,20 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timecma").setLevel(logging.INFO if not quiet else logging.WARNING)
     out = out or os.path.splitext(input_path)[0] + ".forecasts.parquet"
+    remove_dead_temporaries(os.path.dirname(os.path.abspath(out)), temp_prefix(out), "a partial output")
     if os.path.exists(out) and not force:
-        _fail(f"{out} exists; pass --force to replace it")
+        fail(PROG, f"{out} exists; pass --force to replace it")
     if stride < 1:
-        _fail("--stride must be at least 1")
+        fail(PROG, "--stride must be at least 1")
     kwargs = {"threads": threads} if threads and backend in ("auto", "ort-cpu", "ort-cuda") else {}
     try:
         f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
-    except (BundleError, BackendUnavailable, StoreMismatchError, OSError) as exc:
-        _fail(str(exc))
+    except (InputError, BundleError, BackendUnavailable, OSError) as exc:
+        fail(PROG, exc)
     try:
         summary = BatchServer(f, series_col, mode, stride, batch_windows).run(input_path, out, progress=not quiet)
-    except (InputError, PromptError, PromptTooLongError) as exc:
-        _fail(f"{exc} (no output written)")
+    except (InputError, BundleError, BackendUnavailable) as exc:
+        fail(PROG, exc, " (no output written)")
     finally:
         f.close()
     s = f.stats

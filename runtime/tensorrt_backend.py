@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from timecma.manifest import BackendUnavailable
+from timecma.core.errors import BackendUnavailable
 
 from .cuda import CudaRuntime
 from .engine_runner import EngineIO, EngineRunner

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from timecma.manifest import BackendUnavailable, atomic_write_bytes, user_cache_dir
+from timecma.core.errors import BackendUnavailable, InputError
+from timecma.core.manifest import atomic_write_bytes, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,14 @@ class Flavour:
                 return list(RTX_PORTABLE), True
             bad = [c for c in requested if c not in RTX_EXPLICIT]
             if bad:
-                raise ValueError(f"TensorRT-RTX {self.version} cannot target compute capability {bad}; it builds for "
+                raise InputError(f"TensorRT-RTX {self.version} cannot target compute capability {bad}; it builds for "
                                  f"{sorted(RTX_EXPLICIT, key=int)} (Hopper, sm90, needs standard TensorRT)")
             return sorted(set(requested), key=int), False
         if gpu_cc is None:
             raise BackendUnavailable(f"{self.label} builds engines only on the GPU they are for, and no CUDA GPU "
                                      "is visible here (TensorRT-RTX, `--trt-flavour rtx`, builds without one)")
         if requested and requested != [gpu_cc]:
-            raise ValueError(f"standard TensorRT builds for the GPU it runs on (sm{gpu_cc}), not {requested}")
+            raise InputError(f"standard TensorRT builds for the GPU it runs on (sm{gpu_cc}), not {requested}")
         return [gpu_cc], False
 
     def create_network(self, builder):
@@ -126,7 +127,7 @@ class Flavour:
                 config.num_compute_capabilities = len(targets)
                 for i, cc in enumerate(targets):
                     if not config.set_compute_capability(getattr(self.trt.ComputeCapability, f"SM{cc}"), i):
-                        raise ValueError(f"TensorRT-RTX refused compute capability {cc}")
+                        raise InputError(f"TensorRT-RTX refused compute capability {cc}")
             return None
         path = os.path.join(user_cache_dir("tensorrt"), f"timing-{self.version}-sm{targets[0]}.cache")
         blob = b""
@@ -170,7 +171,7 @@ class Flavour:
 def load_flavour(choice: str = "auto") -> Flavour:
     """``standard``, ``rtx`` or ``auto`` (standard where importable, else RTX)."""
     if choice not in ("auto", *FLAVOURS):
-        raise ValueError(f"unknown TensorRT flavour {choice!r}; choose auto, standard or rtx")
+        raise InputError(f"unknown TensorRT flavour {choice!r}; choose auto, standard or rtx")
     order = list(FLAVOURS) if choice == "auto" else [choice]
     reasons = []
     for c in order:

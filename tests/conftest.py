@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a wrong model id fails at once instead of retrying
 # hermetic user cache (verified-file hashes, TensorRT caches) for this test session and its subprocesses
 os.environ.setdefault("TIMECMA_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="timecma-test-cache-"))
 REPO = Path(__file__).resolve().parents[1]
-ETTH1 = REPO / "timecma" / "data" / "ETTh1.csv"
+ETTH1 = REPO / "timecma" / "datasets" / "ETTh1.csv"
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,7 @@ TRAIN_ARGS = ["--seq-len", "24", "--pred-len", "12", "--epochs", "2", "--batch-s
               "--e-layer", "1", "--d-layer", "1", "--device", "cpu"]
 
 
-def run_cli(entry: str, *args: str) -> "subprocess.CompletedProcess":
+def run_cli(entry: str, *args: str) -> "subprocess.CompletedProcess":  # noqa: F821 (imported inside)
     """Run a console entry point (module:function) in a fresh interpreter, as a user would."""
     import subprocess
     import sys

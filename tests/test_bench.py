@@ -5,9 +5,10 @@ import json
 from conftest import run_cli
 
 
-def test_bench_runs_and_parity_is_computed(small_bundle, tmp_path):
+def test_bench_runs_and_parity_is_computed(small_bundle, small_run, tmp_path):
     out = tmp_path / "bench"
-    r = run_cli("timecma.benchmarks.cli:bench_cmd", "--bundle", str(small_bundle), "--backends",
+    r = run_cli("timecma.benchmarks.cli:bench_cmd", "--bundle", str(small_bundle), "--data", str(small_run[0]),
+                "--backends",
                 "torch,ort-cpu,ort-cpu:fp16,tensorrt", "--n-vars", "2,5", "--prompt-tokens", "16",
                 "--hit-iters", "5", "--miss-iters", "3", "--sweep-iters", "2", "--precompute-prompts", "12",
                 "--precompute-batch", "4", "--out", str(out))

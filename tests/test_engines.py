@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import make_frame
-from timecma.manifest import BackendUnavailable, BundleError, read_manifest, verify_files
+from timecma.core.errors import BackendUnavailable, BundleError
+from timecma.core.manifest import read_manifest, verify_files
 from timecma.runtime import cuda
 from timecma.runtime.engine_build import EngineProfile, build_plan
 from timecma.runtime.engine_runner import EngineIO, EngineShapeError
@@ -113,7 +114,8 @@ def test_engines_build_adds_fp32_beside_fp16_without_torch(small_bundle, tmp_pat
     m2 = read_manifest(b)
     assert len(m2["engines"]) == 4 and not (b / old).exists()
     assert _engines(m2, "fp32")["llm"]["profile"]["input_ids"][2] == [64, 64]
-    assert sorted(os.listdir(b / "engines")) == sorted(os.path.basename(e["file"]) for e in m2["engines"])
+    plans = sorted(n for n in os.listdir(b / "engines") if not n.startswith("."))
+    assert plans == sorted(os.path.basename(e["file"]) for e in m2["engines"])
     listing = engines_cli("list", str(b))
     assert listing.returncode == 0 and listing.stdout.count("tensorrt_rtx") == 4
 
@@ -152,14 +154,14 @@ def _corrupt_bundle_cases(small_bundle, tmp_path):
         (b / "manifest.json").write_text(json.dumps(m))
 
     return [
-        ("not_a_bundle", lambda b: (b / "manifest.json").unlink(), [], 2, "manifest.json is missing"),
-        ("no_onnx", lambda b: (b / "llm_last_token.onnx").unlink(), [], 2, "lacks llm_last_token.onnx"),
-        ("no_precision_graph", no_fp16_graph, [], 2, "no fp16 graph for llm"),
+        ("not_a_bundle", lambda b: (b / "manifest.json").unlink(), [], 3, "manifest.json is missing"),
+        ("no_onnx", lambda b: (b / "llm_last_token.onnx").unlink(), [], 3, "lacks llm_last_token.onnx"),
+        ("no_precision_graph", no_fp16_graph, [], 3, "no fp16 graph for llm"),
         ("seq_beyond_positions", None, ["--max-seq", "2048"], 2, "exceeds the LLM's 1024 positions"),
         ("bad_profile", None, ["--llm-batch", "8,4,2"], 2, "MIN,OPT,MAX"),
         ("bad_precision", None, ["--precision", "int4"], 2, "fp16 and/or fp32"),
         ("rtx_cannot_target_hopper", None, ["--compute-capability", "90"], 2, "Hopper"),
-        ("flavour_missing", None, ["--trt-flavour", "standard"], 3, "TensorRT is not installed"),
+        ("flavour_missing", None, ["--trt-flavour", "standard"], 4, "TensorRT is not installed"),
     ]
 
 
@@ -201,7 +203,7 @@ def test_corrupt_files_are_named_once_and_hashes_are_cached(small_bundle, tmp_pa
     with pytest.raises(BundleError, match=r"forecaster\.onnx is corrupt or truncated.*re-export"):
         Forecaster.load(str(b), backend="ort-cpu")
     r = engines_cli("verify", str(b))
-    assert r.returncode == 2 and "forecaster.onnx is corrupt or truncated" in r.stderr
+    assert r.returncode == 3 and "forecaster.onnx is corrupt or truncated" in r.stderr
 
 
 def test_verify_summarises_and_says_which_backends_run_here(small_bundle):
@@ -253,7 +255,7 @@ def test_pipeline_keeps_within_engine_limits(small_bundle):
     """Serving splits windows and LLM calls to the profile's maxima and names a prompt too long for it."""
     from timecma.runtime import Forecaster
     from timecma.runtime.backends import OrtBackend
-    from timecma.tokens import PromptTooLongError
+    from timecma.core.tokens import PromptTooLongError
 
     m = read_manifest(small_bundle)
     frame = make_frame(200, seed=3)

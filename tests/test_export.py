@@ -10,10 +10,11 @@ import torch
 
 from conftest import bundle_with_manifest_version, run_cli
 from timecma.checkpoint import build_model, load_checkpoint
-from timecma.config import ModelConfig
+from timecma.core.config import ModelConfig
 from timecma.llm import LastTokenEncoder, load_llm
-from timecma.manifest import BundleError, read_manifest
-from timecma.tokens import pad_right
+from timecma.core.errors import BundleError
+from timecma.core.manifest import read_manifest
+from timecma.core.tokens import pad_right
 
 EXPORT = "timecma.export.cli:export_cmd"
 
@@ -131,7 +132,7 @@ def test_reference_state_dict_import(small_run, tiny_llm_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["model_config"]["channel"] == 16 and m["model_config"]["pred_len"] == 12
-    assert m["llm"]["digest_verified"] is False and m["origin"].startswith("public-reference")
+    assert m["llm"]["digest_verified"] is False and m["origin"]["kind"] == "public-reference state_dict"
     # shapes that contradict flags, and keys the model does not have, are errors
     r = run_cli(EXPORT, "--ckpt", str(ref), "--from-reference", "--data", str(data), "--llm", tiny_llm_dir,
                 "--pred-len", "48", "--out", str(tmp_path / "x"))
@@ -172,3 +173,14 @@ def test_int8_variant_is_judged_on_forecast_mse(small_run, tmp_path):
 
         f = Forecaster.load(str(out), backend="ort-cpu", llm_variant="int8")
         assert f.backend.llm_variant == "int8"
+
+
+def test_manifest_has_no_build_machine_paths(small_bundle, small_run):
+    """What the bundle came from is recorded by name, sha256 and size, never by this machine's paths."""
+    data, run = small_run
+    text = (small_bundle / "manifest.json").read_text()
+    assert str(run.parent) not in text and os.path.expanduser("~") + "/" not in text and "/tmp/" not in text
+    m = read_manifest(small_bundle)
+    assert m["origin"]["kind"] == "timecma checkpoint" and m["origin"]["file"] == "best.pt"
+    assert m["data"]["source"]["file"] == "small.csv" and m["data"]["source"]["rows"] == 500
+    assert len(m["data"]["source"]["sha256"]) == 64 and m["llm"]["local_directory"] is True

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from timecma.llm import build_tiny_llm, encode_last_token, load_llm
-from timecma.tokens import PromptTooLongError, check_lengths, encode_prompts
+from timecma.core.tokens import PromptTooLongError, check_lengths, encode_prompts
 
 
 def test_from_pretrained_dir_roundtrip(tiny_llm_dir):
@@ -44,7 +44,7 @@ def test_last_position_only_equals_the_plain_forward(tiny_llm_dir):
     """The last-block shortcut (what is exported and precomputed) is the same function as the
     unmodified Hugging Face forward, on a ragged right-padded batch with a 1-token prompt."""
     from timecma.llm import LastTokenEncoder
-    from timecma.tokens import pad_right
+    from timecma.core.tokens import pad_right
 
     llm = load_llm(tiny_llm_dir)
     assert llm.encoder.last_position_only
@@ -64,7 +64,7 @@ def test_plan_llm_batches_is_optimal_and_complete():
     """Against brute force over every contiguous split of the length-sorted prompts."""
     import itertools
 
-    from timecma.tokens import plan_llm_batches
+    from timecma.core.tokens import plan_llm_batches
 
     rng = np.random.default_rng(3)
     for _ in range(60):

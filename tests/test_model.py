@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from timecma.checkpoint import CheckpointError, build_model, infer_reference_config, strip_reference_keys
-from timecma.config import ModelConfig
+from timecma.core.config import ModelConfig
 from timecma.model import TimeCMA
 
 C, N, L, P, E, FF = 64, 7, 96, 96, 768, 2048

@@ -9,8 +9,8 @@ import numpy as np
 
 from timecma.llm import encode_last_token, load_llm
 from timecma.precompute import precompute
-from timecma.store import EmbeddingStore
-from timecma.tokens import encode_prompts
+from timecma.core.store import EmbeddingStore
+from timecma.core.tokens import encode_prompts
 
 
 def _prompts(n: int) -> list[str]:

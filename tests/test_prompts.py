@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ETTH1
 from timecma.data import load_series
-from timecma.prompts import PromptError, PromptRenderer, get_template
+from timecma.core.prompts import PromptError, PromptRenderer, get_template
 
 # Worked out by hand from rows 1..96 of ETTh1.csv, column HUFL: each value truncated
 # toward zero, trend = 12.72599983215332 - 5.827000141143799 = 6.898999..., six decimals.
@@ -62,7 +62,7 @@ def test_vectorised_values_and_trends_match_the_scalar_rules():
     """The renderer's fast paths write exactly what str(int(v)) and trend_value write."""
     import numpy as np
 
-    from timecma.prompts import format_values, trend_value
+    from timecma.core.prompts import format_values, trend_value
 
     rng = np.random.default_rng(7)
     for scale in (1e-3, 1.0, 1e3, 1e6):

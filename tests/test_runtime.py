@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ETTH1, REPO, bundle_with_manifest_version, make_frame, run_cli
-from timecma.manifest import BundleError
+from timecma.core.errors import BundleError
 from timecma.runtime import Forecaster, InputError
 
 SERVE = "timecma.runtime.serve_batch:serve_batch_cmd"
@@ -48,19 +48,20 @@ def test_runtime_serves_with_torch_import_blocked(small_bundle, tmp_path):
     assert pq.read_table(out).num_rows == PRED
 
 
-def test_store_written_by_token_ids_only_is_hit_and_indexed(small_bundle, tmp_path):
+def test_store_written_by_token_ids_only_is_hit_and_indexed(small_bundle, tiny_llm_dir, tmp_path):
     """A store filled without prompt texts (an older writer) still serves hits by token ids,
     and the first such hit adds the texts, so the next one skips tokenization."""
     from timecma.llm import encode_last_token, load_llm
-    from timecma.manifest import read_manifest
-    from timecma.store import EmbeddingStore
-    from timecma.tokens import encode_prompts
+    from timecma.core.manifest import read_manifest
+    from timecma.core.store import EmbeddingStore
+    from timecma.core.tokens import encode_prompts
 
     df = make_frame(SEQ, seed=11)
     m = read_manifest(str(small_bundle))
     f = Forecaster.load(str(small_bundle), backend="ort-cpu")
     prompts = f.renderer.render_series(df[f.variables].to_numpy(), df["date"].to_numpy(), [0], SEQ)
-    llm = load_llm(m["llm"]["id"])
+    llm = load_llm(tiny_llm_dir)  # the bundle records the LLM's folder name and digests, not this path
+    assert llm.info.namespace == m["llm"]["namespace"]
     ids = encode_prompts(f.tokenizer, prompts)
     with EmbeddingStore(tmp_path / "store", m["llm"]["namespace"], m["llm"]["d_llm"]) as st:
         st.put_many(st.keys(ids), encode_last_token(llm, ids))
@@ -113,7 +114,7 @@ def test_newer_manifest_is_refused(small_bundle, tmp_path):
     with pytest.raises(BundleError, match="upgrade timecma"):
         Forecaster.load(str(copy))
     r = run_cli(SERVE, _write(make_frame(50), tmp_path / "in.parquet"), "--bundle", str(copy))
-    assert r.returncode == 2 and "manifest version 99" in r.stderr
+    assert r.returncode == 3 and "manifest version 99" in r.stderr  # the bundle is wrong: exit 3
 
 
 def test_serve_batch_series_and_rolling_match_predict(small_bundle, tmp_path):
@@ -224,11 +225,11 @@ def test_etth1_runtime_matches_pytorch(etth1_bundle, tiny_llm_dir):
     import torch
 
     from timecma.checkpoint import build_model, load_checkpoint
-    from timecma.config import ModelConfig
+    from timecma.core.config import ModelConfig
     from timecma.data import load_series
     from timecma.llm import encode_last_token, load_llm
-    from timecma.prompts import PromptRenderer, get_template
-    from timecma.tokens import encode_prompts
+    from timecma.core.prompts import PromptRenderer, get_template
+    from timecma.core.tokens import encode_prompts
 
     bundle, ckpt = etth1_bundle
     c = load_checkpoint(str(ckpt))
@@ -271,3 +272,21 @@ def test_ort_cuda_matches_ort_cpu(small_bundle):
     gpu = Forecaster.load(str(small_bundle), backend="ort-cuda")
     np.testing.assert_allclose(gpu.predict(df), cpu, rtol=0, atol=1e-4)
     np.testing.assert_allclose(gpu.predict(df), cpu, rtol=0, atol=1e-4)  # CUDA-graph replay
+
+
+def test_forecaster_is_thread_safe(small_bundle, tmp_path):
+    """Threads calling predict at once get exactly what one thread gets, store shared or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frame = make_frame(400, seed=21)
+    windows = [frame.iloc[i:i + SEQ] for i in range(0, 320, 10)]
+    single = Forecaster.load(str(small_bundle), backend="ort-cpu")
+    expected = [single.predict(w) for w in windows]
+    for store in (None, str(tmp_path / "store")):
+        shared = Forecaster.load(str(small_bundle), backend="ort-cpu", store=store)
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(shared.predict, windows + windows))
+        for g, e in zip(got, expected + expected):
+            np.testing.assert_array_equal(g, e)
+        assert shared.stats.requests == 2 * len(windows)
+        shared.close()

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from timecma.store import EmbeddingStore, StoreMismatchError
+from timecma.core.store import EmbeddingStore, StoreMismatchError
 
 NS = "ab" * 32
 DIM = 16

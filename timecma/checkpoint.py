@@ -9,14 +9,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import ModelConfig
+from .core.config import ModelConfig
 from .model import REFERENCE_UNUSED_PREFIXES, TimeCMA
+from .core.errors import InputError
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "state_dict", "model_config", "data", "prompt", "llm", "metrics", "package_version")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """The checkpoint is missing, corrupt, from another format, or does not fit the model."""
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import click
 
-from .config import TrainConfig
+from .core.config import TrainConfig
+from .core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -21,13 +21,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 
-def fail(message: str) -> None:
-    """Print a one-line error and exit non-zero (for expected, user-facing errors)."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-@click.command()
+@click.command(epilog=EXIT_CODES_HELP)
 @click.option("--data", "data_path", required=True, help="CSV or Parquet file with a timestamp column.")
 @click.option("--time-col", default="date", show_default=True)
 @click.option("--split", type=click.Choice(["auto", "ett", "ratio"]), default="auto", show_default=True,
@@ -63,11 +57,6 @@ def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, st
     """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
     checkpoint by validation MSE, evaluate it once on the test split."""
     _setup_logging(verbose)
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .prompts import PromptError
-    from .store import StoreMismatchError
-    from .tokens import PromptTooLongError
     from .train import train
 
     cfg = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
@@ -78,8 +67,8 @@ def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, st
     try:
         metrics = train(data_path, out_dir, llm_id, overrides, cfg, time_col=time_col, split=split,
                         store_dir=store_dir, template=template)
-    except (DataError, PromptError, PromptTooLongError, StoreMismatchError, CheckpointError, OSError) as exc:
-        fail(str(exc))
+    except (InputError, BundleError, BackendUnavailable, OSError) as exc:
+        fail("timecma-train", exc)
     summary = {
         "test": metrics["test"], "val": metrics["val"], "best_epoch": metrics["best_epoch"],
         "naive_test": metrics["naive"]["test"],

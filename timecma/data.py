@@ -9,14 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .prompts import FREQUENCY_SECONDS
+from .core.prompts import FREQUENCY_SECONDS
+from .core.errors import InputError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Input data is unusable; the message names the file, column or row."""
 
 

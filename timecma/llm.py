@@ -11,15 +11,16 @@ import copy
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import LLMInfo
-from .store import make_namespace
-from .tokens import tokenizer_digest
+from .core.config import LLMInfo
+from .core.store import make_namespace
+from .core.tokens import tokenizer_digest
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,10 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
     benchmarks compare against); both compute the same embeddings.
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # per-model "Loading weights" bars are for terminals, not logs
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
         model = AutoModel.from_pretrained(
@@ -184,7 +188,7 @@ def encode_last_token(
     llm: LoadedLLM, token_ids: list[np.ndarray], device: str | torch.device = "cpu"
 ) -> np.ndarray:
     """Run one right-padded batch and return [B, d_llm] float32."""
-    from .tokens import pad_right
+    from .core.tokens import pad_right
 
     ids, mask = pad_right(token_ids, llm.info.pad_id)
     out = llm.encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))

@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from .data import Series, SplitWindows
 from .llm import LoadedLLM, encode_last_token
-from .prompts import PromptRenderer
-from .store import EmbeddingStore
-from .tokens import check_lengths, encode_prompts, plan_llm_batches
+from .core.prompts import PromptRenderer
+from .core.store import EmbeddingStore
+from .core.tokens import check_lengths, encode_prompts, plan_llm_batches
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def precompute(
         return 0
     sub = [token_ids[i] for i in unique]
     batches = plan_llm_batches([len(t) for t in sub], batch_size)
-    with tqdm(total=len(unique), desc=desc, unit="prompt", mininterval=1.0) as bar:
+    with tqdm(total=len(unique), desc=desc, unit="prompt", mininterval=1.0, disable=None) as bar:  # None: TTY only
         for batch in batches:
             vecs = encode_last_token(llm, [sub[j] for j in batch], device)
             store.put_many([keys[unique[j]] for j in batch], vecs,

@@ -15,13 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
-from .config import DataContract, ModelConfig, TrainConfig
+from .core.config import DataContract, ModelConfig, TrainConfig
 from .data import Scaler, Series, load_series, make_windows, resolve_split, split_borders
 from .llm import load_llm
 from .model import TimeCMA
 from .precompute import PromptSet, build_prompt_set, precompute
-from .prompts import PromptRenderer, get_template
-from .store import EmbeddingStore
+from .core.prompts import PromptRenderer, get_template
+from .core.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def train(
         t_ep = time.time()
         bar = tqdm(batches["train"].iterate(train_cfg.batch_size, rng),
                    total=-(-len(batches["train"]) // train_cfg.batch_size), desc=f"epoch {epoch}", leave=False,
-                   mininterval=1.0)
+                   mininterval=1.0, disable=None)  # a bar on a terminal; the per-epoch log line elsewhere
         for x, y, emb in bar:
             opt.zero_grad(set_to_none=True)
             loss = torch.nn.functional.mse_loss(model(x.to(device), emb.to(device)), y.to(device))

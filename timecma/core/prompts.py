@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+from .errors import InputError
 
 # Frequency name -> (words after "every", timestamp format). Names are what
 # ``infer_frequency`` returns and what checkpoints record.
@@ -71,7 +72,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
 DEFAULT_TEMPLATE = "reference"
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A prompt cannot be rendered (unknown template or frequency, bad values)."""
 
 

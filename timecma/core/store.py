@@ -18,6 +18,7 @@ from typing import Sequence
 
 import lmdb
 import numpy as np
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ DEFAULT_MAP_SIZE = 1 << 38
 _TEXT_DB = b"prompt-text"
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(InputError):
     """The store on disk was built by another LLM/tokenizer/wrapper or vector shape."""
 
 

@@ -15,21 +15,12 @@ import os
 import tempfile
 from typing import Any
 
+from .errors import BundleError
+
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-
-
-class BundleError(ValueError):
-    """The bundle is missing, incomplete, corrupt or from another manifest version."""
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend cannot run on this machine (library missing, no GPU, engines for another GPU).
-
-    ``--backend auto`` falls back on this error, never on a bad bundle or bad data.
-    """
 
 
 def user_cache_dir(*parts: str) -> str:

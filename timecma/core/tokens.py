@@ -11,9 +11,10 @@ from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
+from .errors import InputError
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(InputError):
     """A prompt has more tokens than the LLM has positions (never truncated silently)."""
 
 

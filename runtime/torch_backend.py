@@ -1,0 +1,84 @@
+"""The eager PyTorch backend: the checkpoint a bundle came from, run as users run it today.
+
+For comparison only (benchmarks' reference, parity checks). It is the one runtime module
+allowed to import torch and training code, and it is imported only when asked for; the
+import contracts in pyproject.toml name it as that exception.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from timecma.core.errors import BackendUnavailable, BundleError
+from timecma.core.manifest import file_sha256
+
+
+def find_checkpoint(bundle_dir: str, manifest: dict, ckpt: str | None = None) -> str:
+    """The checkpoint the bundle was exported from: ``ckpt``, else its file name next to the bundle
+    (the default export layout, runs/x/best.pt -> runs/x/bundle/); checked by sha256."""
+    origin = manifest.get("origin", {})
+    if origin.get("kind") != "timecma checkpoint" and not ckpt:
+        raise BundleError(f"the torch backend needs a timecma checkpoint; this bundle came from {origin.get('kind')}")
+    path = ckpt or os.path.join(os.path.dirname(os.path.abspath(bundle_dir)), origin.get("file", "best.pt"))
+    if not os.path.exists(path):
+        raise BundleError(f"the torch backend needs the checkpoint the bundle came from ({origin.get('file')}, "
+                          f"sha256 {origin.get('sha256', '?')[:12]}...); not found at {path}: pass ckpt=")
+    if origin.get("sha256") and file_sha256(path) != origin["sha256"]:
+        raise BundleError(f"{path} is not the checkpoint this bundle was exported from (sha256 differs)")
+    return path
+
+
+def llm_source(bundle_dir: str, manifest: dict, ckpt: str | None = None) -> str:
+    """Where to load the bundle's LLM with transformers: its hub id, or the directory the checkpoint
+    names (a local directory is recorded in the manifest by folder name only)."""
+    if not manifest["llm"].get("local_directory"):
+        return manifest["llm"]["id"]
+    from timecma.checkpoint import load_checkpoint
+
+    return load_checkpoint(find_checkpoint(bundle_dir, manifest, ckpt))["llm"]["id"]
+
+
+class TorchBackend:
+    """Eager PyTorch on the checkpoint the bundle was exported from (for comparison only)."""
+
+    limits: dict[str, int] = {}
+
+    def __init__(self, bundle_dir: str, manifest: dict, ckpt: str | None = None, device: str = "cpu",
+                 dtype: str = "float32"):
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailable("the torch backend needs torch (pip install timecma[train])") from exc
+
+        from timecma.checkpoint import build_model, load_checkpoint
+        from timecma.core.config import ModelConfig
+        from timecma.llm import load_llm
+
+        self.name = "torch" if dtype == "float32" else f"torch-{dtype}"
+        self.torch = torch
+        c = load_checkpoint(find_checkpoint(bundle_dir, manifest, ckpt))
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
+        self.mean = torch.tensor(c["data"]["scaler_mean"], dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(c["data"]["scaler_std"], dtype=torch.float32, device=self.device)
+        # the plain Hugging Face forward: the eager baseline users run today
+        self.llm = load_llm(c["llm"]["id"], self.device, last_position_only=False).encoder.to(self.dtype)
+
+    def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        t = self.torch
+        with t.inference_mode():
+            out = self.llm(t.from_numpy(input_ids).to(self.device), t.from_numpy(attention_mask).to(self.device))
+            return out.float().cpu().numpy()
+
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
+        t = self.torch
+        with t.inference_mode():
+            xs = (t.from_numpy(np.asarray(x, np.float32)).to(self.device) - self.mean) / self.std
+            y = self.model(xs, t.from_numpy(np.asarray(prompt_emb, np.float32)).to(self.device))
+            return (y * self.std + self.mean).cpu().numpy()
+
+    def close(self) -> None:
+        """Modules are freed with the object."""
