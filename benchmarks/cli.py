@@ -34,7 +34,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--sweep-iters", default=5, show_default=True)
 @click.option("--budget-s", default=30.0, show_default=True, help="Stop a measured point after this many seconds.")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: ORT's choice).")
-@click.option("--data", default=None, help="Data file for real windows (default: the bundle's training data).")
+@click.option("--data", default=None, help="The data file the bundle was made from, for real windows (the "
+                                            "manifest names it by file name and sha256, not by path).")
 @click.option("--precompute-prompts", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also measure embedding precompute throughput over this many real prompts (0: skip).")
 @click.option("--precompute-batch", default=32, show_default=True, type=click.IntRange(min=1))

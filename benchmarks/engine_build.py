@@ -29,17 +29,16 @@ def main(bundle: str, precision: str, trt_flavour: str, out: str) -> None:
     from timecma.core.manifest import read_manifest
 
     m = read_manifest(bundle, verify=False)
-    onnx_mb = {e["file"]: m["files"][e["onnx_file"]]["bytes"] / 1e6 for e in entries}
-    rows = [{"graph": e["graph"], "precision": e["precision"], "flavour": f"{e['flavour']} {e['version']}",
-             "target": e["target"], "build_s": e["build_seconds"], "plan_mb": round(e["bytes"] / 1e6, 1),
-             "onnx_mb": round(onnx_mb[e["file"]], 1), "layers": e["network"]["layers"],
-             "matmul_dtypes": e["network"]["layer_output_dtypes"]["matmul"],
-             "profile": e["profile"], "parity": e["parity_vs_ort_fp32"]} for e in entries]
+    rows = [{"graph": e.graph, "precision": e.precision, "flavour": f"{e.flavour} {e.version}",
+             "target": e.target, "build_s": e.info["build_seconds"], "plan_mb": round(e.bytes / 1e6, 1),
+             "onnx_mb": round(m.files[e.onnx_file].bytes / 1e6, 1), "layers": e.network["layers"],
+             "matmul_dtypes": e.network["layer_output_dtypes"]["matmul"],
+             "profile": e.profile, "parity": e.info["parity_vs_ort_fp32"]} for e in entries]
     info = machine_info()
-    cfg = m["model_config"]
+    cfg = m.model_config.to_dict()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "engine_build.json"), "w") as f:
-        json.dump({"machine": info, "bundle": os.path.abspath(bundle), "llm": m["llm"]["id"], "model_config": cfg,
+        json.dump({"machine": info, "bundle": os.path.abspath(bundle), "llm": m.llm.id, "model_config": cfg,
                    "engines": rows}, f, indent=2)
     lines = [f"# TensorRT engine builds ({info['date']})", "",
              f"Machine: {info['cpu']}, {info['cores']} cores, ISA {', '.join(info['isa'])}, no GPU; "

@@ -40,6 +40,6 @@ nvidia-smi > "$OUT/nvidia-smi.txt"
 "$PY" -m pytest -q -ra -m gpu | tee "$OUT/pytest-gpu.txt"
 BACKENDS=torch,ort-cpu,ort-cuda
 grep -q "backend tensorrt: can run here" "$OUT/verify.txt" && BACKENDS=$BACKENDS,tensorrt:fp32,tensorrt:fp16
-"$BIN/timecma-bench" --bundle "$BUNDLE" --backends "$BACKENDS" --hit-iters 200 --miss-iters 20 --sweep-iters 5 \
+"$BIN/timecma-bench" --bundle "$BUNDLE" --data "${DATA:-timecma/datasets/ETTh1.csv}" --backends "$BACKENDS" --hit-iters 200 --miss-iters 20 --sweep-iters 5 \
   --out "$OUT"
 echo "gpu-check: results in $OUT"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from timecma.core.manifest import read_manifest
+from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.timing import summarize, time_calls
 from timecma.runtime.backends import make_backend
 from timecma.runtime.pipeline import Forecaster
@@ -83,26 +83,26 @@ def parse_backend(spec: str) -> tuple[str, dict]:
     return name, ({"precision": variant} if name == "tensorrt" else {"llm_variant": variant})
 
 
-def open_backend(spec: str, cfg: BenchConfig, manifest: dict):
+def open_backend(spec: str, cfg: BenchConfig, manifest: Manifest):
     name, kwargs = parse_backend(spec)
     if name.startswith("ort") and cfg.threads:
         kwargs["threads"] = cfg.threads
     return make_backend(name, cfg.bundle, manifest, **kwargs)
 
 
-def real_windows(manifest: dict, n: int, data: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def real_windows(manifest: Manifest, n: int, data: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """n consecutive windows (one row apart, so every window's prompts differ) from the end of the data."""
     from timecma.data import load_series  # pandas: the benchmark machine has the training extras
 
-    src = manifest["data"].get("source", {})
+    src = manifest.data.source
     if not data or not os.path.exists(data):
         raise FileNotFoundError(f"real windows need the data file the bundle was made from ({src.get('file')}, "
                                 f"{src.get('rows')} rows); pass --data" + (f" ({data!r} not found)" if data else ""))
     path = data
-    s = load_series(path, manifest["data"]["time_col"])
-    if s.variables != manifest["data"]["variables"]:
-        raise ValueError(f"{path} has variables {s.variables}, the bundle expects {manifest['data']['variables']}")
-    L = manifest["model_config"]["seq_len"]
+    s = load_series(path, manifest.data.time_col)
+    if s.variables != manifest.data.variables:
+        raise ValueError(f"{path} has variables {s.variables}, the bundle expects {manifest.data.variables}")
+    L = manifest.model_config.seq_len
     starts = np.arange(len(s.values) - L - n + 1, len(s.values) - L + 1)
     return (np.stack([s.values[i:i + L] for i in starts]), np.stack([s.timestamps[i:i + L] for i in starts]))
 
@@ -148,7 +148,7 @@ def sweep_inputs(f: Forecaster, values: np.ndarray, ts: np.ndarray, n: int, toke
     return pad_right(ids, f.pad_id)
 
 
-def bench_precompute(bundle: str, manifest: dict, data: str | None, n_prompts: int, batch_size: int,
+def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompts: int, batch_size: int,
                      progress=None) -> dict:
     """Embedding precompute throughput (eager PyTorch, the training side), three ways on the
     same real prompts: one prompt at a time through the plain Hugging Face forward (as the
@@ -159,10 +159,10 @@ def bench_precompute(bundle: str, manifest: dict, data: str | None, n_prompts: i
     from timecma.core.prompts import PromptRenderer, get_template
     from timecma.core.tokens import plan_llm_batches
 
-    n_vars = manifest["model_config"]["num_nodes"]
+    n_vars = manifest.model_config.num_nodes
     values, ts = real_windows(manifest, n_prompts // n_vars + 1, data)
-    renderer = PromptRenderer(get_template(manifest["prompt"]["name"], manifest["prompt"]["hash"]),
-                              manifest["data"]["frequency"])
+    renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
+                              manifest.data.frequency)
     prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
     from timecma.runtime.torch_backend import llm_source
 
@@ -197,12 +197,12 @@ def run(cfg: BenchConfig, progress=None) -> dict:
     ref = "torch" if "torch" in cfg.backends else cfg.backends[0]
     order = [ref] + [b for b in cfg.backends if b != ref]
     values, ts = real_windows(manifest, max(cfg.miss_iters + 1, 8), cfg.data)
-    scale = np.asarray(manifest["data"]["scaler_std"], dtype=np.float64)
+    scale = np.asarray(manifest.data.scaler_std, dtype=np.float64)
     results: dict = {"config": asdict(cfg), "machine": machine_info(), "reference": ref,
-                     "bundle": {"llm": manifest["llm"]["id"], "d_llm": manifest["model_config"]["d_llm"],
-                                "n_vars": manifest["model_config"]["num_nodes"],
-                                "seq_len": manifest["model_config"]["seq_len"],
-                                "pred_len": manifest["model_config"]["pred_len"]},
+                     "bundle": {"llm": manifest.llm.id, "d_llm": manifest.model_config.d_llm,
+                                "n_vars": manifest.model_config.num_nodes,
+                                "seq_len": manifest.model_config.seq_len,
+                                "pred_len": manifest.model_config.pred_len},
                      "backends": {}, "sweep": []}
     ref_fc, ref_emb = None, {}
     for spec in order:
@@ -213,8 +213,7 @@ def run(cfg: BenchConfig, progress=None) -> dict:
             results["backends"][spec] = {"skipped": str(exc)}
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            llm = manifest["llm"]
-            store = EmbeddingStore(os.path.join(tmp, "store"), llm["namespace"], llm["d_llm"])
+            store = EmbeddingStore(os.path.join(tmp, "store"), manifest.llm.namespace, manifest.llm.d_llm)
             f = Forecaster(cfg.bundle, manifest, backend, store)
             e2e = bench_end_to_end(f, values, ts, cfg)
             store.close()

@@ -28,7 +28,8 @@ from timecma.data import Scaler, load_series, make_windows, resolve_split, split
 from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
 from timecma.core.errors import BackendUnavailable, InputError
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
-from timecma.core.manifest import file_sha256, list_bundle_files, read_manifest, write_manifest
+from timecma.core.files import file_sha256
+from timecma.core.manifest import MANIFEST_VERSION, Manifest, list_bundle_files, read_manifest, write_manifest
 from timecma.core.timing import time_calls
 from timecma.runtime.backends import ort_session
 from timecma.runtime.engine_build import PARITY_FILE, EngineProfile, build_engines, default_profile
@@ -262,7 +263,7 @@ def recover_bundle(out_dir: str) -> None:
     remove_dead_temporaries(parent, f".bundle-{name}-", "an unfinished bundle")
 
 
-def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> dict:
+def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> Manifest:
     """Write the bundle; returns its manifest. Nothing is left at ``out_dir`` on failure."""
     t0 = time.time()
     out_dir = os.path.abspath(opts.out_dir)
@@ -282,11 +283,12 @@ def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> dict:
     name = os.path.basename(out_dir)
     tmp = tempfile.mkdtemp(prefix=f".bundle-{name}-{os.getpid()}-", dir=parent)
     try:
-        manifest = _build(src, llm, opts, tmp)
-        manifest["files"] = list_bundle_files(tmp)
+        raw = _build(src, llm, opts, tmp)
+        raw["files"] = {k: v.to_dict() for k, v in list_bundle_files(tmp).items()}
+        manifest = Manifest.from_dict({"manifest_version": MANIFEST_VERSION, **raw})  # the schema checks the writer too
         write_manifest(tmp, manifest)
         manifest = _engines(opts, tmp, manifest)
-        manifest["export_seconds"] = round(time.time() - t0, 1)
+        manifest.info["export_seconds"] = round(time.time() - t0, 1)
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if os.path.exists(out_dir):
@@ -487,11 +489,12 @@ def _errors(a: np.ndarray, b: np.ndarray) -> dict:
             "mean_abs": float(diff.mean())}
 
 
-def _engines(opts: ExportOptions, tmp: str, manifest: dict) -> dict:
+def _engines(opts: ExportOptions, tmp: str, manifest: Manifest) -> Manifest:
     """TensorRT engines through the same code as `timecma-engines build`; the manifest after it."""
     if opts.tensorrt == "skip":
-        note = "TensorRT build skipped (--tensorrt skip); ONNX-only bundle. Add engines later with timecma-engines build"
-        return {**manifest, "tensorrt_note": note}
+        manifest.info["tensorrt_note"] = ("TensorRT build skipped (--tensorrt skip); ONNX-only bundle. Add engines "
+                                          "later with timecma-engines build")
+        return manifest
     d = default_profile(manifest)
     profile = EngineProfile(opts.trt_batch, opts.trt_seq or d.llm_seq, opts.trt_forecast_batch)
     try:
@@ -500,9 +503,10 @@ def _engines(opts: ExportOptions, tmp: str, manifest: dict) -> dict:
         if opts.tensorrt == "require":
             raise ExportError(f"--tensorrt require, but {exc}") from exc
         log.warning("%s: writing an ONNX-only bundle (the runtime uses ONNX Runtime)", exc)
-        return {**read_manifest(tmp, verify=False), "tensorrt_note": f"{exc}; ONNX-only bundle"}
+        manifest.info["tensorrt_note"] = f"{exc}; ONNX-only bundle"
+        return manifest
     except InputError as exc:
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
     m = read_manifest(tmp, verify=False)
-    built = sorted({f"{e['flavour']} {e['version']}" for e in m["engines"]})
-    return {**m, "tensorrt_note": f"engines built with {', '.join(built)}"}
+    m.info["tensorrt_note"] = f"engines built with {', '.join(sorted({f'{e.flavour} {e.version}' for e in m.engines}))}"
+    return m

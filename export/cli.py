@@ -82,13 +82,13 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
         manifest = export_bundle(src, llm, opts)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-export", exc)
-    g = manifest["graphs"]
+    g = {k: v.info for k, v in manifest.graphs.items()}
     click.echo(json.dumps({
         "bundle": out_dir,
         "llm_parity_max_abs": g["llm"]["parity_vs_torch"]["ort_cpu_fp32"]["per_window"]["max_abs"],
         "forecaster_parity_max_abs_normalized": g["forecaster"]["parity_vs_torch"]["ort_cpu_fp32"]["batch_1"]["max_abs"],
-        "llm_cpu_preferred": g["llm"]["cpu_preferred"],
-        "engines": [e["file"] for e in manifest["engines"]],
-        "tensorrt": manifest["tensorrt_note"],
-        "export_seconds": manifest["export_seconds"],
+        "llm_cpu_preferred": manifest.graphs["llm"].cpu_preferred,
+        "engines": [e.file for e in manifest.engines],
+        "tensorrt": manifest.info["tensorrt_note"],
+        "export_seconds": manifest.info["export_seconds"],
     }, indent=2))

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from timecma.core.errors import BackendUnavailable, BundleError
+from timecma.core.manifest import Manifest
 
 from . import cuda
 
@@ -89,31 +90,31 @@ class OrtBackend:
 
     limits: dict[str, int] = {}
 
-    def __init__(self, bundle_dir: str, manifest: dict, device: str = "cpu", threads: int | None = None,
+    def __init__(self, bundle_dir: str, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  llm_variant: str | None = None, cuda_graph: bool = True):
         ort = _ort()
         self.name = "ort-cuda" if device == "cuda" else "ort-cpu"
         self.device = device
-        graphs = manifest["graphs"]
-        variant = llm_variant or (graphs["llm"]["cpu_preferred"] if device == "cpu" else "fp32")
-        if variant not in graphs["llm"]["files"]:
-            raise BundleError(f"bundle has no LLM graph variant {variant!r}; it has {sorted(graphs['llm']['files'])}")
+        llm, fc = manifest.graphs["llm"], manifest.graphs["forecaster"]
+        variant = llm_variant or (llm.cpu_preferred if device == "cpu" else "fp32")
+        if variant not in llm.files:
+            raise BundleError(f"bundle has no LLM graph variant {variant!r}; it has {sorted(llm.files)}")
         self.llm_variant = variant
-        self.llm = ort_session(os.path.join(bundle_dir, graphs["llm"]["files"][variant]["file"]), device, threads)
-        self.fc = ort_session(os.path.join(bundle_dir, graphs["forecaster"]["files"]["fp32"]["file"]), device, threads,
+        self.llm = ort_session(os.path.join(bundle_dir, llm.files[variant].file), device, threads)
+        self.fc = ort_session(os.path.join(bundle_dir, fc.files["fp32"].file), device, threads,
                               cuda_graph=cuda_graph)
         # batch-1 requests on CPU: the graph and thread count export measured fastest
         self.fc1 = self.fc
-        b1 = graphs["forecaster"].get("cpu_batch1")
+        b1 = fc.cpu_batch1
         if device == "cpu" and b1:
-            self.fc1 = ort_session(os.path.join(bundle_dir, b1["file"]), device, threads or b1.get("threads"))
+            self.fc1 = ort_session(os.path.join(bundle_dir, b1.file), device, threads or b1.info.get("threads"))
         self._fc_graph = device == "cuda" and cuda_graph
         if self._fc_graph:
-            cfg = manifest["model_config"]
+            cfg = manifest.model_config
             # CUDA graphs replay fixed device addresses: bind batch-1 buffers once, copy into them.
-            self._x = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg["seq_len"], cfg["num_nodes"]), np.float32, "cuda", 0)
-            self._e = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg["num_nodes"], cfg["d_llm"]), np.float32, "cuda", 0)
-            self._y = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg["pred_len"], cfg["num_nodes"]), np.float32, "cuda", 0)
+            self._x = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg.seq_len, cfg.num_nodes), np.float32, "cuda", 0)
+            self._e = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg.num_nodes, cfg.d_llm), np.float32, "cuda", 0)
+            self._y = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg.pred_len, cfg.num_nodes), np.float32, "cuda", 0)
             self._binding = self.fc.io_binding()
             self._binding.bind_ortvalue_input("x", self._x)
             self._binding.bind_ortvalue_input("prompt_emb", self._e)
@@ -147,7 +148,7 @@ class OrtBackend:
         return sess.run(None, {"x": x, "prompt_emb": prompt_emb})[0]
 
 
-def make_backend(name: str, bundle_dir: str, manifest: dict, **kwargs) -> Backend:
+def make_backend(name: str, bundle_dir: str, manifest: Manifest, **kwargs) -> Backend:
     """Instantiate a backend by name; ``auto`` picks tensorrt > ort-cuda > ort-cpu by what is present."""
     avail = available_backends()
     if name == "auto":

@@ -11,6 +11,7 @@ loaded with the serving runner and compared with ONNX Runtime's outputs stored a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -27,14 +28,15 @@ import numpy as np
 
 from timecma.core.errors import BackendUnavailable, BundleError, InputError
 from timecma.core.leftovers import remove_dead_temporaries
-from timecma.core.manifest import file_record, read_manifest, write_manifest
+from timecma.core.config import ModelConfig
+from timecma.core.manifest import GRAPHS, Engine, Manifest, file_record, read_manifest, write_manifest
 
 from . import cuda as _cuda
 from .trt_flavour import FLAVOURS, Flavour, load_flavour
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("llm", "forecaster")
+
 PARITY_FILE = "parity/inputs.npz"
 
 
@@ -54,18 +56,18 @@ class EngineProfile:
             raise InputError(f"profile llm_seq max {self.llm_seq[2]} exceeds the LLM's {max_positions} positions "
                              "recorded in the manifest")
 
-    def shapes(self, graph: str, cfg: dict) -> dict[str, list[list[int]]]:
+    def shapes(self, graph: str, cfg: ModelConfig | None) -> dict[str, list[list[int]]]:
         """Input name -> [min, opt, max] shapes for one graph."""
         if graph == "llm":
             s = [[b, t] for b, t in zip(self.llm_batch, self.llm_seq)]
             return {"input_ids": s, "attention_mask": s}
-        n = cfg["num_nodes"]
-        return {"x": [[b, cfg["seq_len"], n] for b in self.forecast_batch],
-                "prompt_emb": [[b, n, cfg["d_llm"]] for b in self.forecast_batch]}
+        n = cfg.num_nodes
+        return {"x": [[b, cfg.seq_len, n] for b in self.forecast_batch],
+                "prompt_emb": [[b, n, cfg.d_llm] for b in self.forecast_batch]}
 
 
-def default_profile(manifest: dict) -> EngineProfile:
-    mp = manifest["llm"]["max_positions"]
+def default_profile(manifest: Manifest) -> EngineProfile:
+    mp = manifest.llm.max_positions
     return EngineProfile(llm_seq=(1, min(256, mp), min(1024, mp)))
 
 
@@ -199,11 +201,11 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
     """
     bundle_dir = os.path.abspath(bundle_dir)
     manifest = read_manifest(bundle_dir)  # verifies every file first
-    cfg = manifest["model_config"]
+    cfg = manifest.model_config
     profile = profile or default_profile(manifest)
-    profile.check(manifest["llm"]["max_positions"])
+    profile.check(manifest.llm.max_positions)
     for graph in graphs:
-        files = manifest["graphs"][graph]["files"]
+        files = manifest.graphs[graph].files
         for p in precisions:
             if p not in files:
                 raise BundleError(f"the bundle has no {p} graph for {graph} (it has {sorted(files)}); precisions "
@@ -217,12 +219,12 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
         manifest = read_manifest(bundle_dir, verify=False)  # re-read under the lock: another builder may have written
         remove_dead_temporaries(engines_dir, ".build-", "an unfinished engine build")
         tmp = tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=engines_dir)
-        new: list[dict] = []
+        new: list[Engine] = []
         try:
             for p in precisions:
                 for graph in graphs:
-                    onnx_file = manifest["graphs"][graph]["files"][p]["file"]
-                    onnx_sha = manifest["files"][onnx_file]["sha256"]
+                    onnx_file = manifest.graphs[graph].files[p].file
+                    onnx_sha = manifest.sha256(onnx_file)
                     shapes = profile.shapes(graph, cfg)
                     name = engine_file_name(graph, p, fl, built_targets, onnx_sha, shapes)
                     log.info("building %s with %s (%s)", name, fl.label, target_description(built_targets, portable))
@@ -230,49 +232,48 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
                                                                  built_targets, portable, workspace_gib)
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(plan)
-                    new.append({
-                        "file": f"engines/{name}", "graph": graph, "precision": p, "flavour": fl.name,
-                        "version": fl.version, "compute_capabilities": built_targets, "portable": portable,
-                        "target": target_description(built_targets, portable), "onnx_file": onnx_file,
-                        "onnx_sha256": onnx_sha, "profile": shapes,
-                        "sha256": hashlib.sha256(plan).hexdigest(), "bytes": len(plan),
-                        "build_seconds": round(seconds, 2),
-                        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "warnings": warnings, "network": report,
-                    })
+                    new.append(Engine(
+                        file=f"engines/{name}", graph=graph, precision=p, flavour=fl.name, version=fl.version,
+                        compute_capabilities=built_targets, portable=portable,
+                        target=target_description(built_targets, portable), onnx_file=onnx_file,
+                        onnx_sha256=onnx_sha, profile=shapes, sha256=hashlib.sha256(plan).hexdigest(),
+                        bytes=len(plan), network=report,
+                        info={"build_seconds": round(seconds, 2),
+                              "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                              "warnings": warnings}))
                     log.info("built %s: %.1f MB in %.1f s", name, len(plan) / 1e6, seconds)
             for e in new:
-                e["parity_vs_ort_fp32"] = _engine_parity(bundle_dir, tmp, fl, e, gpu_cc)
+                e.info["parity_vs_ort_fp32"] = _engine_parity(bundle_dir, tmp, fl, e, gpu_cc)
             _commit(bundle_dir, manifest, tmp, new)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return new
 
 
-def _same_slot(a: dict, b: dict) -> bool:
+def _same_slot(a: Engine, b: Engine) -> bool:
     keys = ("graph", "precision", "flavour", "version", "compute_capabilities")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-def _commit(bundle_dir: str, manifest: dict, tmp: str, new: list[dict]) -> None:
+def _commit(bundle_dir: str, manifest: Manifest, tmp: str, new: list[Engine]) -> None:
     """Move the new plans in, then rewrite the manifest atomically; undo the moves on failure."""
-    old = manifest.get("engines", [])
+    old = manifest.engines
     kept = [e for e in old if not any(_same_slot(e, n) for n in new)]
-    replaced = {e["file"] for e in old} - {e["file"] for e in kept} - {n["file"] for n in new}
+    replaced = {e.file for e in old} - {e.file for e in kept} - {n.file for n in new}
     moved = []
     try:
         for e in new:
-            dst = os.path.join(bundle_dir, e["file"])
+            dst = os.path.join(bundle_dir, e.file)
             if os.path.exists(dst):  # identical name = identical inputs; keep the manifest's record consistent
                 os.unlink(dst)
-            os.replace(os.path.join(tmp, os.path.basename(e["file"])), dst)
+            os.replace(os.path.join(tmp, os.path.basename(e.file)), dst)
             moved.append(dst)
-        files = {k: v for k, v in manifest["files"].items() if k not in replaced}
+        files = {k: v for k, v in manifest.files.items() if k not in replaced}
         for e in new:
-            files[e["file"]] = file_record(bundle_dir, e["file"])
-            if files[e["file"]]["sha256"] != e["sha256"]:
-                raise BundleError(f"{e['file']} changed while being added to the bundle")
-        write_manifest(bundle_dir, {**manifest, "engines": kept + new, "files": dict(sorted(files.items()))})
+            files[e.file] = file_record(bundle_dir, e.file)
+            if files[e.file].sha256 != e.sha256:
+                raise BundleError(f"{e.file} changed while being added to the bundle")
+        write_manifest(bundle_dir, dataclasses.replace(manifest, engines=kept + new, files=files))
     except BaseException:
         for dst in moved:
             if os.path.exists(dst):
@@ -283,11 +284,11 @@ def _commit(bundle_dir: str, manifest: dict, tmp: str, new: list[dict]) -> None:
             os.unlink(os.path.join(bundle_dir, f))
 
 
-def _engine_parity(bundle_dir: str, tmp: str, fl: Flavour, entry: dict, gpu_cc: str | None) -> dict:
+def _engine_parity(bundle_dir: str, tmp: str, fl: Flavour, entry: Engine, gpu_cc: str | None) -> dict:
     """Engine vs the ONNX Runtime fp32 outputs stored at export, on this GPU; or why not measured."""
     if gpu_cc is None:
         return {"not_measured": "no CUDA GPU on the build machine (engines were compiled, not executed)"}
-    if gpu_cc not in entry["compute_capabilities"]:
+    if gpu_cc not in entry.compute_capabilities:
         return {"not_measured": f"this GPU (sm{gpu_cc}) is not a target of the engine"}
     path = os.path.join(bundle_dir, PARITY_FILE)
     if not os.path.exists(path):
@@ -295,7 +296,7 @@ def _engine_parity(bundle_dir: str, tmp: str, fl: Flavour, entry: dict, gpu_cc: 
     from .engine_runner import EngineIO, EngineRunner
 
     ref = np.load(path, allow_pickle=False)
-    g = entry["graph"]
+    g = entry.graph
     if g == "llm":
         feeds, want = {"input_ids": ref["llm_input_ids"], "attention_mask": ref["llm_attention_mask"]}, ref["llm_out"]
     else:
@@ -304,11 +305,11 @@ def _engine_parity(bundle_dir: str, tmp: str, fl: Flavour, entry: dict, gpu_cc: 
         EngineIO.from_manifest(entry).check(feeds)
     except ValueError as exc:
         return {"not_measured": f"the stored parity inputs do not fit the profile: {exc}"}
-    with EngineRunner(fl, os.path.join(tmp, os.path.basename(entry["file"]))) as runner:
+    with EngineRunner(fl, os.path.join(tmp, os.path.basename(entry.file))) as runner:
         free, total = runner.cuda.mem_info()
         need = runner.engine.device_memory_size_v2
         if need > total:
-            raise BundleError(f"{entry['file']}: the profile needs {need / 2**30:.1f} GiB of activation memory, more "
+            raise BundleError(f"{entry.file}: the profile needs {need / 2**30:.1f} GiB of activation memory, more "
                               f"than this GPU's {total / 2**30:.1f} GiB; build with a smaller --max-batch/--max-seq")
         got = next(iter(runner(feeds).values()))
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from timecma.core.errors import BackendUnavailable, BundleError, InputError
+from timecma.core.manifest import Engine
 
 from .cuda import D2H, H2D, CudaRuntime
 from .trt_flavour import Flavour
@@ -43,9 +44,9 @@ class EngineIO:
     outputs: dict[str, TensorSpec]
 
     @classmethod
-    def from_manifest(cls, entry: dict) -> "EngineIO":
+    def from_manifest(cls, entry: Engine) -> "EngineIO":
         """From an engine entry's ``network`` (I/O as parsed) and ``profile`` (min, opt, max)."""
-        net, prof = entry["network"], entry["profile"]
+        net, prof = entry.network, entry.profile
         ins = {n: TensorSpec(n, t["dtype"], tuple(prof[n][0]), tuple(prof[n][2])) for n, t in net["inputs"].items()}
         outs = {n: TensorSpec(n, t["dtype"], tuple(t["shape"]), tuple(t["shape"])) for n, t in net["outputs"].items()}
         return cls(ins, outs)

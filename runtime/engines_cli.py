@@ -13,7 +13,7 @@ import os
 import click
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
-from timecma.core.manifest import read_manifest
+from timecma.core.manifest import Engine, read_manifest
 
 EPILOG = EXIT_CODES_HELP + " A failed build leaves the bundle unchanged."
 PROG = "timecma-engines"
@@ -90,12 +90,12 @@ def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail(PROG, exc, " (bundle unchanged)")
     for e in new:
-        click.echo(f"built {e['file']} ({e['bytes'] / 1e6:.1f} MB, {e['build_seconds']} s, {e['target']}); "
+        click.echo(f"built {e.file} ({e.bytes / 1e6:.1f} MB, {e.info['build_seconds']} s, {e.target}); "
                    f"parity: {_parity(e)}")
 
 
-def _parity(e: dict) -> str:
-    p = e.get("parity_vs_ort_fp32", {})
+def _parity(e: Engine) -> str:
+    p = e.info.get("parity_vs_ort_fp32", {})
     return p["not_measured"] if "not_measured" in p else f"max abs {p['max_abs']:.2e} vs ONNX Runtime fp32"
 
 
@@ -108,17 +108,17 @@ def list_cmd(bundle, as_json):
         manifest = read_manifest(bundle, verify=False)
     except BundleError as exc:
         fail(PROG, exc)
-    engines = manifest.get("engines", [])
+    engines = manifest.engines
     if as_json:
-        click.echo(json.dumps(engines, indent=2))
+        click.echo(json.dumps([e.to_dict() for e in engines], indent=2))
         return
     if not engines:
-        click.echo(f"{bundle}: no engines ({manifest.get('tensorrt_note', '')})")
+        click.echo(f"{bundle}: no engines ({manifest.info.get('tensorrt_note', '')})")
     for e in engines:
-        prof = "; ".join(f"{k} {v[0]}..{v[2]}" for k, v in e["profile"].items())
-        click.echo(f"{e['file']}\n    {e['graph']} {e['precision']}, {e['flavour']} {e['version']}, {e['target']}, "
-                   f"{e['bytes'] / 1e6:.1f} MB, built {e['built']} in {e['build_seconds']} s\n    profile: {prof}\n"
-                   f"    parity: {_parity(e)}; builder warnings: {len(e.get('warnings', []))}")
+        prof = "; ".join(f"{k} {v[0]}..{v[2]}" for k, v in e.profile.items())
+        click.echo(f"{e.file}\n    {e.graph} {e.precision}, {e.flavour} {e.version}, {e.target}, "
+                   f"{e.bytes / 1e6:.1f} MB, built {e.info.get('built')} in {e.info.get('build_seconds')} s\n"
+                   f"    profile: {prof}\n    parity: {_parity(e)}; builder warnings: {len(e.info.get('warnings', []))}")
 
 
 @engines_cmd.command("verify", epilog=EPILOG)
@@ -134,18 +134,17 @@ def verify_cmd(bundle):
         manifest = read_manifest(bundle)
     except BundleError as exc:
         fail(PROG, exc)
-    cfg = manifest["model_config"]
-    click.echo(f"bundle {os.path.abspath(bundle)}: {len(manifest['files'])} files verified (sha256)")
-    click.echo(f"  model: seq_len {cfg['seq_len']}, pred_len {cfg['pred_len']}, {cfg['num_nodes']} variables, "
-               f"LLM {manifest['llm']['id']} (d_llm {cfg['d_llm']})")
-    for g, info in manifest["graphs"].items():
-        par = info.get("parity_vs_torch", {}).get("ort_cpu_fp32", {})
+    cfg = manifest.model_config
+    click.echo(f"bundle {os.path.abspath(bundle)}: {len(manifest.files)} files verified (sha256)")
+    click.echo(f"  model: seq_len {cfg.seq_len}, pred_len {cfg.pred_len}, {cfg.num_nodes} variables, "
+               f"LLM {manifest.llm.id} (d_llm {cfg.d_llm})")
+    for g, graph in manifest.graphs.items():
+        par = graph.info.get("parity_vs_torch", {}).get("ort_cpu_fp32", {})
         worst = max((v["max_abs"] for v in par.values() if isinstance(v, dict) and "max_abs" in v), default=None)
-        click.echo(f"  graph {g}: {', '.join(sorted(info['files']))}; parity vs PyTorch (ORT CPU fp32) "
+        click.echo(f"  graph {g}: {', '.join(sorted(graph.files))}; parity vs PyTorch (ORT CPU fp32) "
                    f"{'%.1e' % worst if worst is not None else 'n/a'}")
-    for e in manifest.get("engines", []):
-        click.echo(f"  engine {e['graph']} {e['precision']}: {e['flavour']} {e['version']}, {e['target']}; "
-                   f"{_parity(e)}")
+    for e in manifest.engines:
+        click.echo(f"  engine {e.graph} {e.precision}: {e.flavour} {e.version}, {e.target}; {_parity(e)}")
     avail = available_backends()
     for name, why in avail.items():
         if name == "tensorrt" and why == "available":

@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from timecma.core.errors import BundleError, InputError
-from timecma.core.manifest import read_manifest
+from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
 from timecma.core.store import EmbeddingStore
 from timecma.core.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
@@ -105,22 +105,22 @@ class Forecaster:
     preallocated batch-1 arrays, the counters). For parallel throughput use processes
     (several may share one store) or batch windows with ``predict_many``."""
 
-    def __init__(self, bundle_dir: str, manifest: dict, backend: Backend, store: EmbeddingStore | None,
+    def __init__(self, bundle_dir: str, manifest: Manifest, backend: Backend, store: EmbeddingStore | None,
                  llm_batch: int = 64):
         self.bundle_dir, self.manifest, self.backend, self.store = bundle_dir, manifest, backend, store
-        cfg, data = manifest["model_config"], manifest["data"]
-        self.seq_len, self.pred_len, self.n_vars = cfg["seq_len"], cfg["pred_len"], cfg["num_nodes"]
-        self.d_llm = cfg["d_llm"]
-        self.variables: list[str] = data["variables"]
-        self.time_col: str = data["time_col"]
-        self.frequency: str = data["frequency"]
-        self.renderer = PromptRenderer(get_template(manifest["prompt"]["name"], manifest["prompt"]["hash"]),
+        cfg, data = manifest.model_config, manifest.data
+        self.seq_len, self.pred_len, self.n_vars = cfg.seq_len, cfg.pred_len, cfg.num_nodes
+        self.d_llm = cfg.d_llm
+        self.variables: list[str] = data.variables
+        self.time_col: str = data.time_col
+        self.frequency: str = data.frequency
+        self.renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
                                        self.frequency)
-        self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, manifest["tokenizer"]["file"]))
-        if tokenizer_digest(self.tokenizer) != manifest["tokenizer"]["digest"]:
+        self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, manifest.tokenizer["file"]))
+        if tokenizer_digest(self.tokenizer) != manifest.tokenizer["digest"]:
             raise BundleError(f"{bundle_dir}: tokenizer.json differs from the one recorded at export")
-        self.pad_id = manifest["llm"]["pad_id"]
-        self.max_positions = manifest["llm"]["max_positions"]
+        self.pad_id = manifest.llm.pad_id
+        self.max_positions = manifest.llm.max_positions
         # the engines' profiles bound what may be asked of them (ONNX Runtime has no bounds)
         lim = getattr(backend, "limits", {}) or {}
         self.llm_batch = min(llm_batch, lim.get("llm_batch", llm_batch))
@@ -140,8 +140,8 @@ class Forecaster:
         be = make_backend(backend, bundle_dir, manifest, **backend_kwargs)
         st = None
         if store:
-            llm = manifest["llm"]
-            st = EmbeddingStore(store, llm["namespace"], llm["d_llm"], describe=f"LLM {llm['id']}")
+            llm = manifest.llm
+            st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}")
         log.info("loaded bundle %s on %s%s", bundle_dir, be.name, f" with store {store}" if store else "")
         return cls(bundle_dir, manifest, be, st)
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from timecma.core.errors import BackendUnavailable
+from timecma.core.manifest import Engine, Manifest
 
 from .cuda import CudaRuntime
 from .engine_runner import EngineIO, EngineRunner
@@ -29,15 +30,15 @@ def build_command(bundle_dir: str, flavour: str, precision: str, gpu_cc: str | N
     return cmd
 
 
-def select_engines(manifest: dict, bundle_dir: str, gpu_cc: str, flavours: dict[str, str],
-                   precision: str = "fp16") -> dict[str, dict]:
+def select_engines(manifest: Manifest, bundle_dir: str, gpu_cc: str, flavours: dict[str, str],
+                   precision: str = "fp16") -> dict[str, Engine]:
     """One engine per graph that runs here: an installed flavour of the same version, this GPU among
     its targets, built from the bundle's current ONNX graph; the wanted precision first.
 
     Otherwise BackendUnavailable saying what the bundle has, what this machine needs and the
     command that builds it.
     """
-    engines = manifest.get("engines", [])
+    engines = manifest.engines
     usable_flavours = {k: v for k, v in flavours.items() if not v.startswith("not installed")}
     if not usable_flavours:
         raise BackendUnavailable("no TensorRT flavour is installed: " + "; ".join(flavours.values()))
@@ -52,14 +53,13 @@ def select_engines(manifest: dict, bundle_dir: str, gpu_cc: str, flavours: dict[
         raise BackendUnavailable(f"the bundle has no TensorRT engines; build them on this machine with `{fix}`.{hopper}")
     chosen = {}
     for graph in ("llm", "forecaster"):
-        current = manifest["graphs"][graph]["files"]
-        shas = {v["file"]: manifest["files"][v["file"]]["sha256"] for v in current.values()}
-        cands = [e for e in engines if e["graph"] == graph and usable_flavours.get(e["flavour"]) == e["version"]
-                 and gpu_cc in e["compute_capabilities"] and shas.get(e["onnx_file"]) == e["onnx_sha256"]]
-        cands.sort(key=lambda e: (e["precision"] != precision, e["flavour"] != "tensorrt"))
+        shas = {v.file: manifest.sha256(v.file) for v in manifest.graphs[graph].files.values()}
+        cands = [e for e in engines if e.graph == graph and usable_flavours.get(e.flavour) == e.version
+                 and gpu_cc in e.compute_capabilities and shas.get(e.onnx_file) == e.onnx_sha256]
+        cands.sort(key=lambda e: (e.precision != precision, e.flavour != "tensorrt"))
         if not cands:
-            have = sorted({f"{LABELS.get(e['flavour'], e['flavour'])} {e['version']} {e['precision']} for {e['target']}"
-                           for e in engines if e["graph"] == graph})
+            have = sorted({f"{LABELS.get(e.flavour, e.flavour)} {e.version} {e.precision} for {e.target}"
+                           for e in engines if e.graph == graph})
             need = ", ".join(f"{LABELS[k]} {v}" for k, v in usable_flavours.items())
             raise BackendUnavailable(f"no {graph} engine runs here: the bundle has {have or 'none'}; this machine "
                                      f"has sm{gpu_cc} with {need}. Build one with `{fix}`.{hopper}")
@@ -70,7 +70,7 @@ def select_engines(manifest: dict, bundle_dir: str, gpu_cc: str, flavours: dict[
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, bundle_dir: str, manifest: dict, precision: str = "fp16"):
+    def __init__(self, bundle_dir: str, manifest: Manifest, precision: str = "fp16"):
         self.cuda = CudaRuntime()
         gpu_cc = self.cuda.capability()
         chosen = select_engines(manifest, bundle_dir, gpu_cc, installed(), precision)
@@ -78,8 +78,8 @@ class TensorRTBackend:
         self.runners: dict[str, EngineRunner] = {}
         try:
             for graph, entry in chosen.items():
-                self.runners[graph] = EngineRunner(flavour_named(entry["flavour"]),
-                                                   os.path.join(bundle_dir, entry["file"]), self.cuda, self.stream,
+                self.runners[graph] = EngineRunner(flavour_named(entry.flavour),
+                                                   os.path.join(bundle_dir, entry.file), self.cuda, self.stream,
                                                    expected=EngineIO.from_manifest(entry))
         except BaseException:
             self.close()
@@ -88,8 +88,8 @@ class TensorRTBackend:
         llm, fc = self.runners["llm"].limits, self.runners["forecaster"].limits
         self.limits = {"llm_batch": llm["input_ids"][0], "llm_seq": llm["input_ids"][1],
                        "forecast_batch": fc["x"][0]}
-        log.info("TensorRT engines on sm%s: %s, %s (limits %s)", gpu_cc, chosen["llm"]["file"],
-                 chosen["forecaster"]["file"], self.limits)
+        log.info("TensorRT engines on sm%s: %s, %s (limits %s)", gpu_cc, chosen["llm"].file,
+                 chosen["forecaster"].file, self.limits)
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.runners["llm"]({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden"]

@@ -12,13 +12,14 @@ import os
 import numpy as np
 
 from timecma.core.errors import BackendUnavailable, BundleError
-from timecma.core.manifest import file_sha256
+from timecma.core.files import file_sha256
+from timecma.core.manifest import Manifest
 
 
-def find_checkpoint(bundle_dir: str, manifest: dict, ckpt: str | None = None) -> str:
+def find_checkpoint(bundle_dir: str, manifest: Manifest, ckpt: str | None = None) -> str:
     """The checkpoint the bundle was exported from: ``ckpt``, else its file name next to the bundle
     (the default export layout, runs/x/best.pt -> runs/x/bundle/); checked by sha256."""
-    origin = manifest.get("origin", {})
+    origin = manifest.origin
     if origin.get("kind") != "timecma checkpoint" and not ckpt:
         raise BundleError(f"the torch backend needs a timecma checkpoint; this bundle came from {origin.get('kind')}")
     path = ckpt or os.path.join(os.path.dirname(os.path.abspath(bundle_dir)), origin.get("file", "best.pt"))
@@ -30,11 +31,11 @@ def find_checkpoint(bundle_dir: str, manifest: dict, ckpt: str | None = None) ->
     return path
 
 
-def llm_source(bundle_dir: str, manifest: dict, ckpt: str | None = None) -> str:
+def llm_source(bundle_dir: str, manifest: Manifest, ckpt: str | None = None) -> str:
     """Where to load the bundle's LLM with transformers: its hub id, or the directory the checkpoint
     names (a local directory is recorded in the manifest by folder name only)."""
-    if not manifest["llm"].get("local_directory"):
-        return manifest["llm"]["id"]
+    if not manifest.llm.info.get("local_directory"):
+        return manifest.llm.id
     from timecma.checkpoint import load_checkpoint
 
     return load_checkpoint(find_checkpoint(bundle_dir, manifest, ckpt))["llm"]["id"]
@@ -45,7 +46,7 @@ class TorchBackend:
 
     limits: dict[str, int] = {}
 
-    def __init__(self, bundle_dir: str, manifest: dict, ckpt: str | None = None, device: str = "cpu",
+    def __init__(self, bundle_dir: str, manifest: Manifest, ckpt: str | None = None, device: str = "cpu",
                  dtype: str = "float32"):
         try:
             import torch

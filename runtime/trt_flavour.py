@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from timecma.core.errors import BackendUnavailable, InputError
-from timecma.core.manifest import atomic_write_bytes, user_cache_dir
+from timecma.core.files import atomic_write_bytes, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class _Logger:
             def log(self, severity, msg) -> None:  # noqa: A003 - TensorRT's name
                 if severity <= trt.ILogger.Severity.WARNING:
                     self.messages.append(f"{severity.name}: {msg}")
-                    log.log(logging.ERROR if severity <= trt.ILogger.Severity.ERROR else logging.INFO,
+                    log.log(logging.ERROR if severity <= trt.ILogger.Severity.ERROR else logging.DEBUG,
                             "%s: %s", LABELS[trt.__name__], msg)
 
         return Logger()

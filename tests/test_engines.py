@@ -2,6 +2,7 @@
 integrity, engine selection and the runner's input checks. Executing an engine needs a CUDA
 GPU: those tests are marked ``gpu`` and skip only where none is visible."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import make_frame
 from timecma.core.errors import BackendUnavailable, BundleError
-from timecma.core.manifest import read_manifest, verify_files
+from timecma.core.manifest import FileRecord, read_manifest, verify_files
 from timecma.runtime import cuda
 from timecma.runtime.engine_build import EngineProfile, build_plan
 from timecma.runtime.engine_runner import EngineIO, EngineShapeError
@@ -48,27 +49,27 @@ def snapshot(d) -> dict:
 
 
 def _engines(m, precision=None):
-    return {e["graph"]: e for e in m["engines"] if precision is None or e["precision"] == precision}
+    return {e.graph: e for e in m.engines if precision is None or e.precision == precision}
 
 
 def _check_engine_against_graph(bundle, m, e):
     """What can be checked without a GPU: plan present and hashed, I/O as the manifest promises,
     profile as requested, precisions where the graph puts them."""
-    plan = bundle / e["file"]
-    assert plan.stat().st_size > 100_000 and e["bytes"] == plan.stat().st_size
-    assert hashlib.sha256(plan.read_bytes()).hexdigest() == e["sha256"] == m["files"][e["file"]]["sha256"]
-    net, graph = e["network"], m["graphs"][e["graph"]]
+    plan = bundle / e.file
+    assert plan.stat().st_size > 100_000 and e.bytes == plan.stat().st_size
+    assert hashlib.sha256(plan.read_bytes()).hexdigest() == e.sha256 == m.sha256(e.file)
+    net, graph = e.network, m.graphs[e.graph]
     assert net["parser_errors"] == 0
     for kind in ("inputs", "outputs"):
-        assert set(net[kind]) == set(graph[kind])
-        for name, spec in graph[kind].items():
-            assert net[kind][name]["dtype"] == spec["dtype"]
-            want = [-1 if isinstance(d, str) else d for d in spec["shape"]]  # "B", "S" are dynamic
+        assert set(net[kind]) == set(getattr(graph, kind))
+        for name, spec in getattr(graph, kind).items():
+            assert net[kind][name]["dtype"] == spec.dtype
+            want = [-1 if isinstance(d, str) else d for d in spec.shape]  # "B", "S" are dynamic
             assert net[kind][name]["shape"] == want, (name, net[kind][name]["shape"], want)
-    for name, (mn, opt, mx) in e["profile"].items():
-        assert mn <= opt <= mx and set(e["profile"]) == set(graph["inputs"])
+    for name, (mn, opt, mx) in e.profile.items():
+        assert mn <= opt <= mx and set(e.profile) == set(graph.inputs)
     dts = net["layer_output_dtypes"]
-    if e["precision"] == "fp16":
+    if e.precision == "fp16":
         assert set(dts["matmul"]) == {"float16"}  # the matmuls really run in fp16 ...
         assert set(dts["normalization"]) <= {"float32"}  # ... LayerNorm stays fp32
     else:
@@ -78,19 +79,19 @@ def _check_engine_against_graph(bundle, m, e):
 def test_export_builds_rtx_engines_for_both_graphs(small_bundle):
     """`timecma-export` (default --tensorrt build) compiled real TensorRT-RTX engines, no GPU here."""
     m = read_manifest(small_bundle)
-    assert m["versions"]["tensorrt_rtx"] == load_flavour("rtx").version
+    assert m.versions["tensorrt_rtx"] == load_flavour("rtx").version
     eng = _engines(m, "fp16")
     assert set(eng) == {"llm", "forecaster"}
     for e in eng.values():
-        assert e["flavour"] == "tensorrt_rtx" and e["portable"] and e["compute_capabilities"] == ["86", "89", "120"]
-        assert e["onnx_sha256"] == m["files"][e["onnx_file"]]["sha256"]
-        assert e["file"].startswith(f"engines/{e['graph']}.fp16.sm86-89-120.trtrtx") and e["build_seconds"] > 0
+        assert e.flavour == "tensorrt_rtx" and e.portable and e.compute_capabilities == ["86", "89", "120"]
+        assert e.onnx_sha256 == m.sha256(e.onnx_file)
+        assert e.file.startswith(f"engines/{e.graph}.fp16.sm86-89-120.trtrtx") and e.info["build_seconds"] > 0
         _check_engine_against_graph(small_bundle, m, e)
         if NO_GPU:
-            assert "no CUDA GPU" in e["parity_vs_ort_fp32"]["not_measured"]
+            assert "no CUDA GPU" in e.info["parity_vs_ort_fp32"]["not_measured"]
     # the default profile, capped at the LLM's positions, is what serving will be limited to
-    assert eng["llm"]["profile"]["input_ids"] == [[1, 1], [7, 256], [64, 1024]]
-    assert eng["forecaster"]["profile"]["x"] == [[1, 24, 3], [1, 24, 3], [64, 24, 3]]
+    assert eng["llm"].profile["input_ids"] == [[1, 1], [7, 256], [64, 1024]]
+    assert eng["forecaster"].profile["x"] == [[1, 24, 3], [1, 24, 3], [64, 24, 3]]
 
 
 def test_engines_build_adds_fp32_beside_fp16_without_torch(small_bundle, tmp_path):
@@ -100,22 +101,22 @@ def test_engines_build_adds_fp32_beside_fp16_without_torch(small_bundle, tmp_pat
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("built engines/") == 2
     m = read_manifest(b)  # verifies every file, old engines and new
-    assert {(e["graph"], e["precision"]) for e in m["engines"]} == {
+    assert {(e.graph, e.precision) for e in m.engines} == {
         ("llm", "fp16"), ("forecaster", "fp16"), ("llm", "fp32"), ("forecaster", "fp32")}
     f32 = _engines(m, "fp32")
-    assert f32["llm"]["profile"]["input_ids"] == [[1, 1], [7, 128], [8, 128]]
-    assert f32["forecaster"]["profile"]["prompt_emb"][2] == [8, 3, 32]
+    assert f32["llm"].profile["input_ids"] == [[1, 1], [7, 128], [8, 128]]
+    assert f32["forecaster"].profile["prompt_emb"][2] == [8, 3, 32]
     for e in f32.values():
         _check_engine_against_graph(b, m, e)
     # a rebuild of the same slot with another profile replaces the entry and its plan, keeps the rest
-    old = f32["llm"]["file"]
+    old = f32["llm"].file
     r = engines_cli("build", str(b), "--precision", "fp32", "--graph", "llm", "--max-seq", "64")
     assert r.returncode == 0, r.stderr
     m2 = read_manifest(b)
-    assert len(m2["engines"]) == 4 and not (b / old).exists()
-    assert _engines(m2, "fp32")["llm"]["profile"]["input_ids"][2] == [64, 64]
+    assert len(m2.engines) == 4 and not (b / old).exists()
+    assert _engines(m2, "fp32")["llm"].profile["input_ids"][2] == [64, 64]
     plans = sorted(n for n in os.listdir(b / "engines") if not n.startswith("."))
-    assert plans == sorted(os.path.basename(e["file"]) for e in m2["engines"])
+    assert plans == sorted(os.path.basename(e.file) for e in m2.engines)
     listing = engines_cli("list", str(b))
     assert listing.returncode == 0 and listing.stdout.count("tensorrt_rtx") == 4
 
@@ -185,9 +186,9 @@ def test_corrupt_files_are_named_once_and_hashes_are_cached(small_bundle, tmp_pa
     b = tmp_path / "b"
     shutil.copytree(small_bundle, b)
     m = read_manifest(b, verify=False)
-    assert verify_files(b, m) == len(m["files"])  # a new copy: every file hashed once
+    assert verify_files(b, m) == len(m.files)  # a new copy: every file hashed once
     assert verify_files(b, m) == 0  # same size and mtime: no rehash
-    plan = b / _engines(m, "fp16")["llm"]["file"]
+    plan = b / _engines(m, "fp16")["llm"].file
     good = plan.read_bytes()
     data = bytearray(good)
     data[len(data) // 2] ^= 0xFF  # same size, other content
@@ -220,7 +221,7 @@ def test_engine_selection_by_gpu_flavour_and_version(small_bundle):
     v = load_flavour("rtx").version
     here = {"tensorrt": "not installed: x", "tensorrt_rtx": v}
     chosen = select_engines(m, "B", "89", here)
-    assert chosen["llm"]["precision"] == "fp16" and chosen["forecaster"]["flavour"] == "tensorrt_rtx"
+    assert chosen["llm"].precision == "fp16" and chosen["forecaster"].flavour == "tensorrt_rtx"
     with pytest.raises(BackendUnavailable) as e:  # a plan built by another version is not used
         select_engines(m, "B", "86", {**here, "tensorrt_rtx": "9.9.9"})
     msg = str(e.value)
@@ -232,7 +233,7 @@ def test_engine_selection_by_gpu_flavour_and_version(small_bundle):
         select_engines(m, "B", "75", here)
     with pytest.raises(BackendUnavailable, match="no TensorRT flavour is installed"):
         select_engines(m, "B", "89", {"tensorrt": "not installed: a", "tensorrt_rtx": "not installed: b"})
-    stale = {**m, "files": {**m["files"], chosen["llm"]["onnx_file"]: {"sha256": "0" * 64, "bytes": 1}}}
+    stale = dataclasses.replace(m, files={**m.files, chosen["llm"].onnx_file: FileRecord("0" * 64, 1)})
     with pytest.raises(BackendUnavailable, match="no llm engine runs here"):  # built from another graph
         select_engines(stale, "B", "89", here)
 
@@ -286,15 +287,15 @@ def test_tensorrt_backend_matches_ort_cpu(small_bundle, tmp_path):
     r = engines_cli("build", str(b), "--precision", "fp32,fp16")  # for this GPU, parity measured here
     assert r.returncode == 0, r.stderr
     m = read_manifest(b)
-    for e in m["engines"]:
-        tol = 1e-4 if e["precision"] == "fp32" else 1e-2
-        assert e["parity_vs_ort_fp32"]["max_rel_to_max"] <= tol, e["parity_vs_ort_fp32"]
+    for e in m.engines:
+        tol = 1e-4 if e.precision == "fp32" else 1e-2
+        assert e.info["parity_vs_ort_fp32"]["max_rel_to_max"] <= tol, e.info["parity_vs_ort_fp32"]
     df = make_frame(24, seed=9)
     std = make_frame(500)[["v0", "v1", "v2"]].to_numpy().std(axis=0)
     cpu = Forecaster.load(str(b), backend="ort-cpu").predict(df)
     for precision, tol in (("fp32", 1e-4), ("fp16", 1e-2)):
         with Forecaster.load(str(b), backend="tensorrt", precision=precision) as f:
-            assert f.backend.engines["llm"]["precision"] == precision
+            assert f.backend.engines["llm"].precision == precision
             for _ in range(2):  # buffers reused
                 assert (np.abs(f.predict(df) - cpu) / std).max() <= tol
 
@@ -309,7 +310,7 @@ def test_engine_runner_checks_shapes_and_frees_memory(small_bundle):
     e = _engines(m, "fp16")["forecaster"]
     rt = cuda.CudaRuntime()
     free0, _ = rt.mem_info()
-    with EngineRunner(flavour_named(e["flavour"]), str(small_bundle / e["file"])) as r:
+    with EngineRunner(flavour_named(e.flavour), str(small_bundle / e.file)) as r:
         with pytest.raises(EngineShapeError, match="outside the engine's profile"):
             r({"x": np.zeros((65, 24, 3), np.float32), "prompt_emb": np.zeros((65, 3, 32), np.float32)})
         y = r({"x": np.zeros((2, 24, 3), np.float32), "prompt_emb": np.zeros((2, 3, 32), np.float32)})["y"]

@@ -20,8 +20,10 @@ EXPORT = "timecma.export.cli:export_cmd"
 
 
 def test_bundle_layout_and_manifest(small_bundle, small_run):
-    m = read_manifest(small_bundle)
-    assert m["manifest_version"] == 2 and m["opset"] >= 17
+    typed = read_manifest(small_bundle)
+    m = json.loads((small_bundle / "manifest.json").read_text())  # what is on disk round-trips through the schema
+    assert typed.to_dict() == m
+    assert m["manifest_version"] == 2 and typed.opset >= 17
     assert (small_bundle / "llm_last_token.onnx").exists() and (small_bundle / "forecaster.onnx").exists()
     assert (small_bundle / "tokenizer" / "tokenizer.json").exists()
     assert not list(small_bundle.glob("*.pt")) and not list(small_bundle.glob("*.pkl"))  # no pickles
@@ -73,9 +75,9 @@ def test_forecaster_graph_returns_original_units(small_bundle, small_run):
     ckpt = load_checkpoint(run / "best.pt")
     model = build_model(ModelConfig(**ckpt["model_config"]), ckpt["state_dict"])
     mean, std = np.array(ckpt["data"]["scaler_mean"]), np.array(ckpt["data"]["scaler_std"])
-    b1 = read_manifest(small_bundle)["graphs"]["forecaster"]["cpu_batch1"]  # the graph batch-1 requests use
-    assert b1["file"] in ("forecaster.onnx", "forecaster.b1.onnx") and (small_bundle / b1["file"]).exists()
-    for b, file in ((1, "forecaster.onnx"), (3, "forecaster.onnx"), (1, b1["file"])):
+    b1 = read_manifest(small_bundle).graphs["forecaster"].cpu_batch1  # the graph batch-1 requests use
+    assert b1.file in ("forecaster.onnx", "forecaster.b1.onnx") and (small_bundle / b1.file).exists()
+    for b, file in ((1, "forecaster.onnx"), (3, "forecaster.onnx"), (1, b1.file)):
         sess = ort.InferenceSession(str(small_bundle / file), providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(b)
         x = (rng.normal(size=(b, 24, 3)) * std + mean).astype(np.float32)
@@ -162,8 +164,8 @@ def test_int8_variant_is_judged_on_forecast_mse(small_run, tmp_path):
     r = run_cli(EXPORT, "--ckpt", str(run / "best.pt"), "--out", str(out), "--quantize", "int8",
                 "--quantize-windows", "16", "--tensorrt", "skip")
     assert r.returncode == 0, r.stderr
-    llm = read_manifest(out)["graphs"]["llm"]
-    q = llm["files"].get("int8") or llm["int8_rejected"]
+    llm = read_manifest(out).graphs["llm"]
+    q = llm.files["int8"].info if "int8" in llm.files else llm.info["int8_rejected"]
     assert q["windows"] == 16 and q["hidden_max_rel_err"] > 0  # int8 really changed the hidden states
     assert q["mse_rel_change"] == pytest.approx(abs(q["test_mse_int8"] - q["test_mse_fp32"]) / q["test_mse_fp32"])
     assert q["accepted"] == (q["mse_rel_change"] < 0.01)
@@ -181,6 +183,27 @@ def test_manifest_has_no_build_machine_paths(small_bundle, small_run):
     text = (small_bundle / "manifest.json").read_text()
     assert str(run.parent) not in text and os.path.expanduser("~") + "/" not in text and "/tmp/" not in text
     m = read_manifest(small_bundle)
-    assert m["origin"]["kind"] == "timecma checkpoint" and m["origin"]["file"] == "best.pt"
-    assert m["data"]["source"]["file"] == "small.csv" and m["data"]["source"]["rows"] == 500
-    assert len(m["data"]["source"]["sha256"]) == 64 and m["llm"]["local_directory"] is True
+    assert m.origin["kind"] == "timecma checkpoint" and m.origin["file"] == "best.pt"
+    assert m.data.source["file"] == "small.csv" and m.data.source["rows"] == 500
+    assert len(m.data.source["sha256"]) == 64 and m.llm.info["local_directory"] is True
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m["llm"].pop("namespace"), "manifest: llm lacks 'namespace'"),
+    (lambda m: m["graphs"]["llm"]["files"].pop("fp32"), "graphs.llm has no fp32 graph"),
+    (lambda m: m["graphs"].pop("forecaster"), "graphs lacks ['forecaster']"),
+    (lambda m: m["engines"][0].update(graph="decoder"), "engines[0].graph 'decoder' is not one of"),
+    (lambda m: m["files"]["forecaster.onnx"].update(bytes="1"), "files.forecaster.onnx.bytes should be int"),
+    (lambda m: m.update(manifest_version=1), "manifest version 1; this timecma reads version 2 (re-export"),
+])
+def test_malformed_manifest_is_refused_naming_the_key(small_bundle, tmp_path, mutate, message):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(small_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    mutate(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as exc:
+        read_manifest(b, verify=False)
+    assert message in str(exc.value)

@@ -61,9 +61,9 @@ def test_store_written_by_token_ids_only_is_hit_and_indexed(small_bundle, tiny_l
     f = Forecaster.load(str(small_bundle), backend="ort-cpu")
     prompts = f.renderer.render_series(df[f.variables].to_numpy(), df["date"].to_numpy(), [0], SEQ)
     llm = load_llm(tiny_llm_dir)  # the bundle records the LLM's folder name and digests, not this path
-    assert llm.info.namespace == m["llm"]["namespace"]
+    assert llm.info.namespace == m.llm.namespace
     ids = encode_prompts(f.tokenizer, prompts)
-    with EmbeddingStore(tmp_path / "store", m["llm"]["namespace"], m["llm"]["d_llm"]) as st:
+    with EmbeddingStore(tmp_path / "store", m.llm.namespace, m.llm.d_llm) as st:
         st.put_many(st.keys(ids), encode_last_token(llm, ids))
     g = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"))
     y = g.predict(df)

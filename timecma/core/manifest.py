@@ -1,70 +1,265 @@
-"""The bundle manifest (DESIGN §8): JSON, versioned, no pickles (torch-free).
+"""The bundle manifest (DESIGN §8): one typed, versioned schema, written by export and by
+``timecma-engines``, read by the runtime and the benchmarks. JSON on disk, no pickles.
 
-Every file of a bundle is listed under ``files`` with its sha256 and size. Loading verifies
-them (a corrupt or truncated graph or engine is named, not met as a protobuf traceback);
-hashes already checked for the same file size and mtime are remembered in the user cache
-directory, so a repeat load of a multi-hundred-MB bundle costs a stat per file.
+What code relies on is a typed field; what is recorded for people (parity figures,
+timings, build warnings) is kept verbatim in each part's ``info``. ``Manifest.from_dict``
+validates on load and refuses a malformed or other-version manifest with a message that
+names the key. Every file of a bundle is listed under ``files`` with its sha256 and size;
+loading verifies them once per file content (cached by path, size and mtime).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .config import ModelConfig
 from .errors import BundleError
+from .files import atomic_write_bytes, file_sha256, user_cache_dir
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+GRAPHS = ("llm", "forecaster")
 
 
-def user_cache_dir(*parts: str) -> str:
-    """$TIMECMA_CACHE_DIR, else $XDG_CACHE_HOME/timecma, else ~/.cache/timecma (created)."""
-    root = os.environ.get("TIMECMA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "timecma")
-    path = os.path.join(root, *parts)
-    os.makedirs(path, exist_ok=True)
-    return path
+def _need(d: Any, key: str, where: str, kind: type | tuple = object) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise BundleError(f"manifest: {where} lacks {key!r}")
+    if not isinstance(d[key], kind):
+        raise BundleError(f"manifest: {where}.{key} should be {getattr(kind, '__name__', kind)}, "
+                          f"not {type(d[key]).__name__}")
+    return d[key]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder + rename: readers see old or new, never half."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _rest(d: dict, cls) -> dict:
+    """The keys of ``d`` that are not typed fields of ``cls`` (kept verbatim in ``info``)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k not in names}
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+@dataclass
+class FileRecord:
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "FileRecord":
+        sha = _need(d, "sha256", where, str)
+        if len(sha) != 64:
+            raise BundleError(f"manifest: {where}.sha256 is not a sha256")
+        return cls(sha, _need(d, "bytes", where, int))
+
+    def to_dict(self) -> dict:
+        return {"sha256": self.sha256, "bytes": self.bytes}
 
 
-def file_record(bundle_dir: str | os.PathLike, rel: str) -> dict[str, Any]:
+@dataclass
+class TensorDesc:
+    shape: list  # ints, and names for dynamic dims ("B", "S")
+    dtype: str
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "TensorDesc":
+        return cls(_need(d, "shape", where, list), _need(d, "dtype", where, str), _rest(d, cls))
+
+    def to_dict(self) -> dict:
+        return {"shape": self.shape, "dtype": self.dtype, **self.info}
+
+
+@dataclass
+class GraphFile:
+    """One ONNX file of a graph (a precision or CPU variant) and what was measured on it."""
+
+    file: str
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "GraphFile":
+        return cls(_need(d, "file", where, str), _rest(d, cls))
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, **self.info}
+
+
+@dataclass
+class Graph:
+    inputs: dict[str, TensorDesc]
+    outputs: dict[str, TensorDesc]
+    files: dict[str, GraphFile]  # variant (fp32, fp16, int8, ...) -> file
+    cpu_preferred: str = "fp32"
+    cpu_batch1: GraphFile | None = None  # forecaster: the graph (and threads) batch-1 CPU requests use
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Graph":
+        files = {k: GraphFile.from_dict(v, f"{where}.files.{k}") for k, v in _need(d, "files", where, dict).items()}
+        if "fp32" not in files:
+            raise BundleError(f"manifest: {where} has no fp32 graph")
+        pref = d.get("cpu_preferred", "fp32")
+        if pref not in files:
+            raise BundleError(f"manifest: {where}.cpu_preferred {pref!r} is not among its files {sorted(files)}")
+        b1 = d.get("cpu_batch1")
+        return cls({k: TensorDesc.from_dict(v, f"{where}.inputs.{k}") for k, v in _need(d, "inputs", where, dict).items()},
+                   {k: TensorDesc.from_dict(v, f"{where}.outputs.{k}")
+                    for k, v in _need(d, "outputs", where, dict).items()},
+                   files, pref, GraphFile.from_dict(b1, f"{where}.cpu_batch1") if b1 else None, _rest(d, cls))
+
+    def to_dict(self) -> dict:
+        out = {"inputs": {k: v.to_dict() for k, v in self.inputs.items()},
+               "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+               "files": {k: v.to_dict() for k, v in self.files.items()}, "cpu_preferred": self.cpu_preferred}
+        if self.cpu_batch1:
+            out["cpu_batch1"] = self.cpu_batch1.to_dict()
+        return {**out, **self.info}
+
+
+@dataclass
+class Engine:
+    """A TensorRT plan: what it was built from, for which GPUs, with which flavour and profile."""
+
+    file: str
+    graph: str
+    precision: str
+    flavour: str  # "tensorrt" | "tensorrt_rtx"
+    version: str
+    compute_capabilities: list[str]
+    portable: bool
+    target: str
+    onnx_file: str
+    onnx_sha256: str
+    profile: dict[str, list[list[int]]]  # input -> [min, opt, max] shapes
+    sha256: str
+    bytes: int
+    network: dict  # the parsed network: I/O names, dtypes, shapes; layer precisions
+    info: dict = field(default_factory=dict)  # build time, warnings, parity
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Engine":
+        kinds = {"portable": bool, "bytes": int, "compute_capabilities": list, "profile": dict, "network": dict}
+        kw = {f.name: _need(d, f.name, where, kinds.get(f.name, str)) for f in fields(cls) if f.name != "info"}
+        if kw["graph"] not in GRAPHS:
+            raise BundleError(f"manifest: {where}.graph {kw['graph']!r} is not one of {GRAPHS}")
+        return cls(**kw, info=_rest(d, cls))
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "info"}, **self.info}
+
+
+@dataclass
+class LLMRecord:
+    id: str  # hub id, or the folder name of a local directory (no build-machine path)
+    namespace: str  # store namespace: digest of weights, tokenizer and wrapper
+    d_llm: int
+    max_positions: int
+    pad_id: int
+    info: dict = field(default_factory=dict)  # digests, wrapper version, local_directory, ...
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "llm") -> "LLMRecord":
+        return cls(_need(d, "id", where, str), _need(d, "namespace", where, str), _need(d, "d_llm", where, int),
+                   _need(d, "max_positions", where, int), _need(d, "pad_id", where, int), _rest(d, cls))
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "namespace": self.namespace, "d_llm": self.d_llm, "max_positions": self.max_positions,
+                "pad_id": self.pad_id, **self.info}
+
+
+@dataclass
+class DataRecord:
+    time_col: str
+    variables: list[str]
+    frequency: str
+    scaler_mean: list[float]
+    scaler_std: list[float]
+    source: dict  # file name, sha256, rows of the training data
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "data") -> "DataRecord":
+        return cls(_need(d, "time_col", where, str), _need(d, "variables", where, list),
+                   _need(d, "frequency", where, str), _need(d, "scaler_mean", where, list),
+                   _need(d, "scaler_std", where, list), _need(d, "source", where, dict), _rest(d, cls))
+
+    def to_dict(self) -> dict:
+        return {"time_col": self.time_col, "variables": self.variables, "frequency": self.frequency,
+                "scaler_mean": self.scaler_mean, "scaler_std": self.scaler_std, "source": self.source, **self.info}
+
+
+@dataclass
+class Manifest:
+    model_config: ModelConfig
+    data: DataRecord
+    prompt: dict  # template name and content hash
+    llm: LLMRecord
+    tokenizer: dict  # file and digest
+    opset: int
+    graphs: dict[str, Graph]
+    files: dict[str, FileRecord]
+    engines: list[Engine] = field(default_factory=list)
+    origin: dict = field(default_factory=dict)  # kind, file name, sha256 of what the bundle came from
+    versions: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # created, parity tolerance and windows, metrics, notes, timings
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        version = d.get("manifest_version")
+        if version != MANIFEST_VERSION:
+            newer = isinstance(version, int) and version > MANIFEST_VERSION
+            raise BundleError(f"manifest version {version}; this timecma reads version {MANIFEST_VERSION}"
+                              + (" (upgrade timecma)" if newer else
+                                 " (re-export the bundle with `timecma-export --force`)"))
+        graphs = _need(d, "graphs", "manifest", dict)
+        missing = [g for g in GRAPHS if g not in graphs]
+        if missing:
+            raise BundleError(f"manifest: graphs lacks {missing}")
+        prompt = _need(d, "prompt", "manifest", dict)
+        _need(prompt, "name", "prompt", str), _need(prompt, "hash", "prompt", str)
+        tok = _need(d, "tokenizer", "manifest", dict)
+        _need(tok, "file", "tokenizer", str), _need(tok, "digest", "tokenizer", str)
+        try:
+            cfg = ModelConfig(**_need(d, "model_config", "manifest", dict))
+        except TypeError as exc:
+            raise BundleError(f"manifest: model_config: {exc}") from exc
+        known = {f.name for f in fields(cls)} | {"manifest_version"}
+        return cls(
+            model_config=cfg, data=DataRecord.from_dict(_need(d, "data", "manifest", dict)), prompt=prompt,
+            llm=LLMRecord.from_dict(_need(d, "llm", "manifest", dict)), tokenizer=tok,
+            opset=_need(d, "opset", "manifest", int),
+            graphs={g: Graph.from_dict(v, f"graphs.{g}") for g, v in graphs.items()},
+            files={k: FileRecord.from_dict(v, f"files.{k}") for k, v in _need(d, "files", "manifest", dict).items()},
+            engines=[Engine.from_dict(e, f"engines[{i}]") for i, e in enumerate(d.get("engines", []))],
+            origin=d.get("origin", {}), versions=d.get("versions", {}),
+            info={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        return {"manifest_version": MANIFEST_VERSION, "model_config": self.model_config.to_dict(),
+                "data": self.data.to_dict(), "prompt": self.prompt, "llm": self.llm.to_dict(),
+                "tokenizer": self.tokenizer, "opset": self.opset,
+                "graphs": {g: v.to_dict() for g, v in self.graphs.items()},
+                "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
+                "engines": [e.to_dict() for e in self.engines], "origin": self.origin, "versions": self.versions,
+                **self.info}
+
+    def sha256(self, rel: str) -> str:
+        """The recorded sha256 of a bundle file."""
+        return self.files[rel].sha256
+
+
+# --- reading and writing ------------------------------------------------------------------
+def file_record(bundle_dir: str | os.PathLike, rel: str) -> FileRecord:
     """The ``files`` entry of one bundle file: sha256 and size."""
     path = os.path.join(bundle_dir, rel)
-    return {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+    return FileRecord(file_sha256(path), os.path.getsize(path))
 
 
-def list_bundle_files(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under the bundle except the manifest (relative paths)."""
+def list_bundle_files(bundle_dir: str | os.PathLike) -> dict[str, FileRecord]:
+    """sha256 and size of every file under the bundle except the manifest and hidden files."""
     out = {}
     for root, _, names in os.walk(bundle_dir):
         for name in sorted(names):
@@ -74,32 +269,28 @@ def list_bundle_files(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]
     return dict(sorted(out.items()))
 
 
-def write_manifest(bundle_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
-    """Write manifest.json atomically (version stamped first)."""
+def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> str:
+    """Write manifest.json atomically (readers see the old or the new one, never half)."""
     path = os.path.join(bundle_dir, MANIFEST_NAME)
-    body = {"manifest_version": MANIFEST_VERSION, **{k: v for k, v in manifest.items() if k != "manifest_version"}}
-    atomic_write_bytes(path, json.dumps(body, indent=2).encode())
+    atomic_write_bytes(path, json.dumps(manifest.to_dict(), indent=2).encode())
     return path
 
 
-def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """Load and check a bundle manifest; refuse other versions and (``verify``) corrupt files."""
+def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifest:
+    """Load and validate a bundle manifest; refuse other versions and (``verify``) corrupt files."""
     path = os.path.join(bundle_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise BundleError(f"{bundle_dir} is not a timecma bundle: {MANIFEST_NAME} is missing")
     try:
         with open(path) as f:
-            manifest = json.load(f)
+            raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
-    version = manifest.get("manifest_version")
-    if version != MANIFEST_VERSION:
-        newer = isinstance(version, int) and version > MANIFEST_VERSION
-        raise BundleError(
-            f"bundle {bundle_dir} has manifest version {version}; this timecma reads version {MANIFEST_VERSION}"
-            + (" (upgrade timecma)" if newer else " (re-export the bundle with `timecma-export --force`)")
-        )
-    for rel in manifest.get("files", {}):
+    try:
+        manifest = Manifest.from_dict(raw)
+    except BundleError as exc:
+        raise BundleError(f"bundle {bundle_dir}: {exc}") from exc
+    for rel in manifest.files:
         if not os.path.isfile(os.path.join(bundle_dir, rel)):
             raise BundleError(f"bundle {bundle_dir} lacks {rel} named in its manifest; re-export the bundle"
                               + (" or rebuild its engines with `timecma-engines build`" if rel.startswith("engines/")
@@ -110,7 +301,7 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
 
 
 # --- integrity ---------------------------------------------------------------------------
-_memo: dict[tuple, str] = {}
+_memo: dict[str, str] = {}
 
 
 def _cache_path() -> str | None:
@@ -135,7 +326,7 @@ def _stat_key(path: str) -> str:
     return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
-def verify_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any]) -> int:
+def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> int:
     """Check every listed file's size and sha256; return how many were hashed (not cached).
 
     A file is hashed once per content: the result is cached by path, size, mtime and inode
@@ -143,27 +334,27 @@ def verify_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any]) -> int
     """
     cache = None
     hashed = 0
-    for rel, rec in manifest.get("files", {}).items():
+    for rel, rec in manifest.files.items():
         path = os.path.join(bundle_dir, rel)
         fix = ("rebuild it with `timecma-engines build`" if rel.startswith("engines/")
                else "re-export the bundle with `timecma-export --force`")
         size = os.path.getsize(path)
-        if size != rec["bytes"]:
+        if size != rec.bytes:
             raise BundleError(f"bundle file {rel} is corrupt or truncated: {size} bytes, the manifest records "
-                              f"{rec['bytes']}; {fix}")
+                              f"{rec.bytes}; {fix}")
         key = _stat_key(path)
-        if _memo.get(key) == rec["sha256"]:
+        if _memo.get(key) == rec.sha256:
             continue
         if cache is None:
             cache = _load_cache()
-        if cache.get(key) != rec["sha256"]:
+        if cache.get(key) != rec.sha256:
             digest = file_sha256(path)
             hashed += 1
-            if digest != rec["sha256"]:
+            if digest != rec.sha256:
                 raise BundleError(f"bundle file {rel} is corrupt: sha256 {digest[:12]}..., the manifest records "
-                                  f"{rec['sha256'][:12]}...; {fix}")
+                                  f"{rec.sha256[:12]}...; {fix}")
             cache[key] = digest
-        _memo[key] = rec["sha256"]
+        _memo[key] = rec.sha256
     if hashed and cache is not None and (path := _cache_path()):
         try:
             if len(cache) > 10_000:  # bounded: drop the oldest half
