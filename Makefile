@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO   := runs/demo
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo gpu-check clean
+.PHONY: install test demo ablation gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ demo: $(STAMP)
 		--sweep-iters 3 --out $(DEMO)/bench
 	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle,"
 	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet, benchmark plot $(DEMO)/bench/latency.png"
+
+# Does the LLM earn its cost? Train the variants on ETTh1, accuracy beside batch-1 latency (minutes; not in `make test`).
+ablation: $(STAMP)
+	@test -f $(DEMO)/tiny-llm/config.json || $(BIN)/timecma-tiny-llm $(DEMO)/tiny-llm
+	$(BIN)/python -m benchmarks.ablation --llm $(DEMO)/tiny-llm --out benchmarks/results/ablation-etth1
 
 # For GPU owners: GPU extras, engines for this GPU, gpu-marked tests, a short GPU benchmark.
 gpu-check: $(STAMP)

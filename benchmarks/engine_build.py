@@ -38,7 +38,7 @@ def main(bundle: str, precision: str, trt_flavour: str, out: str) -> None:
     cfg = m.model_config.to_dict()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "engine_build.json"), "w") as f:
-        json.dump({"machine": info, "bundle": os.path.abspath(bundle), "llm": m.llm.id, "model_config": cfg,
+        json.dump({"machine": info, "bundle": os.path.abspath(bundle), "llm": m.llm.id if m.llm else None, "model_config": cfg,
                    "engines": rows}, f, indent=2)
     lines = [f"# TensorRT engine builds ({info['date']})", "",
              f"Machine: {info['cpu']}, {info['cores']} cores, ISA {', '.join(info['isa'])}, no GPU; "

@@ -197,9 +197,10 @@ def run(cfg: BenchConfig, progress=None) -> dict:
     ref = "torch" if "torch" in cfg.backends else cfg.backends[0]
     order = [ref] + [b for b in cfg.backends if b != ref]
     values, ts = real_windows(manifest, max(cfg.miss_iters + 1, 8), cfg.data)
-    scale = np.asarray(manifest.data.scaler_std, dtype=np.float64)
+    scale = values.reshape(-1, values.shape[-1]).std(axis=0)  # parity in units of the series' spread
     results: dict = {"config": asdict(cfg), "machine": machine_info(), "reference": ref,
-                     "bundle": {"llm": manifest.llm.id, "d_llm": manifest.model_config.d_llm,
+                     "bundle": {"model": manifest.model_config.model, "llm": manifest.llm.id if manifest.llm else None,
+                                "d_llm": manifest.model_config.d_llm,
                                 "n_vars": manifest.model_config.num_nodes,
                                 "seq_len": manifest.model_config.seq_len,
                                 "pred_len": manifest.model_config.pred_len},
@@ -213,10 +214,12 @@ def run(cfg: BenchConfig, progress=None) -> dict:
             results["backends"][spec] = {"skipped": str(exc)}
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            store = EmbeddingStore(os.path.join(tmp, "store"), manifest.llm.namespace, manifest.llm.d_llm)
+            store = (EmbeddingStore(os.path.join(tmp, "store"), manifest.llm.namespace, manifest.llm.d_llm)
+                     if manifest.llm else None)  # models without the LLM branch have no store
             f = Forecaster(cfg.bundle, manifest, backend, store)
             e2e = bench_end_to_end(f, values, ts, cfg)
-            store.close()
+            if store is not None:
+                store.close()
         fc = e2e.pop("forecasts")
         if ref_fc is None:
             ref_fc = fc
@@ -229,7 +232,7 @@ def run(cfg: BenchConfig, progress=None) -> dict:
         if progress:
             progress(f"{spec}: end to end miss p50 {e2e['miss']['end_to_end_ms']['p50']:.2f} ms, "
                      f"hit p50 {e2e['hit']['end_to_end_ms']['p50']:.3f} ms")
-        for n in cfg.n_vars:
+        for n in cfg.n_vars if manifest.llm else ():  # the LLM stage alone
             for tok in cfg.prompt_tokens:
                 ids, mask = sweep_inputs(f, values, ts, n, tok)
                 ms, embs = time_calls(lambda k: backend.run_llm(ids, mask), cfg.sweep_iters, 1, cfg.budget_s)
@@ -241,7 +244,7 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                                          "parity_max_abs": err, "parity_rel_to_max": rel})
                 if progress:
                     progress(f"{spec}: LLM N={n} x {tok} tokens p50 {summarize(ms)['p50']:.1f} ms")
-    if cfg.precompute_prompts:
+    if cfg.precompute_prompts and manifest.llm:
         results["precompute"] = bench_precompute(cfg.bundle, manifest, cfg.data, cfg.precompute_prompts, cfg.precompute_batch,
                                                  progress)
     base = results["backends"].get("torch", {})

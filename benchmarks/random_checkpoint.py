@@ -15,7 +15,8 @@ import torch
 
 from timecma.checkpoint import save_checkpoint
 from timecma.core.config import DataContract, ModelConfig
-from timecma.data import Scaler, load_series, resolve_split, split_borders
+from timecma.core.scaling import Scaler
+from timecma.data import load_series, resolve_split, split_borders
 from timecma.llm import load_llm
 from timecma.model import TimeCMA
 from timecma.core.prompts import get_template

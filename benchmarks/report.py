@@ -19,7 +19,8 @@ def markdown(res: dict) -> str:
         f"Machine: {m.get('cpu')}, {m['cores']} cores, ISA {', '.join(m.get('isa', [])) or 'n/a'}; "
         f"Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m.get('torch')} "
         f"({m.get('torch_threads')} threads), numpy {m['numpy']}.", "",
-        f"Bundle: LLM `{b['llm']}` (d_llm {b['d_llm']}), N = {b['n_vars']} variables, seq_len {b['seq_len']}, "
+        f"Bundle: model `{b.get('model', 'timecma')}`, "
+        + (f"LLM `{b['llm']}` (d_llm {b['d_llm']})" if b["llm"] else "no LLM") + f", N = {b['n_vars']} variables, seq_len {b['seq_len']}, "
         f"pred_len {b['pred_len']}. Real ETTh1 windows; the same inputs for every backend. Reference for parity and "
         f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows.", "",
         "## End to end (one window, N prompts), milliseconds", "",
@@ -94,7 +95,10 @@ def plot(res: dict, path: str) -> None:
     ax.set_xlabel("number of variables N (prompts per request)")
     ax.set_ylabel("LLM stage ms (p50)")
     ax.set_title("LLM latency against the number of variables")
-    ax.legend(fontsize=7)
+    if res["sweep"]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no LLM in this bundle", ha="center", va="center", transform=ax.transAxes)
     m = res["machine"]
     fig.suptitle(f"timecma-bench — {m.get('cpu')} ({m['cores']} cores), d_llm {res['bundle']['d_llm']}", fontsize=10)
     fig.tight_layout()

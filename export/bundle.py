@@ -24,7 +24,8 @@ from timecma import __version__
 from timecma.checkpoint import (CheckpointError, build_model, infer_reference_config, load_checkpoint, load_torch_file,
                                 strip_reference_keys)
 from timecma.core.config import DataContract, ModelConfig
-from timecma.data import Scaler, load_series, make_windows, resolve_split, split_borders, validate_frame
+from timecma.core.scaling import Scaler
+from timecma.data import load_series, make_windows, resolve_split, split_borders, validate_frame
 from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
 from timecma.core.errors import BackendUnavailable, InputError
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
@@ -132,7 +133,13 @@ def source_from_reference(path: str, data_path: str, llm: LoadedLLM, time_col: s
                   _origin("public-reference state_dict", path))
 
 
-def _check_llm(src: Source, llm: LoadedLLM) -> None:
+def _check_llm(src: Source, llm: LoadedLLM | None) -> None:
+    if not src.cfg.uses_llm:
+        if llm is not None:
+            raise ExportError(f"model {src.cfg.model} has no LLM branch; drop --llm")
+        return
+    if llm is None:
+        raise ExportError("this model uses the LLM: pass --llm or export from a checkpoint that names it")
     if src.llm is None:
         return
     if llm.info.weights_digest != src.llm["weights_digest"]:
@@ -159,20 +166,20 @@ def _median_ms(sess, feeds: dict, seconds: float = 0.3) -> float:
 FORECASTER_B1_ONNX = "forecaster.b1.onnx"
 
 
-def _batch1_forecaster(graph: ForecasterGraph, tmp: str, x: np.ndarray, emb: np.ndarray, y_torch: np.ndarray,
-                       std: np.ndarray, tolerance: float) -> dict:
+def _batch1_forecaster(graph: ForecasterGraph, tmp: str, fc_feeds, y_torch: np.ndarray, std: np.ndarray,
+                       tolerance: float) -> dict:
     """Pick the CPU forecaster for batch-1 requests: the dynamic graph or a fixed-batch-1 one,
     with all cores or one thread (a batch-1 pass is ~400 tiny ops, where waking a second
     thread per op can cost more than it gives). Measured here, recorded in the manifest."""
     export_forecaster(graph, os.path.join(tmp, FORECASTER_B1_ONNX), batch_one=True)
-    feeds = {"x": x[:1], "prompt_emb": emb[:1]}
+    feeds = fc_feeds(slice(0, 1))
     cands = {}
     for file in (FORECASTER_ONNX, FORECASTER_B1_ONNX):
         for threads in (None, 1):
             sess = _ort_session(os.path.join(tmp, file), threads)
             cands[(file, threads)] = _median_ms(sess, feeds)
     b1 = _ort_session(os.path.join(tmp, FORECASTER_B1_ONNX))
-    y = np.concatenate([b1.run(None, {"x": x[i:i + 1], "prompt_emb": emb[i:i + 1]})[0] for i in range(len(x))])
+    y = np.concatenate([b1.run(None, fc_feeds(slice(i, i + 1)))[0] for i in range(len(y_torch))])
     err = _errors(y / std, y_torch / std)
     if err["max_abs"] > tolerance:
         raise ExportError(f"batch-1 forecaster graph parity {err['max_abs']:.2e} exceeds tolerance {tolerance:.0e}")
@@ -217,7 +224,7 @@ def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, renderer, 
     borders = split_borders(len(series.values), cfg.seq_len, data.split, series.frequency)
     starts = make_windows(borders, cfg.seq_len, cfg.pred_len)["test"].starts
     starts = starts[np.linspace(0, len(starts) - 1, min(opts.quantize_windows, len(starts))).astype(int)]
-    mean, std = np.asarray(data.scaler_mean), np.asarray(data.scaler_std)
+    mean, std = _report_norm(series, data, cfg)
     sq = {"fp32": [], "int8": []}
     hidden_rel = []
     for s0 in starts:
@@ -263,7 +270,7 @@ def recover_bundle(out_dir: str) -> None:
     remove_dead_temporaries(parent, f".bundle-{name}-", "an unfinished bundle")
 
 
-def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> Manifest:
+def export_bundle(src: Source, llm: LoadedLLM | None, opts: ExportOptions) -> Manifest:
     """Write the bundle; returns its manifest. Nothing is left at ``out_dir`` on failure."""
     t0 = time.time()
     out_dir = os.path.abspath(opts.out_dir)
@@ -304,32 +311,128 @@ def export_bundle(src: Source, llm: LoadedLLM, opts: ExportOptions) -> Manifest:
     return manifest
 
 
-def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
+def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str) -> dict:
+    """The bundle's files in ``tmp`` and its manifest as a dict. Models without the LLM branch
+    (``timecma-no-llm``, ``dlinear``) get a forecaster graph that takes the window alone and no
+    LLM graph, tokenizer or prompt template."""
+    cfg, data = src.cfg, src.data
+    model = build_model(cfg, src.state_dict)
+    graph = ForecasterGraph(model, Scaler.from_contract(data)).eval()
+    log.info("exporting %s", FORECASTER_ONNX)
+    t = time.time()
+    export_forecaster(graph, os.path.join(tmp, FORECASTER_ONNX))
+    fc_export_s = time.time() - t
+    series, starts = _real_windows(src, opts.data_path, opts.parity_windows)
+    x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
+    llm_part = _llm_graphs(src, llm, opts, tmp, series, starts) if cfg.uses_llm else None
+    emb = llm_part["emb"] if llm_part else None
+
+    def fc_feeds(i: slice) -> dict:
+        return {"x": x[i], **({"prompt_emb": emb[i]} if emb is not None else {})}
+
+    with torch.no_grad():
+        y_torch = graph(torch.from_numpy(x), None if emb is None else torch.from_numpy(emb)).numpy()
+    fc_sess = _ort_session(os.path.join(tmp, FORECASTER_ONNX))
+    std = _report_norm(series, data, cfg)[1].astype(np.float32)  # errors in standard-normalised units
+    y_ort = np.concatenate([fc_sess.run(None, fc_feeds(slice(i, i + 1)))[0] for i in range(len(x))])
+    fc_err = _errors(y_ort / std, y_torch / std)  # normalized units
+    fc_err_b = _errors(fc_sess.run(None, fc_feeds(slice(None)))[0] / std, y_torch / std)
+    worst_fc = max(fc_err["max_abs"], fc_err_b["max_abs"])
+    if worst_fc > opts.tolerance:
+        raise ExportError(f"forecaster graph parity {worst_fc:.2e} (normalized units) exceeds tolerance {opts.tolerance:.0e}")
+    log.info("parity: forecaster max abs %.2e (normalized)", worst_fc)
+    fc_batch1 = _batch1_forecaster(graph, tmp, fc_feeds, y_torch, std, opts.tolerance)
+    # real inputs and ONNX Runtime fp32 outputs, for engine parity wherever engines are built
+    os.makedirs(os.path.join(tmp, os.path.dirname(PARITY_FILE)), exist_ok=True)
+    np.savez(os.path.join(tmp, PARITY_FILE), fc_x=x[:1], fc_out=y_ort[:1],
+             **({"fc_prompt_emb": emb[:1]} if emb is not None else {}), **(llm_part["parity"] if llm_part else {}))
+    if llm_part:
+        _llm_variants(src, llm, opts, tmp, series, llm_part, fc_sess)
+
+    fc_files = {"fp32": {"file": FORECASTER_ONNX}}
+    f16 = FORECASTER_ONNX.replace(".onnx", ".fp16.onnx")
+    convert_fp16(os.path.join(tmp, FORECASTER_ONNX), os.path.join(tmp, f16))
+    try:  # measured on ORT CPU where its kernels allow; recorded, not enforced
+        p16 = _errors(_ort_session(os.path.join(tmp, f16)).run(None, fc_feeds(slice(None)))[0] / std, y_torch / std)
+    except Exception as exc:
+        p16 = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
+    fc_files["fp16"] = {"file": f16, "parity_vs_torch_ort_cpu": p16}
+    files_groups = [fc_files] + ([llm_part["files"]] if llm_part else [])
+    for files in files_groups:
+        for v in files.values():
+            v["sha256"] = file_sha256(os.path.join(tmp, v["file"]))
+            v["bytes"] = os.path.getsize(os.path.join(tmp, v["file"]))
+    fc_batch1["sha256"] = file_sha256(os.path.join(tmp, fc_batch1["file"]))
+
+    fc_inputs = {"x": {"shape": ["B", cfg.seq_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}}
+    if cfg.uses_llm:
+        fc_inputs["prompt_emb"] = {"shape": ["B", cfg.num_nodes, cfg.d_llm], "dtype": "float32"}
+    graphs = {"forecaster": {
+        "inputs": fc_inputs,
+        "outputs": {"y": {"shape": ["B", cfg.pred_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}},
+        "scaler": "in_graph", "files": fc_files, "cpu_preferred": "fp32", "cpu_batch1": fc_batch1,
+        "parity_vs_torch": {"units": "normalized", "ort_cpu_fp32": {"batch_1": fc_err, "batched": fc_err_b}},
+        "export_seconds": round(fc_export_s, 1),
+    }}
+    if llm_part:
+        graphs["llm"] = llm_part["graph"]
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "origin": src.origin,
+        "model_config": cfg.to_dict(),
+        "data": _portable_data(data, opts.data_path),
+        "prompt": src.prompt if cfg.uses_llm else None,
+        "llm": {**_portable_llm(llm.info.to_dict()), "digest_verified": src.llm is not None} if llm_part else None,
+        "tokenizer": llm_part["tokenizer"] if llm_part else None,
+        "opset": OPSET,
+        "graphs": graphs,
+        "parity_tolerance": opts.tolerance,
+        "parity_windows": [int(s) for s in starts],
+        "engines": [],
+        "versions": _versions(),
+        "metrics": src.metrics,
+    }
+
+
+def _report_norm(series, data: DataContract, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the training rows: the units parity and accuracy are reported in, whatever
+    scaler the model uses (the paper's normalised scale)."""
+    b = split_borders(len(series.values), cfg.seq_len, data.split, series.frequency)["train"]
+    rows = series.values[b[0]:b[1]]
+    return rows.mean(axis=0), rows.std(axis=0)
+
+
+def _versions() -> dict:
     import onnx
     import onnxruntime as ort
 
-    cfg, data = src.cfg, src.data
-    model = build_model(cfg, src.state_dict)
-    graph = ForecasterGraph(model, np.asarray(data.scaler_mean), np.asarray(data.scaler_std)).eval()
+    from timecma.runtime.trt_flavour import installed
 
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                **{k: (None if v.startswith("not installed") else v) for k, v in installed().items()},
+                "timecma": __version__}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _llm_graphs(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str, series, starts) -> dict:
+    """Tokenizer, LLM last-token graph and its parity on the parity windows' prompts."""
+    cfg, data = src.cfg, src.data
     # tokenizer: fast-tokenizer JSON the runtime loads with `tokenizers` alone
     tok_dir = os.path.join(tmp, "tokenizer")
     llm.tokenizer.save_pretrained(tok_dir)
     from tokenizers import Tokenizer
 
     saved_tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-
     log.info("exporting %s", LLM_ONNX)
     t = time.time()
     export_llm(llm.encoder, os.path.join(tmp, LLM_ONNX), llm.info.max_positions)
     llm_export_s = time.time() - t
-    log.info("exporting %s", FORECASTER_ONNX)
-    t = time.time()
-    export_forecaster(graph, os.path.join(tmp, FORECASTER_ONNX))
-    fc_export_s = time.time() - t
-
-    # ---- parity on real windows ------------------------------------------------------
-    series, starts = _real_windows(src, opts.data_path, opts.parity_windows)
     renderer = PromptRenderer(get_template(src.prompt["name"], src.prompt["hash"]), data.frequency)
     prompts = renderer.render_series(series.values, series.timestamps, starts, cfg.seq_len)
     ids = encode_prompts(saved_tok, prompts)
@@ -355,30 +458,31 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
     if worst_llm > opts.tolerance:
         raise ExportError(f"LLM graph parity {worst_llm:.2e} exceeds tolerance {opts.tolerance:.0e}")
 
-    x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
+    log.info("parity: LLM max abs %.2e", worst_llm)
     emb = torch_emb.reshape(len(starts), n, -1).astype(np.float32)
-    with torch.no_grad():
-        y_torch = graph(torch.from_numpy(x), torch.from_numpy(emb)).numpy()
-    fc_sess = _ort_session(os.path.join(tmp, FORECASTER_ONNX))
-    std = np.asarray(data.scaler_std, dtype=np.float32)
-    y_ort = np.concatenate([fc_sess.run(None, {"x": x[i:i + 1], "prompt_emb": emb[i:i + 1]})[0] for i in range(len(x))])
-    fc_err = _errors(y_ort / std, y_torch / std)  # normalized units
-    fc_err_b = _errors(fc_sess.run(None, {"x": x, "prompt_emb": emb})[0] / std, y_torch / std)
-    worst_fc = max(fc_err["max_abs"], fc_err_b["max_abs"])
-    if worst_fc > opts.tolerance:
-        raise ExportError(f"forecaster graph parity {worst_fc:.2e} (normalized units) exceeds tolerance {opts.tolerance:.0e}")
-    log.info("parity: LLM max abs %.2e, forecaster max abs %.2e (normalized)", worst_llm, worst_fc)
-    fc_batch1 = _batch1_forecaster(graph, tmp, x, emb, y_torch, std, opts.tolerance)
-    # real inputs and ONNX Runtime fp32 outputs, for engine parity wherever engines are built
     a1, m1 = pad_right(ids[:n], llm.info.pad_id)
-    os.makedirs(os.path.join(tmp, os.path.dirname(PARITY_FILE)), exist_ok=True)
-    np.savez(os.path.join(tmp, PARITY_FILE), llm_input_ids=a1, llm_attention_mask=m1, llm_out=ort_emb[:n],
-             fc_x=x[:1], fc_prompt_emb=emb[:1], fc_out=y_ort[:1])
+    return {"emb": emb, "ids": ids, "renderer": renderer, "saved_tok": saved_tok, "llm_sess": llm_sess,
+            "torch_emb": torch_emb, "ort_llm": ort_llm, "n_windows": len(starts),
+            "parity": {"llm_input_ids": a1, "llm_attention_mask": m1, "llm_out": ort_emb[:n]},
+            "tokenizer": {"file": "tokenizer/tokenizer.json", "digest": tokenizer_digest(saved_tok)},
+            "graph": {
+                "inputs": {"input_ids": {"shape": ["B", "S"], "dtype": "int64"},
+                           "attention_mask": {"shape": ["B", "S"], "dtype": "int64"}},
+                "outputs": {"last_hidden": {"shape": ["B", cfg.d_llm], "dtype": "float32"}},
+                "padding": "right", "last_block_last_position_only": llm.encoder.last_position_only,
+                "parity_vs_torch": {"ort_cpu_fp32": {"per_window": llm_err, "all_in_one_batch": llm_err_all,
+                                                     "single_prompt": llm_err_one}},
+                "export_seconds": round(llm_export_s, 1)},
+            "files": {"fp32": {"file": LLM_ONNX}}}
 
+
+def _llm_variants(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str, series, part: dict, fc_sess) -> None:
+    """CPU-optimised, opt-in int8 and fp16 LLM graphs, each kept on its own evidence; updates ``part``."""
+    ids, n, llm_sess, ort_llm = part["ids"], src.cfg.num_nodes, part["llm_sess"], part["ort_llm"]
+    torch_emb, llm_files = part["torch_emb"], part["files"]
     quant_rejected = None
     # ---- CPU-optimised LLM graph (kept only if faster with parity) ----------------------
     feeds = dict(zip(("input_ids", "attention_mask"), pad_right(ids[:n], llm.info.pad_id)))
-    llm_files = {"fp32": {"file": LLM_ONNX}}
     timings = {"fp32": _time_session(llm_sess, feeds)}
     cpu_preferred = "fp32"
     opt_file = "llm_last_token.ort-cpu.onnx"
@@ -387,7 +491,8 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
                                      llm.encoder.model.config.num_attention_heads, llm.info.d_llm,
                                      llm.info.extra.get("model_type", ""))
         opt_sess = _ort_session(os.path.join(tmp, opt_file))
-        opt_err = _errors(np.concatenate([ort_llm(opt_sess, ids[i * n:(i + 1) * n]) for i in range(len(starts))]), torch_emb)
+        opt_err = _errors(np.concatenate([ort_llm(opt_sess, ids[i * n:(i + 1) * n]) for i in range(part["n_windows"])]),
+                          torch_emb)
         timings["fp32-ort-opt"] = _time_session(opt_sess, feeds)
         if opt_err["max_abs"] <= opts.tolerance and timings["fp32-ort-opt"] < timings["fp32"]:
             llm_files["fp32-ort-opt"] = {"file": opt_file, "fused_ops": fused, "parity_vs_torch": opt_err}
@@ -403,7 +508,8 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
 
     # ---- opt-in int8 LLM graph for CPUs (accepted on forecast accuracy, not hidden-state parity)
     if opts.quantize == "int8":
-        q = _int8_variant(src, opts, tmp, series, renderer, saved_tok, llm.info.pad_id, fc_sess, feeds, timings)
+        q = _int8_variant(src, opts, tmp, series, part["renderer"], part["saved_tok"], llm.info.pad_id, fc_sess, feeds,
+                          timings)
         if q.get("accepted"):
             llm_files["int8"] = q
             if timings["int8"] < timings[cpu_preferred]:
@@ -411,76 +517,16 @@ def _build(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str) -> dict:
         else:
             quant_rejected = q
 
-    # ---- fp16 graphs (precision lives in the graph: TensorRT strongly typed) ----------
-    fc_files = {"fp32": {"file": FORECASTER_ONNX}}
-    fp16_parity = {}
-    for name, files, fp32_file in (("llm", llm_files, LLM_ONNX), ("forecaster", fc_files, FORECASTER_ONNX)):
-        f16 = fp32_file.replace(".onnx", ".fp16.onnx")
-        convert_fp16(os.path.join(tmp, fp32_file), os.path.join(tmp, f16))
-        files["fp16"] = {"file": f16}
-        try:  # measured on ORT CPU where its kernels allow; recorded, not enforced
-            s16 = _ort_session(os.path.join(tmp, f16))
-            if name == "llm":
-                fp16_parity[name] = _errors(ort_llm(s16, ids[:n]), torch_emb[:n])
-            else:
-                fp16_parity[name] = _errors(s16.run(None, {"x": x, "prompt_emb": emb})[0] / std, y_torch / std)
-        except Exception as exc:
-            fp16_parity[name] = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
-        files["fp16"]["parity_vs_torch_ort_cpu"] = fp16_parity[name]
-
-    for files in (llm_files, fc_files):
-        for v in files.values():
-            v["sha256"] = file_sha256(os.path.join(tmp, v["file"]))
-            v["bytes"] = os.path.getsize(os.path.join(tmp, v["file"]))
-    fc_batch1["sha256"] = file_sha256(os.path.join(tmp, fc_batch1["file"]))
-
-    from timecma.runtime.trt_flavour import installed
-
-    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                **{k: (None if v.startswith("not installed") else v) for k, v in installed().items()},
-                "timecma": __version__}
-    try:
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "origin": src.origin,
-        "model_config": cfg.to_dict(),
-        "data": _portable_data(data, opts.data_path),
-        "prompt": src.prompt,
-        "llm": {**_portable_llm(llm.info.to_dict()), "digest_verified": src.llm is not None},
-        "tokenizer": {"file": "tokenizer/tokenizer.json", "digest": tokenizer_digest(saved_tok)},
-        "opset": OPSET,
-        "graphs": {
-            "llm": {
-                "inputs": {"input_ids": {"shape": ["B", "S"], "dtype": "int64"},
-                           "attention_mask": {"shape": ["B", "S"], "dtype": "int64"}},
-                "outputs": {"last_hidden": {"shape": ["B", cfg.d_llm], "dtype": "float32"}},
-                "padding": "right", "last_block_last_position_only": llm.encoder.last_position_only,
-                "files": llm_files, "cpu_preferred": cpu_preferred,
-                "ort_cpu_ms_batch_n": timings, **({"int8_rejected": quant_rejected} if quant_rejected else {}),
-                "parity_vs_torch": {"ort_cpu_fp32": {"per_window": llm_err, "all_in_one_batch": llm_err_all,
-                                                     "single_prompt": llm_err_one}},
-                "export_seconds": round(llm_export_s, 1),
-            },
-            "forecaster": {
-                "inputs": {"x": {"shape": ["B", cfg.seq_len, cfg.num_nodes], "dtype": "float32", "units": "raw"},
-                           "prompt_emb": {"shape": ["B", cfg.num_nodes, cfg.d_llm], "dtype": "float32"}},
-                "outputs": {"y": {"shape": ["B", cfg.pred_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}},
-                "scaler": "in_graph", "files": fc_files, "cpu_preferred": "fp32", "cpu_batch1": fc_batch1,
-                "parity_vs_torch": {"units": "normalized", "ort_cpu_fp32": {"batch_1": fc_err, "batched": fc_err_b}},
-                "export_seconds": round(fc_export_s, 1),
-            },
-        },
-        "parity_tolerance": opts.tolerance,
-        "parity_windows": [int(s) for s in starts],
-        "engines": [],
-        "versions": versions,
-        "metrics": src.metrics,
-    }
+    # ---- fp16 LLM graph (precision lives in the graph: TensorRT strongly typed) -------------
+    f16 = LLM_ONNX.replace(".onnx", ".fp16.onnx")
+    convert_fp16(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, f16))
+    try:  # measured on ORT CPU where its kernels allow; recorded, not enforced
+        p16 = _errors(ort_llm(_ort_session(os.path.join(tmp, f16)), ids[:n]), torch_emb[:n])
+    except Exception as exc:
+        p16 = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
+    llm_files["fp16"] = {"file": f16, "parity_vs_torch_ort_cpu": p16}
+    part["graph"].update(files=llm_files, cpu_preferred=cpu_preferred, ort_cpu_ms_batch_n=timings,
+                         **({"int8_rejected": quant_rejected} if quant_rejected else {}))
 
 
 def _errors(a: np.ndarray, b: np.ndarray) -> dict:

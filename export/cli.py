@@ -78,16 +78,18 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
                                         channel=channel, e_layer=e_layer, d_layer=d_layer, d_ff=d_ff, head=head)
         else:
             src = source_from_checkpoint(ckpt)
-            llm = load_llm(llm_id or src.llm["id"])
+            llm = load_llm(llm_id or src.llm["id"]) if src.cfg.uses_llm else None
         manifest = export_bundle(src, llm, opts)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-export", exc)
     g = {k: v.info for k, v in manifest.graphs.items()}
+    llm_graph = manifest.graphs.get("llm")
     click.echo(json.dumps({
         "bundle": out_dir,
-        "llm_parity_max_abs": g["llm"]["parity_vs_torch"]["ort_cpu_fp32"]["per_window"]["max_abs"],
+        "llm_parity_max_abs": g["llm"]["parity_vs_torch"]["ort_cpu_fp32"]["per_window"]["max_abs"]
+        if llm_graph else None,
         "forecaster_parity_max_abs_normalized": g["forecaster"]["parity_vs_torch"]["ort_cpu_fp32"]["batch_1"]["max_abs"],
-        "llm_cpu_preferred": manifest.graphs["llm"].cpu_preferred,
+        "llm_cpu_preferred": llm_graph.cpu_preferred if llm_graph else None,
         "engines": [e.file for e in manifest.engines],
         "tensorrt": manifest.info["tensorrt_note"],
         "export_seconds": manifest.info["export_seconds"],

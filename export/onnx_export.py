@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import warnings
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from timecma.core.scaling import CLIP, FLOOR, Scaler
 from timecma.llm import LastTokenEncoder
-from timecma.model import TimeCMA
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +24,25 @@ OPSET = 18  # >= 17 so LayerNormalization is one node
 
 
 class ForecasterGraph(nn.Module):
-    """Dataset scaling around the model: raw units in, raw units out."""
+    """Dataset scaling around the model: raw units in, raw units out. The formulas are those of
+    ``timecma.core.scaling.Scaler`` (standard, or log with offset, floor clamp and +-20 clip)."""
 
-    def __init__(self, model: TimeCMA, mean: np.ndarray, std: np.ndarray):
+    def __init__(self, model: nn.Module, scaler: Scaler):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.log = scaler.kind == "log"
+        self.register_buffer("mean", torch.as_tensor(scaler.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(scaler.std, dtype=torch.float32))
+        if self.log:
+            self.register_buffer("offset", torch.as_tensor(scaler.offset, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
-        y = self.model((x - self.mean) / self.std, prompt_emb)
-        return y * self.std + self.mean
+    def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.log:
+            y = self.model((x - self.mean) / self.std, prompt_emb)
+            return y * self.std + self.mean
+        z = ((torch.log(torch.clamp(x + self.offset, min=FLOOR)) - self.mean) / self.std).clamp(-CLIP, CLIP)
+        y = self.model(z, prompt_emb).clamp(-CLIP, CLIP)
+        return torch.exp(y * self.std + self.mean) - self.offset
 
 
 def _export(module: nn.Module, args: tuple, path: str, input_names: list[str], output_names: list[str],
@@ -79,13 +86,15 @@ def export_forecaster(graph: ForecasterGraph, path: str, batch_one: bool = False
     what a batch-1 request on CPU pays for (microseconds per node, not FLOPs)."""
     cfg = graph.model.cfg
     b = 1 if batch_one else 2
-    x = torch.randn(b, cfg.seq_len, cfg.num_nodes)
-    emb = torch.randn(b, cfg.num_nodes, cfg.d_llm)
+    args: tuple = (torch.randn(b, cfg.seq_len, cfg.num_nodes),)
+    names = ["x"]
+    if cfg.uses_llm:  # models without the LLM branch take the window alone
+        args, names = (*args, torch.randn(b, cfg.num_nodes, cfg.d_llm)), ["x", "prompt_emb"]
     if batch_one:
-        _export(graph, (x, emb), path, ["x", "prompt_emb"], ["y"], None)
+        _export(graph, args, path, names, ["y"], None)
         return
     batch = torch.export.Dim("batch", min=1, max=4096)
-    _export(graph, (x, emb), path, ["x", "prompt_emb"], ["y"], {"x": {0: batch}, "prompt_emb": {0: batch}})
+    _export(graph, args, path, names, ["y"], {name: {0: batch} for name in names})
 
 
 def convert_fp16(src: str, dst: str) -> None:

@@ -85,6 +85,14 @@ def ort_session(path: str, device: str = "cpu", threads: int | None = None, cuda
     return ort.InferenceSession(path, opts, providers=providers)
 
 
+def forecaster_feeds(x: np.ndarray, prompt_emb: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The forecaster graph's inputs: the window, and the prompt embeddings where the model has an LLM branch."""
+    feeds = {"x": np.ascontiguousarray(x, dtype=np.float32)}
+    if prompt_emb is not None:
+        feeds["prompt_emb"] = np.ascontiguousarray(prompt_emb, dtype=np.float32)
+    return feeds
+
+
 class OrtBackend:
     """ONNX Runtime on CPU, or CUDA with IO binding (outputs bound to host, inputs copied once)."""
 
@@ -95,12 +103,14 @@ class OrtBackend:
         ort = _ort()
         self.name = "ort-cuda" if device == "cuda" else "ort-cpu"
         self.device = device
-        llm, fc = manifest.graphs["llm"], manifest.graphs["forecaster"]
-        variant = llm_variant or (llm.cpu_preferred if device == "cpu" else "fp32")
-        if variant not in llm.files:
-            raise BundleError(f"bundle has no LLM graph variant {variant!r}; it has {sorted(llm.files)}")
-        self.llm_variant = variant
-        self.llm = ort_session(os.path.join(bundle_dir, llm.files[variant].file), device, threads)
+        llm, fc = manifest.graphs.get("llm"), manifest.graphs["forecaster"]
+        self.llm = self.llm_variant = None
+        if llm is not None:  # models without the LLM branch have no LLM graph
+            variant = llm_variant or (llm.cpu_preferred if device == "cpu" else "fp32")
+            if variant not in llm.files:
+                raise BundleError(f"bundle has no LLM graph variant {variant!r}; it has {sorted(llm.files)}")
+            self.llm_variant = variant
+            self.llm = ort_session(os.path.join(bundle_dir, llm.files[variant].file), device, threads)
         self.fc = ort_session(os.path.join(bundle_dir, fc.files["fp32"].file), device, threads,
                               cuda_graph=cuda_graph)
         # batch-1 requests on CPU: the graph and thread count export measured fastest
@@ -113,11 +123,13 @@ class OrtBackend:
             cfg = manifest.model_config
             # CUDA graphs replay fixed device addresses: bind batch-1 buffers once, copy into them.
             self._x = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg.seq_len, cfg.num_nodes), np.float32, "cuda", 0)
-            self._e = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg.num_nodes, cfg.d_llm), np.float32, "cuda", 0)
             self._y = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg.pred_len, cfg.num_nodes), np.float32, "cuda", 0)
             self._binding = self.fc.io_binding()
             self._binding.bind_ortvalue_input("x", self._x)
-            self._binding.bind_ortvalue_input("prompt_emb", self._e)
+            if llm is not None:
+                self._e = ort.OrtValue.ortvalue_from_shape_and_type((1, cfg.num_nodes, cfg.d_llm), np.float32,
+                                                                     "cuda", 0)
+                self._binding.bind_ortvalue_input("prompt_emb", self._e)
             self._binding.bind_ortvalue_output("y", self._y)
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -133,19 +145,21 @@ class OrtBackend:
     def close(self) -> None:
         """ORT sessions are freed with the object."""
 
-    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        prompt_emb = np.ascontiguousarray(prompt_emb, dtype=np.float32)
-        if self._fc_graph and x.shape[0] == 1:
-            self._x.update_inplace(x)
-            self._e.update_inplace(prompt_emb)
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
+        feeds = forecaster_feeds(x, prompt_emb)
+        if self._fc_graph and feeds["x"].shape[0] == 1:
+            self._x.update_inplace(feeds["x"])
+            if prompt_emb is not None:
+                self._e.update_inplace(feeds["prompt_emb"])
             self.fc.run_with_iobinding(self._binding)
             return self._y.numpy()
         if self.device == "cuda":  # other batch sizes: a plain CUDA run, one at a time under the graph
-            return np.concatenate([self.run_forecaster(x[i:i + 1], prompt_emb[i:i + 1]) for i in range(len(x))]) \
-                if self._fc_graph else self.fc.run(None, {"x": x, "prompt_emb": prompt_emb})[0]
-        sess = self.fc1 if x.shape[0] == 1 else self.fc
-        return sess.run(None, {"x": x, "prompt_emb": prompt_emb})[0]
+            if not self._fc_graph:
+                return self.fc.run(None, feeds)[0]
+            return np.concatenate([self.run_forecaster(x[i:i + 1], None if prompt_emb is None else prompt_emb[i:i + 1])
+                                   for i in range(len(x))])
+        sess = self.fc1 if feeds["x"].shape[0] == 1 else self.fc
+        return sess.run(None, feeds)[0]
 
 
 def make_backend(name: str, bundle_dir: str, manifest: Manifest, **kwargs) -> Backend:

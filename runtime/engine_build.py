@@ -62,12 +62,14 @@ class EngineProfile:
             s = [[b, t] for b, t in zip(self.llm_batch, self.llm_seq)]
             return {"input_ids": s, "attention_mask": s}
         n = cfg.num_nodes
-        return {"x": [[b, cfg.seq_len, n] for b in self.forecast_batch],
-                "prompt_emb": [[b, n, cfg.d_llm] for b in self.forecast_batch]}
+        shapes = {"x": [[b, cfg.seq_len, n] for b in self.forecast_batch]}
+        if cfg.uses_llm:
+            shapes["prompt_emb"] = [[b, n, cfg.d_llm] for b in self.forecast_batch]
+        return shapes
 
 
 def default_profile(manifest: Manifest) -> EngineProfile:
-    mp = manifest.llm.max_positions
+    mp = manifest.llm.max_positions if manifest.llm else 1024
     return EngineProfile(llm_seq=(1, min(256, mp), min(1024, mp)))
 
 
@@ -193,7 +195,7 @@ def _gpu_cc() -> str | None:
 
 def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flavour: str = "auto",
                   profile: EngineProfile | None = None, targets: list[str] | None = None,
-                  graphs: tuple[str, ...] = GRAPHS, workspace_gib: float | None = None) -> list[dict]:
+                  graphs: tuple[str, ...] | None = None, workspace_gib: float | None = None) -> list[Engine]:
     """Build one engine per (graph, precision) from the bundle's ONNX graphs; add them to the bundle.
 
     Returns the new manifest entries. An entry for the same graph, precision, flavour, version
@@ -202,8 +204,12 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
     bundle_dir = os.path.abspath(bundle_dir)
     manifest = read_manifest(bundle_dir)  # verifies every file first
     cfg = manifest.model_config
+    graphs = tuple(g for g in GRAPHS if g in manifest.graphs) if graphs is None else graphs
+    absent = [g for g in graphs if g not in manifest.graphs]
+    if absent:
+        raise BundleError(f"the bundle has no {absent[0]} graph (its model, {cfg.model}, has {sorted(manifest.graphs)})")
     profile = profile or default_profile(manifest)
-    profile.check(manifest.llm.max_positions)
+    profile.check(manifest.llm.max_positions if manifest.llm else profile.llm_seq[2])
     for graph in graphs:
         files = manifest.graphs[graph].files
         for p in precisions:
@@ -300,7 +306,8 @@ def _engine_parity(bundle_dir: str, tmp: str, fl: Flavour, entry: Engine, gpu_cc
     if g == "llm":
         feeds, want = {"input_ids": ref["llm_input_ids"], "attention_mask": ref["llm_attention_mask"]}, ref["llm_out"]
     else:
-        feeds, want = {"x": ref["fc_x"], "prompt_emb": ref["fc_prompt_emb"]}, ref["fc_out"]
+        feeds = {"x": ref["fc_x"], **({"prompt_emb": ref["fc_prompt_emb"]} if "fc_prompt_emb" in ref else {})}
+        want = ref["fc_out"]
     try:
         EngineIO.from_manifest(entry).check(feeds)
     except ValueError as exc:

@@ -74,7 +74,7 @@ def engines_cmd(verbose: bool) -> None:
 def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch, max_batch, max_seq,
               targets, graph):
     """Build engines from BUNDLE's ONNX graphs and add them to it, atomically."""
-    from .engine_build import GRAPHS, EngineProfile, build_engines, default_profile
+    from .engine_build import EngineProfile, build_engines, default_profile
 
     try:
         manifest = read_manifest(bundle)
@@ -86,7 +86,7 @@ def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch
         if max_seq is not None:
             ls = (min(ls[0], max_seq), min(ls[1], max_seq), max_seq)
         new = build_engines(bundle, precisions(precision), trt_flavour, EngineProfile(lb, ls, fb),
-                            parse_targets(targets), GRAPHS if graph == "all" else (graph,))
+                            parse_targets(targets), None if graph == "all" else (graph,))
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail(PROG, exc, " (bundle unchanged)")
     for e in new:
@@ -136,8 +136,8 @@ def verify_cmd(bundle):
         fail(PROG, exc)
     cfg = manifest.model_config
     click.echo(f"bundle {os.path.abspath(bundle)}: {len(manifest.files)} files verified (sha256)")
-    click.echo(f"  model: seq_len {cfg.seq_len}, pred_len {cfg.pred_len}, {cfg.num_nodes} variables, "
-               f"LLM {manifest.llm.id} (d_llm {cfg.d_llm})")
+    llm = f"LLM {manifest.llm.id} (d_llm {cfg.d_llm})" if manifest.llm else "no LLM"
+    click.echo(f"  model: {cfg.model}, seq_len {cfg.seq_len}, pred_len {cfg.pred_len}, {cfg.num_nodes} variables, {llm}")
     for g, graph in manifest.graphs.items():
         par = graph.info.get("parity_vs_torch", {}).get("ort_cpu_fp32", {})
         worst = max((v["max_abs"] for v in par.values() if isinstance(v, dict) and "max_abs" in v), default=None)

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from timecma.core.errors import BundleError, InputError
 from timecma.core.manifest import Manifest, read_manifest
+from timecma.core.scaling import Scaler
 from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
 from timecma.core.store import EmbeddingStore
 from timecma.core.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
@@ -29,6 +30,7 @@ class Stats:
     """Counters and per-stage seconds accumulated over requests."""
 
     requests: int = 0
+    clamped: int = 0  # input values at or below the log scaler's floor (clamped inside the graph)
     hits: int = 0
     misses: int = 0
     llm_calls: int = 0
@@ -114,6 +116,18 @@ class Forecaster:
         self.variables: list[str] = data.variables
         self.time_col: str = data.time_col
         self.frequency: str = data.frequency
+        # the engines' profiles bound what may be asked of them (ONNX Runtime has no bounds)
+        lim = getattr(backend, "limits", {}) or {}
+        self.forecast_batch = lim.get("forecast_batch", 1 << 30)
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._x1 = np.empty((1, self.seq_len, self.n_vars), dtype=np.float32)  # batch-1 buffer, reused
+        self.scaler = Scaler.from_contract(manifest.data)  # applied inside the graph; here to count clamps
+        self.last_clamped = np.zeros(0, dtype=np.int64)
+        self.uses_llm = manifest.llm is not None
+        if not self.uses_llm:  # timecma-no-llm, dlinear: no prompts, tokenizer or store
+            self.renderer = self.tokenizer = None
+            return
         self.renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
                                        self.frequency)
         self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, manifest.tokenizer["file"]))
@@ -121,17 +135,10 @@ class Forecaster:
             raise BundleError(f"{bundle_dir}: tokenizer.json differs from the one recorded at export")
         self.pad_id = manifest.llm.pad_id
         self.max_positions = manifest.llm.max_positions
-        # the engines' profiles bound what may be asked of them (ONNX Runtime has no bounds)
-        lim = getattr(backend, "limits", {}) or {}
         self.llm_batch = min(llm_batch, lim.get("llm_batch", llm_batch))
         self.max_tokens = min(self.max_positions, lim.get("llm_seq", self.max_positions))
         self._token_limit = ("the LLM accepts at most {n} positions" if self.max_tokens == self.max_positions
                              else "the TensorRT engine's profile allows at most {n} tokens")
-        self.forecast_batch = lim.get("forecast_batch", 1 << 30)
-        self.stats = Stats()
-        self._lock = threading.Lock()
-        # preallocated batch-1 buffers (no per-call allocation on the hot path)
-        self._x1 = np.empty((1, self.seq_len, self.n_vars), dtype=np.float32)
         self._emb1 = np.empty((1, self.n_vars, self.d_llm), dtype=np.float32)
 
     @classmethod
@@ -139,7 +146,9 @@ class Forecaster:
         manifest = read_manifest(bundle_dir)
         be = make_backend(backend, bundle_dir, manifest, **backend_kwargs)
         st = None
-        if store:
+        if store and manifest.llm is None:
+            log.info("%s has no LLM branch (%s): the store is not used", bundle_dir, manifest.model_config.model)
+        elif store:
             llm = manifest.llm
             st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}")
         log.info("loaded bundle %s on %s%s", bundle_dir, be.name, f" with store {store}" if store else "")
@@ -177,21 +186,31 @@ class Forecaster:
                              "is beyond float32, the model's precision")
         for i in range(w):
             check_timestamps(timestamps[i], self.frequency, f"window {i}")
+        self.last_clamped = self.scaler.below_floor(values)
+        if self.last_clamped.any():
+            n = int(self.last_clamped.sum())
+            self.stats.clamped += n
+            log.warning("%d input value(s) at or below the log scaler's floor (a new all-time low) were clamped "
+                        "(windows %s)", n, np.flatnonzero(self.last_clamped)[:10].tolist())
         s = self.stats.seconds
-        t = time.perf_counter()
-        prompts = []
-        for i in range(w):
-            prompts += self.renderer.render_series(values[i], timestamps[i], [0], self.seq_len)
-        s["render"] += time.perf_counter() - t
-        emb = self._embeddings(prompts)
+        emb = None
+        if self.uses_llm:
+            t = time.perf_counter()
+            prompts = []
+            for i in range(w):
+                prompts += self.renderer.render_series(values[i], timestamps[i], [0], self.seq_len)
+            s["render"] += time.perf_counter() - t
+            emb = self._embeddings(prompts).reshape(w, self.n_vars, self.d_llm)
         t3 = time.perf_counter()
         if w == 1:
             self._x1[0] = values[0]
-            self._emb1[0] = emb.reshape(self.n_vars, self.d_llm)
-            y = self.backend.run_forecaster(self._x1, self._emb1)
+            if emb is not None:
+                self._emb1[0] = emb[0]
+            y = self.backend.run_forecaster(self._x1, self._emb1 if emb is not None else None)
         else:
-            x, e, b = values.astype(np.float32), emb.reshape(w, self.n_vars, self.d_llm), self.forecast_batch
-            y = np.concatenate([self.backend.run_forecaster(x[i:i + b], e[i:i + b]) for i in range(0, w, b)])
+            x, b = values.astype(np.float32), self.forecast_batch
+            y = np.concatenate([self.backend.run_forecaster(x[i:i + b], None if emb is None else emb[i:i + b])
+                                for i in range(0, w, b)])
         s["forecaster"] += time.perf_counter() - t3
         self.stats.requests += w
         y = np.asarray(y, dtype=np.float32)

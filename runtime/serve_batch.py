@@ -51,6 +51,9 @@ def _label(series_col: str | None, sid) -> str:
     return f"series {sid!r}" if series_col else "input"
 
 
+CLAMPED_COL = "clamped_inputs"
+
+
 def temp_prefix(out: str) -> str:
     """Hidden temporary beside the output: .NAME.tmp-PID (the PID tells dead ones from live ones)."""
     return f".{os.path.basename(os.path.abspath(out))}.tmp-"
@@ -204,6 +207,8 @@ class BatchServer:
         flat = y.reshape(w * h, len(f.variables))
         for j, v in enumerate(f.variables):
             cols[v] = pa.array(flat[:, j], pa.float32())
+        if f.scaler.kind == "log":
+            cols[CLAMPED_COL] = pa.array(np.repeat(f.last_clamped, h).astype(np.int32))
         writer.write(pa.table(cols, schema=writer.schema))
         summary.windows += w
         summary.rows_written += w * h
@@ -225,6 +230,8 @@ class BatchServer:
             out_fields.append(schema.field(self.series_col).with_nullable(False))
         out_fields += [pa.field("window_end", pa.timestamp("ns")), pa.field("step", pa.int32()),
                        pa.field(f.time_col, pa.timestamp("ns"))] + [pa.field(v, pa.float32()) for v in f.variables]
+        if f.scaler.kind == "log":  # input values the log scaler clamped at its floor, per window
+            out_fields.append(pa.field(CLAMPED_COL, pa.int32()))
         writer = _Writer(out, pa.schema(out_fields))
         summary = ServeSummary()
         t0 = time.perf_counter()
@@ -315,4 +322,6 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
     s = f.stats
     click.echo(f"serve-batch: {summary.series} series, {summary.windows} windows, {summary.rows_written} forecast rows "
                f"-> {out}; store hits {s.hits} / misses {s.misses}; backend {f.backend.name}; "
-               f"{summary.seconds:.2f} s ({summary.windows / max(summary.seconds, 1e-9):.1f} windows/s)")
+               f"{summary.seconds:.2f} s ({summary.windows / max(summary.seconds, 1e-9):.1f} windows/s)"
+               + (f"; {s.clamped} input values clamped at the log scaler's floor (column {CLAMPED_COL})"
+                  if f.scaler.kind == "log" else ""))

@@ -15,6 +15,7 @@ import numpy as np
 from timecma.core.errors import BackendUnavailable
 from timecma.core.manifest import Engine, Manifest
 
+from .backends import forecaster_feeds
 from .cuda import CudaRuntime
 from .engine_runner import EngineIO, EngineRunner
 from .trt_flavour import LABELS, RTX_EXPLICIT, flavour_named, installed
@@ -52,7 +53,7 @@ def select_engines(manifest: Manifest, bundle_dir: str, gpu_cc: str, flavours: d
     if not engines:
         raise BackendUnavailable(f"the bundle has no TensorRT engines; build them on this machine with `{fix}`.{hopper}")
     chosen = {}
-    for graph in ("llm", "forecaster"):
+    for graph in manifest.graphs:  # "forecaster", and "llm" where the model has an LLM branch
         shas = {v.file: manifest.sha256(v.file) for v in manifest.graphs[graph].files.values()}
         cands = [e for e in engines if e.graph == graph and usable_flavours.get(e.flavour) == e.version
                  and gpu_cc in e.compute_capabilities and shas.get(e.onnx_file) == e.onnx_sha256]
@@ -85,18 +86,18 @@ class TensorRTBackend:
             self.close()
             raise
         self.engines = chosen
-        llm, fc = self.runners["llm"].limits, self.runners["forecaster"].limits
-        self.limits = {"llm_batch": llm["input_ids"][0], "llm_seq": llm["input_ids"][1],
-                       "forecast_batch": fc["x"][0]}
-        log.info("TensorRT engines on sm%s: %s, %s (limits %s)", gpu_cc, chosen["llm"].file,
-                 chosen["forecaster"].file, self.limits)
+        self.limits = {"forecast_batch": self.runners["forecaster"].limits["x"][0]}
+        if "llm" in self.runners:
+            llm = self.runners["llm"].limits
+            self.limits.update(llm_batch=llm["input_ids"][0], llm_seq=llm["input_ids"][1])
+        log.info("TensorRT engines on sm%s: %s (limits %s)", gpu_cc, ", ".join(e.file for e in chosen.values()),
+                 self.limits)
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.runners["llm"]({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden"]
 
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
-        return self.runners["forecaster"]({"x": np.asarray(x, np.float32),
-                                           "prompt_emb": np.asarray(prompt_emb, np.float32)})["y"]
+        return self.runners["forecaster"](forecaster_feeds(x, prompt_emb))["y"]
 
     def close(self) -> None:
         for r in getattr(self, "runners", {}).values():

@@ -14,6 +14,7 @@ import numpy as np
 from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.files import file_sha256
 from timecma.core.manifest import Manifest
+from timecma.core.scaling import Scaler
 
 
 def find_checkpoint(bundle_dir: str, manifest: Manifest, ckpt: str | None = None) -> str:
@@ -34,6 +35,8 @@ def find_checkpoint(bundle_dir: str, manifest: Manifest, ckpt: str | None = None
 def llm_source(bundle_dir: str, manifest: Manifest, ckpt: str | None = None) -> str:
     """Where to load the bundle's LLM with transformers: its hub id, or the directory the checkpoint
     names (a local directory is recorded in the manifest by folder name only)."""
+    if manifest.llm is None:
+        raise BundleError(f"the bundle's model ({manifest.model_config.model}) has no LLM")
     if not manifest.llm.info.get("local_directory"):
         return manifest.llm.id
     from timecma.checkpoint import load_checkpoint
@@ -63,10 +66,10 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
-        self.mean = torch.tensor(c["data"]["scaler_mean"], dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(c["data"]["scaler_std"], dtype=torch.float32, device=self.device)
+        self.scaler = Scaler.from_contract(c["data"])  # the same scaling the exported graph applies
         # the plain Hugging Face forward: the eager baseline users run today
-        self.llm = load_llm(c["llm"]["id"], self.device, last_position_only=False).encoder.to(self.dtype)
+        self.llm = (load_llm(c["llm"]["id"], self.device, last_position_only=False).encoder.to(self.dtype)
+                    if c["llm"] else None)  # models without the LLM branch
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         t = self.torch
@@ -74,12 +77,13 @@ class TorchBackend:
             out = self.llm(t.from_numpy(input_ids).to(self.device), t.from_numpy(attention_mask).to(self.device))
             return out.float().cpu().numpy()
 
-    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
         t = self.torch
         with t.inference_mode():
-            xs = (t.from_numpy(np.asarray(x, np.float32)).to(self.device) - self.mean) / self.std
-            y = self.model(xs, t.from_numpy(np.asarray(prompt_emb, np.float32)).to(self.device))
-            return (y * self.std + self.mean).cpu().numpy()
+            xs = t.from_numpy(self.scaler.transform(np.asarray(x, np.float64)).astype(np.float32)).to(self.device)
+            emb = None if prompt_emb is None else t.from_numpy(np.asarray(prompt_emb, np.float32)).to(self.device)
+            y = self.model(xs, emb).cpu().numpy().astype(np.float64)
+            return self.scaler.inverse(y).astype(np.float32)
 
     def close(self) -> None:
         """Modules are freed with the object."""

@@ -3,7 +3,9 @@ import pandas as pd
 import pytest
 
 from conftest import ETTH1, make_frame
-from timecma.data import DataError, Scaler, load_series, make_windows, split_borders
+from timecma.core.errors import InputError
+from timecma.core.scaling import Scaler
+from timecma.data import DataError, load_series, make_windows, split_borders
 
 
 def test_ett_split_counts_on_etth1():
@@ -46,7 +48,7 @@ def test_missing_file_constant_column_and_too_few_rows(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_series(tmp_path / "nope.csv")
     s = load_series(_write(tmp_path, make_frame().assign(v1=3.0)))
-    with pytest.raises(DataError, match="constant column\\(s\\) \\['v1'\\]"):
+    with pytest.raises(InputError, match="constant column\\(s\\) \\['v1'\\]"):
         Scaler.fit(s.values, s.variables)
     with pytest.raises(DataError, match="the val split has .* fewer than one window"):
         make_windows(split_borders(100, 24, "ratio", "hourly"), 24, 12)

@@ -10,7 +10,7 @@ import torch
 
 from . import __version__
 from .core.config import ModelConfig
-from .model import REFERENCE_UNUSED_PREFIXES, TimeCMA
+from .model import REFERENCE_UNUSED_PREFIXES, make_model
 from .core.errors import InputError
 
 FORMAT_VERSION = 1
@@ -68,9 +68,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> TimeCMA:
-    """Instantiate the model and load weights strictly, naming any key/shape mismatch."""
-    model = TimeCMA(cfg)
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Instantiate the model ``cfg.model`` names and load weights strictly, naming any key/shape mismatch."""
+    model = make_model(cfg)
     expected = model.state_dict()
     unexpected = sorted(set(state_dict) - set(expected))
     missing = sorted(set(expected) - set(state_dict))

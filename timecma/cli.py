@@ -32,6 +32,12 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--out", "out_dir", required=True, help="Run directory (best.pt, metrics.json, store/).")
 @click.option("--store", "store_dir", default=None, help="Embedding store directory [default: OUT/store].")
 @click.option("--template", default="reference", show_default=True, help="Prompt template name.")
+@click.option("--scaler", "scaler_kind", type=click.Choice(["standard", "log"]), default="standard",
+              show_default=True, help="log: offset so the training minimum maps to 1, log, standardise, clip at "
+                                      "+-20 (spiky series over orders of magnitude); exact inverse in the graph.")
+@click.option("--model", "model_name", type=click.Choice(["timecma", "timecma-no-llm", "dlinear"]), default="timecma",
+              show_default=True, help="timecma-no-llm: the same network without the prompt branch (no LLM, no "
+                                      "store); dlinear: moving-average decomposition + two linear layers.")
 @click.option("--channel", default=32, show_default=True)
 @click.option("--e-layer", default=2, show_default=True)
 @click.option("--d-layer", default=2, show_default=True)
@@ -51,7 +57,9 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--train-stride", default=1, show_default=True, type=click.IntRange(min=1),
               help="Use every k-th training window (1 = all, as the reference; >1 for quick runs).")
 @click.option("-v", "--verbose", is_flag=True)
-def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, store_dir, template, channel, e_layer,
+def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, store_dir, template, scaler_kind,
+              model_name,
+              channel, e_layer,
               d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
               device, shuffle, train_stride, verbose):
     """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
@@ -66,7 +74,8 @@ def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, st
                      head=head, d_ff=d_ff, dropout=dropout)
     try:
         metrics = train(data_path, out_dir, llm_id, overrides, cfg, time_col=time_col, split=split,
-                        store_dir=store_dir, template=template)
+                        store_dir=store_dir, template=template, model_name=model_name,
+                        scaler_kind=scaler_kind)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-train", exc)
     summary = {

@@ -139,25 +139,6 @@ def resolve_split(split: str, path: str) -> str:
 
 
 @dataclass
-class Scaler:
-    """Per-column standard scaler fitted on training rows."""
-
-    mean: np.ndarray
-    std: np.ndarray
-
-    @classmethod
-    def fit(cls, values: np.ndarray, variables: list[str]) -> "Scaler":
-        mean, std = values.mean(axis=0), values.std(axis=0)
-        const = [variables[j] for j in np.flatnonzero(std == 0)]
-        if const:
-            raise DataError(f"constant column(s) {const} in the training rows: nothing to learn or scale")
-        return cls(mean, std)
-
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        return (values - self.mean) / self.std
-
-
-@dataclass
 class SplitWindows:
     """Windows of one split: start rows into the full series."""
 

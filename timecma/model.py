@@ -90,7 +90,12 @@ class CrossModal(nn.Module):
 
 
 class TimeCMA(nn.Module):
-    """x [B, seq_len, N] (dataset-scaled) + prompt_emb [B, N, d_llm] -> [B, pred_len, N]."""
+    """x [B, seq_len, N] (dataset-scaled) + prompt_emb [B, N, d_llm] -> [B, pred_len, N].
+
+    With ``cfg.model == "timecma-no-llm"`` the prompt branch (prompt encoder and cross-modality
+    alignment) is absent and the decoder reads the time-series tokens directly: the ablation
+    that asks whether the LLM earns its cost.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -105,8 +110,10 @@ class TimeCMA(nn.Module):
             return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
 
         self.ts_encoder = enc(cfg.channel, cfg.e_layer)
-        self.prompt_encoder = enc(cfg.d_llm, cfg.e_layer)
-        self.cross = CrossModal(cfg.num_nodes, cfg.d_ff, cfg.dropout)
+        self.uses_llm = cfg.uses_llm
+        if self.uses_llm:
+            self.prompt_encoder = enc(cfg.d_llm, cfg.e_layer)
+            self.cross = CrossModal(cfg.num_nodes, cfg.d_ff, cfg.dropout)
         dec_layer = nn.TransformerDecoderLayer(
             d_model=cfg.channel, nhead=cfg.head, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
             activation="relu", batch_first=True, norm_first=True,
@@ -114,15 +121,45 @@ class TimeCMA(nn.Module):
         self.decoder = nn.TransformerDecoder(dec_layer, num_layers=cfg.d_layer)
         self.c_to_length = nn.Linear(cfg.channel, cfg.pred_len)
 
-    def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
         x, mean, std = revin_norm(x.float())
         h = self.length_to_feature(x.transpose(1, 2))  # [B, N, C]
-        h = self.ts_encoder(h).transpose(1, 2)  # [B, C, N]
-        e = self.prompt_encoder(prompt_emb.float()).transpose(1, 2)  # [B, d_llm, N]
-        c = self.cross(h, e, e).transpose(1, 2)  # [B, N, C]
-        d = self.decoder(c, c)  # [B, N, C]
+        h = self.ts_encoder(h)  # [B, N, C]
+        if self.uses_llm:
+            e = self.prompt_encoder(prompt_emb.float()).transpose(1, 2)  # [B, d_llm, N]
+            h = self.cross(h.transpose(1, 2), e, e).transpose(1, 2)  # [B, N, C]
+        d = self.decoder(h, h)  # [B, N, C]
         y = self.c_to_length(d).transpose(1, 2)  # [B, pred_len, N]
         return y * std + mean
+
+
+class DLinear(nn.Module):
+    """DLinear (Zeng et al., AAAI 2023): x = trend (moving average, edge-padded) + seasonal rest,
+    each mapped seq_len -> pred_len by one linear layer shared across variables.
+    x [B, seq_len, N] (dataset-scaled) -> [B, pred_len, N]; ``prompt_emb`` is ignored."""
+
+    uses_llm = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.kernel = cfg.moving_avg
+        self.linear_seasonal = nn.Linear(cfg.seq_len, cfg.pred_len)
+        self.linear_trend = nn.Linear(cfg.seq_len, cfg.pred_len)
+
+    def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.float()
+        pad = (self.kernel - 1) // 2
+        padded = torch.cat([x[:, :1].expand(-1, pad, -1), x, x[:, -1:].expand(-1, self.kernel - 1 - pad, -1)], dim=1)
+        trend = F.avg_pool1d(padded.transpose(1, 2), self.kernel, stride=1).transpose(1, 2)  # [B, L, N]
+        seasonal = x - trend
+        y = self.linear_seasonal(seasonal.transpose(1, 2)) + self.linear_trend(trend.transpose(1, 2))
+        return y.transpose(1, 2)
+
+
+def make_model(cfg: ModelConfig) -> nn.Module:
+    """The network ``cfg.model`` names."""
+    return DLinear(cfg) if cfg.model == "dlinear" else TimeCMA(cfg)
 
 
 # Keys the reference saves for template layers it never calls.

@@ -15,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
-from .core.config import DataContract, ModelConfig, TrainConfig
-from .data import Scaler, Series, load_series, make_windows, resolve_split, split_borders
+from .core.config import MODELS, DataContract, ModelConfig, TrainConfig
+from .core.scaling import Scaler
+from .data import Series, load_series, make_windows, resolve_split, split_borders
 from .llm import load_llm
-from .model import TimeCMA
+from .model import make_model
 from .precompute import PromptSet, build_prompt_set, precompute
 from .core.prompts import PromptRenderer, get_template
 from .core.store import EmbeddingStore
@@ -40,16 +41,17 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class SplitData:
-    """Scaled inputs/targets of one split plus its prompt keys in the store."""
+    """Scaled inputs/targets of one split plus its prompt keys in the store (None: no LLM)."""
 
     starts: np.ndarray
-    prompts: PromptSet
+    prompts: PromptSet | None
 
 
 class Batches:
     """Mini-batches of (x, y, prompt embeddings) read from the scaled series and the store."""
 
-    def __init__(self, scaled: np.ndarray, split: SplitData, store: EmbeddingStore, seq_len: int, pred_len: int):
+    def __init__(self, scaled: np.ndarray, split: SplitData, store: EmbeddingStore | None, seq_len: int,
+                 pred_len: int):
         self.scaled = scaled.astype(np.float32)
         self.split = split
         self.store = store
@@ -58,11 +60,13 @@ class Batches:
     def __len__(self) -> int:
         return len(self.split.starts)
 
-    def get(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = self.split.prompts.n_vars
+    def get(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         starts = self.split.starts[idx]
         rows = starts[:, None] + np.arange(self.seq_len + self.pred_len)[None, :]
         xy = self.scaled[rows]  # [B, L+P, N]
+        if self.split.prompts is None:  # a model without the LLM branch
+            return torch.from_numpy(xy[:, : self.seq_len]), torch.from_numpy(xy[:, self.seq_len :]), None
+        n = self.split.prompts.n_vars
         keys = [k for i in idx for k in self.split.prompts.window_keys(int(i))]
         emb, found = self.store.get_many(keys)
         if not found.all():
@@ -78,27 +82,44 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate(model: TimeCMA, batches: Batches, batch_size: int, device: torch.device) -> dict[str, float]:
-    """MSE and MAE on the normalised scale (as the paper reports)."""
+def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device,
+             to_report=None, reported: np.ndarray | None = None) -> dict[str, float]:
+    """MSE and MAE on the normalised scale (as the paper reports). With another scaler (log), the
+    predictions are mapped by ``to_report`` and compared with ``reported`` (standard-normalised
+    values of the same rows), so every scaler is judged in the same units."""
     model.eval()
     se = ae = 0.0
     count = 0
-    for x, y, emb in batches.iterate(batch_size):
-        pred = model(x.to(device), emb.to(device))
-        diff = pred - y.to(device)
+    for k, (x, y, emb) in enumerate(batches.iterate(batch_size)):
+        pred = model(x.to(device), None if emb is None else emb.to(device))
+        if to_report is not None and reported is not None:
+            idx = np.arange(k * batch_size, min((k + 1) * batch_size, len(batches)))
+            rows = batches.split.starts[idx][:, None] + batches.seq_len + np.arange(batches.pred_len)[None, :]
+            pred = torch.from_numpy(to_report(pred.cpu().numpy().astype(np.float64)))
+            y = torch.from_numpy(reported[rows])
+        diff = pred - y.to(pred.device).to(pred.dtype)
         se += float((diff**2).sum())
         ae += float(diff.abs().sum())
         count += diff.numel()
     return {"mse": se / count, "mae": ae / count}
 
 
-def naive_metrics(scaled: np.ndarray, starts: np.ndarray, seq_len: int, pred_len: int) -> dict[str, dict[str, float]]:
-    """Repeat-last-value and window-mean forecasts, for judging the model's numbers."""
+# The calendar period a seasonal-naive forecast repeats (a day of hours, a week of days, ...).
+NATURAL_PERIOD = {"hourly": 24, "15min": 96, "10min": 144, "daily": 7, "weekly": 52, "monthly": 12}
+
+
+def naive_metrics(scaled: np.ndarray, starts: np.ndarray, seq_len: int, pred_len: int,
+                  period: int | None = None) -> dict[str, dict[str, float]]:
+    """Repeat-last-value, window-mean and (with ``period`` <= seq_len) seasonal-naive forecasts
+    (the last period of the window repeated), for judging the model's numbers."""
     rows = starts[:, None] + np.arange(seq_len + pred_len)[None, :]
     xy = scaled[rows]
     x, y = xy[:, :seq_len], xy[:, seq_len:]
     out = {}
-    for name, pred in (("repeat_last", x[:, -1:, :]), ("window_mean", x.mean(axis=1, keepdims=True))):
+    preds = [("repeat_last", x[:, -1:, :]), ("window_mean", x.mean(axis=1, keepdims=True))]
+    if period and period <= seq_len:
+        preds.append(("seasonal_naive", x[:, seq_len - period + np.arange(pred_len) % period, :]))
+    for name, pred in preds:
         d = y - pred
         out[name] = {"mse": float((d**2).mean()), "mae": float(np.abs(d).mean())}
     return out
@@ -115,6 +136,8 @@ def train(
     split: str = "auto",
     store_dir: str | None = None,
     template: str = "reference",
+    model_name: str = "timecma",
+    scaler_kind: str = "standard",
 ) -> dict:
     """Full training run; writes best.pt and metrics.json into ``out_dir``. Returns the metrics."""
     t0 = time.time()
@@ -126,32 +149,41 @@ def train(
     borders = split_borders(len(series.values), seq_len, split, series.frequency)
     windows = make_windows(borders, seq_len, pred_len, train_cfg.train_stride)
     b_train = borders["train"]
-    scaler = Scaler.fit(series.values[b_train[0] : b_train[1]], series.variables)
+    scaler = Scaler.fit(series.values[b_train[0] : b_train[1]], series.variables, scaler_kind)
     scaled = scaler.transform(series.values)
+    # metrics are reported in the paper's units (standard-normalised raw values), whatever the scaler
+    report = Scaler.fit(series.values[b_train[0] : b_train[1]], series.variables)
+    reported = report.transform(series.values)
+
+    def to_report(y: np.ndarray) -> np.ndarray:
+        return y if scaler.kind == "standard" else report.transform(scaler.inverse(y))
 
     tmpl = get_template(template)
-    renderer = PromptRenderer(tmpl, series.frequency)
-    llm = load_llm(llm_id, device)
-    store_dir = store_dir or os.path.join(out_dir, "store")
     os.makedirs(out_dir, exist_ok=True)
-    store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, describe=f"LLM {llm_id}")
-
     splits: dict[str, SplitData] = {}
     t_emb = time.time()
     n_computed = 0
-    for name, w in windows.items():
-        ps = build_prompt_set(series, w, renderer, llm, store)
-        n_computed += precompute(store, llm, ps.token_ids, ps.keys, train_cfg.llm_batch_size, device, desc=f"{name} prompts",
-                                 prompts=ps.prompts)
-        splits[name] = SplitData(w.starts, ps)
+    store, llm_info, d_llm = None, None, 0
+    if MODELS[model_name]:
+        renderer = PromptRenderer(tmpl, series.frequency)
+        llm = load_llm(llm_id, device)
+        store_dir = store_dir or os.path.join(out_dir, "store")
+        store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, describe=f"LLM {llm_id}")
+        for name, w in windows.items():
+            ps = build_prompt_set(series, w, renderer, llm, store)
+            n_computed += precompute(store, llm, ps.token_ids, ps.keys, train_cfg.llm_batch_size, device,
+                                     desc=f"{name} prompts", prompts=ps.prompts)
+            splits[name] = SplitData(w.starts, ps)
+        log.info("embeddings ready: %d computed, store holds %d (%.1fs)", n_computed, len(store), time.time() - t_emb)
+        llm_info, d_llm = llm.info.to_dict(), llm.info.d_llm
+        del llm  # the LLM is not needed for training the forecaster
+    else:
+        splits = {name: SplitData(w.starts, None) for name, w in windows.items()}
     emb_seconds = time.time() - t_emb
-    log.info("embeddings ready: %d computed, store holds %d (%.1fs)", n_computed, len(store), emb_seconds)
 
-    cfg = ModelConfig(num_nodes=len(series.variables), d_llm=llm.info.d_llm, **model_cfg_overrides)
-    llm_info = llm.info.to_dict()
-    del llm  # the LLM is not needed for training the forecaster
+    cfg = ModelConfig(num_nodes=len(series.variables), d_llm=d_llm, model=model_name, **model_cfg_overrides)
     seed_everything(train_cfg.seed)
-    model = TimeCMA(cfg).to(device)
+    model = make_model(cfg).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
                             weight_decay=train_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=min(train_cfg.epochs, 20), eta_min=1e-8)
@@ -160,8 +192,7 @@ def train(
 
     contract = DataContract(
         time_col=time_col, variables=series.variables, frequency=series.frequency, seq_len=seq_len,
-        pred_len=pred_len, scaler_mean=scaler.mean.tolist(), scaler_std=scaler.std.tolist(), split=split,
-        source=os.path.abspath(data_path),
+        pred_len=pred_len, split=split, source=os.path.abspath(data_path), **scaler.to_contract(),
     )
     best_val, best_state, best_epoch, since_best = float("inf"), None, 0, 0
     history = []
@@ -174,13 +205,14 @@ def train(
                    mininterval=1.0, disable=None)  # a bar on a terminal; the per-epoch log line elsewhere
         for x, y, emb in bar:
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(model(x.to(device), emb.to(device)), y.to(device))
+            loss = torch.nn.functional.mse_loss(model(x.to(device), None if emb is None else emb.to(device)),
+                                                y.to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
             opt.step()
             losses.append(loss.item())
         sched.step()
-        val = evaluate(model, batches["val"], train_cfg.batch_size, device)
+        val = evaluate(model, batches["val"], train_cfg.batch_size, device, to_report, reported)
         history.append({"epoch": epoch, "train_mse": float(np.mean(losses)), "val_mse": val["mse"],
                         "val_mae": val["mae"], "seconds": time.time() - t_ep})
         log.info("epoch %d: train mse %.4f, val mse %.4f mae %.4f (%.1fs)", epoch, np.mean(losses),
@@ -195,14 +227,16 @@ def train(
                 break
 
     model.load_state_dict(best_state)
-    val = evaluate(model, batches["val"], train_cfg.batch_size, device)
-    test = evaluate(model, batches["test"], train_cfg.batch_size, device)
+    val = evaluate(model, batches["val"], train_cfg.batch_size, device, to_report, reported)
+    test = evaluate(model, batches["test"], train_cfg.batch_size, device, to_report, reported)
     metrics = {
         "best_epoch": best_epoch,
         "val": val,
         "test": test,
-        "naive": {name: naive_metrics(scaled, splits[name].starts, seq_len, pred_len) for name in ("val", "test")},
+        "naive": {name: naive_metrics(reported, splits[name].starts, seq_len, pred_len,
+                                      NATURAL_PERIOD.get(series.frequency)) for name in ("val", "test")},
         "scale": "normalized (train-split StandardScaler), as in the paper",
+        "scaler": scaler.kind,
         "history": history,
         "embedding_seconds": emb_seconds,
         "embeddings_computed": n_computed,
@@ -215,12 +249,13 @@ def train(
             "model_config": cfg.to_dict(),
             "train_config": train_cfg.to_dict(),
             "data": contract.to_dict(),
-            "prompt": {"name": tmpl.name, "hash": tmpl.hash},
+            "prompt": {"name": tmpl.name, "hash": tmpl.hash} if cfg.uses_llm else None,
             "llm": llm_info,
             "metrics": {k: v for k, v in metrics.items() if k != "history"},
         },
     )
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    store.close()
+    if store is not None:
+        store.close()
     return metrics

@@ -15,9 +15,14 @@ def from_dict(cls, d: dict[str, Any]):
     return cls(**d)
 
 
+MODELS = {"timecma": True, "timecma-no-llm": False, "dlinear": False}  # model -> uses the LLM branch
+
+
 @dataclass
 class ModelConfig:
-    """TimeCMA hyper-parameters (names follow the public reference's flags)."""
+    """TimeCMA hyper-parameters (names follow the public reference's flags), and which model:
+    ``timecma`` (default), ``timecma-no-llm`` (the same network without the prompt branch) or
+    ``dlinear`` (Zeng et al., AAAI 2023: moving-average decomposition + two linear layers)."""
 
     num_nodes: int
     seq_len: int = 96
@@ -30,6 +35,16 @@ class ModelConfig:
     d_ff: int = 32
     dropout: float = 0.2
     dim_feedforward: int = 2048
+    model: str = "timecma"
+    moving_avg: int = 25  # dlinear's trend kernel
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
+
+    @property
+    def uses_llm(self) -> bool:
+        return MODELS[self.model]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +63,8 @@ class DataContract:
     scaler_std: list[float]
     split: str = "ett"
     source: str = ""  # path of the training file (export's parity check reads real windows from it)
+    scaler_kind: str = "standard"  # or "log" (timecma.core.scaling); mean/std are then of the logged values
+    scaler_offset: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

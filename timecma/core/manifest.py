@@ -19,6 +19,7 @@ from typing import Any
 from .config import ModelConfig
 from .errors import BundleError
 from .files import atomic_write_bytes, file_sha256, user_cache_dir
+from .scaling import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -178,26 +179,38 @@ class DataRecord:
     scaler_mean: list[float]
     scaler_std: list[float]
     source: dict  # file name, sha256, rows of the training data
+    scaler_kind: str = "standard"  # or "log": mean/std are of the logged values, offset per variable
+    scaler_offset: list[float] | None = None
     info: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "data") -> "DataRecord":
+        kind = d.get("scaler_kind", "standard")
+        if kind not in KINDS:
+            raise BundleError(f"manifest: {where}.scaler_kind {kind!r} is not one of {KINDS}")
+        if kind == "log" and not isinstance(d.get("scaler_offset"), list):
+            raise BundleError(f"manifest: {where} has a log scaler without scaler_offset")
         return cls(_need(d, "time_col", where, str), _need(d, "variables", where, list),
                    _need(d, "frequency", where, str), _need(d, "scaler_mean", where, list),
-                   _need(d, "scaler_std", where, list), _need(d, "source", where, dict), _rest(d, cls))
+                   _need(d, "scaler_std", where, list), _need(d, "source", where, dict), kind,
+                   d.get("scaler_offset"), _rest(d, cls))
 
     def to_dict(self) -> dict:
         return {"time_col": self.time_col, "variables": self.variables, "frequency": self.frequency,
-                "scaler_mean": self.scaler_mean, "scaler_std": self.scaler_std, "source": self.source, **self.info}
+                "scaler_mean": self.scaler_mean, "scaler_std": self.scaler_std, "source": self.source,
+                "scaler_kind": self.scaler_kind, "scaler_offset": self.scaler_offset, **self.info}
 
 
 @dataclass
 class Manifest:
+    """A bundle. ``llm``, ``prompt``, ``tokenizer`` and ``graphs["llm"]`` are None / absent for
+    models without the LLM branch (``timecma-no-llm``, ``dlinear``)."""
+
     model_config: ModelConfig
     data: DataRecord
-    prompt: dict  # template name and content hash
-    llm: LLMRecord
-    tokenizer: dict  # file and digest
+    prompt: dict | None  # template name and content hash
+    llm: LLMRecord | None
+    tokenizer: dict | None  # file and digest
     opset: int
     graphs: dict[str, Graph]
     files: dict[str, FileRecord]
@@ -215,21 +228,24 @@ class Manifest:
                               + (" (upgrade timecma)" if newer else
                                  " (re-export the bundle with `timecma-export --force`)"))
         graphs = _need(d, "graphs", "manifest", dict)
-        missing = [g for g in GRAPHS if g not in graphs]
-        if missing:
-            raise BundleError(f"manifest: graphs lacks {missing}")
-        prompt = _need(d, "prompt", "manifest", dict)
-        _need(prompt, "name", "prompt", str), _need(prompt, "hash", "prompt", str)
-        tok = _need(d, "tokenizer", "manifest", dict)
-        _need(tok, "file", "tokenizer", str), _need(tok, "digest", "tokenizer", str)
         try:
             cfg = ModelConfig(**_need(d, "model_config", "manifest", dict))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise BundleError(f"manifest: model_config: {exc}") from exc
+        missing = [g for g in (GRAPHS if cfg.uses_llm else ("forecaster",)) if g not in graphs]
+        if missing:
+            raise BundleError(f"manifest: graphs lacks {missing}")
+        prompt = tok = llm = None
+        if cfg.uses_llm:
+            prompt = _need(d, "prompt", "manifest", dict)
+            _need(prompt, "name", "prompt", str), _need(prompt, "hash", "prompt", str)
+            tok = _need(d, "tokenizer", "manifest", dict)
+            _need(tok, "file", "tokenizer", str), _need(tok, "digest", "tokenizer", str)
+            llm = LLMRecord.from_dict(_need(d, "llm", "manifest", dict))
         known = {f.name for f in fields(cls)} | {"manifest_version"}
         return cls(
             model_config=cfg, data=DataRecord.from_dict(_need(d, "data", "manifest", dict)), prompt=prompt,
-            llm=LLMRecord.from_dict(_need(d, "llm", "manifest", dict)), tokenizer=tok,
+            llm=llm, tokenizer=tok,
             opset=_need(d, "opset", "manifest", int),
             graphs={g: Graph.from_dict(v, f"graphs.{g}") for g, v in graphs.items()},
             files={k: FileRecord.from_dict(v, f"files.{k}") for k, v in _need(d, "files", "manifest", dict).items()},
@@ -239,7 +255,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return {"manifest_version": MANIFEST_VERSION, "model_config": self.model_config.to_dict(),
-                "data": self.data.to_dict(), "prompt": self.prompt, "llm": self.llm.to_dict(),
+                "data": self.data.to_dict(), "prompt": self.prompt, "llm": self.llm.to_dict() if self.llm else None,
                 "tokenizer": self.tokenizer, "opset": self.opset,
                 "graphs": {g: v.to_dict() for g, v in self.graphs.items()},
                 "files": {k: v.to_dict() for k, v in sorted(self.files.items())},

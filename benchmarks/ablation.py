@@ -1,0 +1,122 @@
+"""Does the LLM earn its cost? Train the variants on the bundled ETTh1 (seq 96, pred 96) with
+validation-only model selection, evaluate each on the test split once, export each, and put
+its batch-1 latency beside its accuracy (`make ablation`; not part of `make test`).
+
+    python -m benchmarks.ablation --llm runs/demo/tiny-llm --out benchmarks/results/ablation-etth1
+
+Test MSE/MAE are in the paper's units (train-split standard-normalised), for every row,
+whatever its scaler. With the offline random-weight LLM the LLM rows measure the
+architecture, not a pretrained model's knowledge: say so wherever the table is quoted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import click
+
+from timecma.core.config import TrainConfig
+from timecma.core.manifest import read_manifest
+from timecma.core.store import EmbeddingStore
+from timecma.runtime.backends import make_backend
+from timecma.runtime.pipeline import Forecaster
+
+from .harness import BenchConfig, bench_end_to_end, machine_info, real_windows
+
+log = logging.getLogger(__name__)
+
+# (row name, train keyword arguments)
+VARIANTS = [
+    ("timecma (reference template, standard scaler)", {"model_name": "timecma"}),
+    ("timecma, log scaler", {"model_name": "timecma", "scaler_kind": "log"}),
+    ("timecma-no-llm", {"model_name": "timecma-no-llm"}),
+    ("dlinear", {"model_name": "dlinear"}),
+]
+NOT_YET = ["timecma, `lags` template (issue 15 §2: not implemented yet)",
+           "timecma, seasonal-naive residual (issue 15 §2: not implemented yet)"]
+
+
+def _latency(bundle: str, data: str, iters: int) -> dict:
+    """Batch-1 end-to-end p50 on ONNX Runtime CPU: store miss (LLM runs) and hit."""
+    m = read_manifest(bundle)
+    cfg = BenchConfig(bundle=bundle, backends=["ort-cpu"], hit_iters=iters, miss_iters=min(iters, 10), budget_s=20)
+    values, ts = real_windows(m, cfg.miss_iters + 1, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EmbeddingStore(os.path.join(tmp, "s"), m.llm.namespace, m.llm.d_llm) if m.llm else None
+        f = Forecaster(bundle, m, make_backend("ort-cpu", bundle, m), store)
+        r = bench_end_to_end(f, values, ts, cfg)
+        if store is not None:
+            store.close()
+    return {k: r[k]["end_to_end_ms"]["p50"] for k in ("miss", "hit")}
+
+
+@click.command()
+@click.option("--data", default="timecma/datasets/ETTh1.csv", show_default=True)
+@click.option("--llm", "llm_id", required=True, help="The LLM for the LLM rows (hub id or directory).")
+@click.option("--out", default="benchmarks/results/ablation-etth1", show_default=True)
+@click.option("--work", default="runs/ablation", show_default=True, help="Checkpoints and bundles go here.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--train-stride", default=4, show_default=True, help="Every k-th training window (val/test: all).")
+@click.option("--latency-iters", default=50, show_default=True)
+def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride: int, latency_iters: int) -> None:
+    from timecma.cli import _setup_logging
+    from timecma.export.bundle import ExportOptions, export_bundle, source_from_checkpoint
+    from timecma.llm import load_llm
+    from timecma.train import train
+
+    _setup_logging(False)
+    overrides = dict(seq_len=96, pred_len=96, channel=32, e_layer=2, d_layer=2, head=8, d_ff=32, dropout=0.2)
+    tcfg = TrainConfig(epochs=epochs, patience=3, train_stride=train_stride, llm_batch_size=64, device="cpu")
+    store = os.path.join(work, "store")  # one store: the LLM rows embed every prompt once
+    rows, naive = [], None
+    for name, kw in VARIANTS:
+        run = os.path.join(work, kw["model_name"] + ("-log" if kw.get("scaler_kind") == "log" else ""))
+        click.echo(f"== {name}", err=True)
+        metrics = train(data, run, llm_id, overrides, tcfg, store_dir=store, **kw)
+        src = source_from_checkpoint(os.path.join(run, "best.pt"))
+        llm = load_llm(src.llm["id"]) if src.cfg.uses_llm else None
+        export_bundle(src, llm, ExportOptions(out_dir=os.path.join(run, "bundle"), force=True, tensorrt="skip",
+                                              parity_windows=4))
+        lat = _latency(os.path.join(run, "bundle"), data, latency_iters)
+        naive = metrics["naive"]["test"]
+        rows.append({"row": name, "test_mse": metrics["test"]["mse"], "test_mae": metrics["test"]["mae"],
+                     "val_mse": metrics["val"]["mse"], "best_epoch": metrics["best_epoch"],
+                     "ort_cpu_batch1_ms": lat, "params": sum(v.numel() for v in src.state_dict.values())})
+    res = {"machine": machine_info(), "data": os.path.basename(data), "seq_len": 96, "pred_len": 96,
+           "llm": os.path.basename(os.path.normpath(llm_id)), "epochs": epochs, "train_stride": train_stride,
+           "selection": "validation MSE only; test evaluated once on the selected checkpoint",
+           "rows": rows, "naive_test": naive, "not_run": NOT_YET}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(res))
+    click.echo(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Ablation on {res['data']} (seq {res['seq_len']}, pred {res['pred_len']}), {m['date']}", "",
+             f"Machine: {m.get('cpu')}, {m['cores']} cores, ISA {', '.join(m.get('isa', []))}. LLM: `{res['llm']}` "
+             "(**random weights, offline**: the LLM rows measure the architecture, not GPT-2's knowledge). "
+             f"{res['epochs']} epochs max, every {res['train_stride']}th training window; {res['selection']}. "
+             "MSE/MAE in train-split standard-normalised units (the paper's). Latency: ONNX Runtime CPU, batch 1, "
+             "end to end p50 (miss: the LLM runs; hit: embeddings from the store).", "",
+             "| model | test MSE | test MAE | val MSE | params | batch-1 ms (miss) | batch-1 ms (hit) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lat = r["ort_cpu_batch1_ms"]
+        lines.append(f"| {r['row']} | {r['test_mse']:.4f} | {r['test_mae']:.4f} | {r['val_mse']:.4f} | "
+                     f"{r['params']:,} | {lat['miss']:.2f} | {lat['hit']:.2f} |")
+    for k, v in res["naive_test"].items():
+        lines.append(f"| naive: {k.replace('_', '-')} | {v['mse']:.4f} | {v['mae']:.4f} | | 0 | | |")
+    for k in res["not_run"]:
+        lines.append(f"| {k} | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
