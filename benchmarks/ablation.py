@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 VARIANTS = [
     ("timecma (reference template, standard scaler)", {"model_name": "timecma"}),
     ("timecma, log scaler", {"model_name": "timecma", "scaler_kind": "log"}),
+    ("timecma, `lags` template", {"model_name": "timecma", "template": "lags"}),
+    ("timecma, seasonal-naive residual", {"model_name": "timecma", "residual": "seasonal-naive"}),
     ("timecma-no-llm", {"model_name": "timecma-no-llm"}),
     ("dlinear", {"model_name": "dlinear"}),
 ]
-NOT_YET = ["timecma, `lags` template (issue 15 §2: not implemented yet)",
-           "timecma, seasonal-naive residual (issue 15 §2: not implemented yet)"]
+NOT_YET: list[str] = []
 
 
 def _latency(bundle: str, data: str, iters: int) -> dict:
@@ -73,7 +74,7 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride:
     store = os.path.join(work, "store")  # one store: the LLM rows embed every prompt once
     rows, naive = [], None
     for name, kw in VARIANTS:
-        run = os.path.join(work, kw["model_name"] + ("-log" if kw.get("scaler_kind") == "log" else ""))
+        run = os.path.join(work, "-".join([kw["model_name"], *(str(v) for k, v in kw.items() if k != "model_name")]))
         click.echo(f"== {name}", err=True)
         metrics = train(data, run, llm_id, overrides, tcfg, store_dir=store, **kw)
         src = source_from_checkpoint(os.path.join(run, "best.pt"))

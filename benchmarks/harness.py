@@ -162,7 +162,7 @@ def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompt
     n_vars = manifest.model_config.num_nodes
     values, ts = real_windows(manifest, n_prompts // n_vars + 1, data)
     renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
-                              manifest.data.frequency)
+                              manifest.data.frequency, manifest.prompt.get("periods"))
     prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
     from timecma.runtime.torch_backend import llm_source
 

@@ -433,7 +433,8 @@ def _llm_graphs(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str, seri
     t = time.time()
     export_llm(llm.encoder, os.path.join(tmp, LLM_ONNX), llm.info.max_positions)
     llm_export_s = time.time() - t
-    renderer = PromptRenderer(get_template(src.prompt["name"], src.prompt["hash"]), data.frequency)
+    renderer = PromptRenderer(get_template(src.prompt["name"], src.prompt["hash"]), data.frequency,
+                              src.prompt.get("periods"))
     prompts = renderer.render_series(series.values, series.timestamps, starts, cfg.seq_len)
     ids = encode_prompts(saved_tok, prompts)
     if [list(a) for a in ids] != [list(a) for a in encode_prompts(llm.backend, prompts)]:

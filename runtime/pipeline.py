@@ -129,7 +129,7 @@ class Forecaster:
             self.renderer = self.tokenizer = None
             return
         self.renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
-                                       self.frequency)
+                                       self.frequency, manifest.prompt.get("periods"))
         self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, manifest.tokenizer["file"]))
         if tokenizer_digest(self.tokenizer) != manifest.tokenizer["digest"]:
             raise BundleError(f"{bundle_dir}: tokenizer.json differs from the one recorded at export")

@@ -31,7 +31,7 @@ def test_train_writes_checkpoint_metrics_and_store(trained, tiny_llm_dir):
     assert ckpt["model_config"]["num_nodes"] == 3 and ckpt["model_config"]["seq_len"] == 24
     assert set(ckpt["metrics"]["test"]) == {"mse", "mae"}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["naive"]["test"]) == {"repeat_last", "window_mean"}
+    assert set(metrics["naive"]["test"]) == {"repeat_last", "window_mean", "seasonal_naive"}
     assert metrics["val"]["mse"] > 0 and metrics["embeddings_computed"] > 0
     assert (out / "store" / "data.mdb").exists()
 

@@ -31,10 +31,15 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--pred-len", default=96, show_default=True)
 @click.option("--out", "out_dir", required=True, help="Run directory (best.pt, metrics.json, store/).")
 @click.option("--store", "store_dir", default=None, help="Embedding store directory [default: OUT/store].")
-@click.option("--template", default="reference", show_default=True, help="Prompt template name.")
+@click.option("--template", type=click.Choice(["reference", "sig4", "lags"]), default="reference", show_default=True,
+              help="reference: byte-identical to the public one; lags: plus each variable's detected period, the "
+                   "values one and two periods back and the last period's mean/min/max and correlation.")
 @click.option("--scaler", "scaler_kind", type=click.Choice(["standard", "log"]), default="standard",
               show_default=True, help="log: offset so the training minimum maps to 1, log, standardise, clip at "
                                       "+-20 (spiky series over orders of magnitude); exact inverse in the graph.")
+@click.option("--residual", type=click.Choice(["none", "seasonal-naive"]), default="none", show_default=True,
+              help="seasonal-naive: the network predicts the residual over the value one period back (the "
+                   "variable's detected period, else the frequency's natural one), added inside the graph.")
 @click.option("--model", "model_name", type=click.Choice(["timecma", "timecma-no-llm", "dlinear"]), default="timecma",
               show_default=True, help="timecma-no-llm: the same network without the prompt branch (no LLM, no "
                                       "store); dlinear: moving-average decomposition + two linear layers.")
@@ -58,7 +63,7 @@ def _setup_logging(verbose: bool) -> None:
               help="Use every k-th training window (1 = all, as the reference; >1 for quick runs).")
 @click.option("-v", "--verbose", is_flag=True)
 def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, store_dir, template, scaler_kind,
-              model_name,
+              residual, model_name,
               channel, e_layer,
               d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
               device, shuffle, train_stride, verbose):
@@ -75,7 +80,7 @@ def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, st
     try:
         metrics = train(data_path, out_dir, llm_id, overrides, cfg, time_col=time_col, split=split,
                         store_dir=store_dir, template=template, model_name=model_name,
-                        scaler_kind=scaler_kind)
+                        scaler_kind=scaler_kind, residual=residual)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-train", exc)
     summary = {
@@ -91,9 +96,12 @@ def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, st
 @click.option("--seed", default=0, show_default=True)
 @click.option("--preset", type=click.Choice(["tiny", "gpt2-size"]), default="tiny", show_default=True,
               help="tiny: 2 layers x 32 wide; gpt2-size: GPT-2 small's 12 x 768 (for benchmarks).")
-def tiny_llm_cmd(out_dir, seed, preset):
-    """Write an offline LLM (GPT-2 architecture, RANDOM weights, local tokenizer) to OUT_DIR."""
+@click.option("--arch", type=click.Choice(["gpt2", "llama", "mistral", "qwen2"]), default="gpt2", show_default=True,
+              help="Decoder architecture (Llama/Mistral/Qwen2: RoPE, grouped-query attention; Mistral with a "
+                   "sliding window shorter than the prompts).")
+def tiny_llm_cmd(out_dir, seed, preset, arch):
+    """Write an offline LLM (RANDOM weights, local tokenizer) to OUT_DIR."""
     from .llm import build_tiny_llm
 
-    build_tiny_llm(out_dir, seed=seed, preset=preset)
-    click.echo(f"wrote a random-weight tiny GPT-2 to {out_dir} (tests/demo only; use --llm gpt2 for real use)")
+    build_tiny_llm(out_dir, seed=seed, preset=preset, arch=arch)
+    click.echo(f"wrote a random-weight tiny {arch} to {out_dir} (tests/demo only; use a real model for real use)")

@@ -134,6 +134,14 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _quiet_progress() -> None:
+    """Hugging Face's per-model "Loading weights" / "Writing shards" bars are for terminals, not logs."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
              last_position_only: bool = True) -> LoadedLLM:
     """Load a Hugging Face model (hub id or local directory) as a frozen last-token encoder.
@@ -142,10 +150,8 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
     benchmarks compare against); both compute the same embeddings.
     """
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    if not sys.stderr.isatty():  # per-model "Loading weights" bars are for terminals, not logs
-        hf_logging.disable_progress_bar()
+    _quiet_progress()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
         model = AutoModel.from_pretrained(
@@ -176,11 +182,21 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
         d_llm=d_llm,
         max_positions=max_positions,
         pad_id=int(pad_id),
-        extra={"model_type": cfg.model_type},
+        extra={"model_type": cfg.model_type, "tokenizer": _special_tokens(tokenizer)},
     )
     encoder = LastTokenEncoder(model, last_position_only).to(device)
     log.info("loaded LLM %s (d=%d, %d positions, weights %s)", name_or_dir, d_llm, max_positions, w[:12])
     return LoadedLLM(encoder, tokenizer, info)
+
+
+def _special_tokens(tokenizer) -> dict:
+    """How the tokenizer frames a prompt (BOS prepended, EOS appended), recorded with the LLM: the
+    bundle's tokenizer.json carries the same post-processor, so serving frames prompts identically."""
+    probe = tokenizer.backend_tokenizer.encode("1").ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+            "adds_bos": bool(probe and bos is not None and probe[0] == bos and len(probe) > 1),
+            "adds_eos": bool(probe and eos is not None and probe[-1] == eos and len(probe) > 1)}
 
 
 @torch.inference_mode()
@@ -216,40 +232,73 @@ def _tiny_corpus(seed: int) -> list[str]:
     return lines
 
 
+ARCHES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+def _tiny_decoder(arch: str, vocab: int, n_positions: int, preset: str, special: dict):
+    """A small random-weight model of ``arch`` (RoPE + GQA for the Llama family)."""
+    import transformers as tf
+
+    if arch == "gpt2":
+        return tf.GPT2Model(tf.GPT2Config(vocab_size=vocab, bos_token_id=special["bos"], eos_token_id=special["eos"],
+                                          **{**PRESETS[preset], "n_positions": n_positions}))
+    size = PRESETS[preset]
+    common = dict(vocab_size=vocab, hidden_size=size["n_embd"], intermediate_size=4 * size["n_embd"],
+                  num_hidden_layers=size["n_layer"], num_attention_heads=size["n_head"],
+                  num_key_value_heads=max(1, size["n_head"] // 2), max_position_embeddings=n_positions,
+                  bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"])
+    if arch == "llama":
+        return tf.LlamaModel(tf.LlamaConfig(**common))
+    if arch == "mistral":  # a sliding window shorter than the prompts, so it really applies
+        return tf.MistralModel(tf.MistralConfig(**common, sliding_window=64))
+    return tf.Qwen2Model(tf.Qwen2Config(**common, use_sliding_window=False))
+
+
 def build_tiny_llm(
-    out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 600, n_positions: int = 1024, preset: str = "tiny"
+    out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 600, n_positions: int = 1024, preset: str = "tiny",
+    arch: str = "gpt2",
 ) -> str:
-    """Create a small random-weight GPT-2 with a locally trained tokenizer, saved with
-    ``save_pretrained`` so it loads through the same ``from_pretrained(dir)`` path users run.
+    """Create a small random-weight decoder (GPT-2, Llama, Mistral or Qwen2 architecture) with a
+    locally trained tokenizer, saved with ``save_pretrained`` so it loads through the same
+    ``from_pretrained(dir)`` path users run.
 
     Its weights are random: embeddings carry no language knowledge. It exists for tests and
-    the offline demo; real use means ``--llm gpt2`` or a local GPT-2 directory.
+    the offline demo; real use means ``--llm gpt2`` (or a Llama/Mistral/Qwen2 hub id or directory).
+    The Llama family's tokenizers prepend a BOS token, as the real ones do; GPT-2's and Qwen2's do not.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2Model, GPT2TokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
+    if arch not in ARCHES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHES}")
+    _quiet_progress()
     out_dir = os.fspath(out_dir)
+    specials = ["<|endoftext|>"] if arch in ("gpt2", "qwen2") else ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
-    fast = GPT2TokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                             unk_token="<|endoftext|>")
+    if arch in ("gpt2", "qwen2"):
+        ids = {"bos": 0, "eos": 0, "pad": 0}
+        names = dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    else:
+        ids = {"bos": tok.token_to_id("<s>"), "eos": tok.token_to_id("</s>"), "pad": tok.token_to_id("</s>")}
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", ids["bos"])])
+        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0,
-                        **{**PRESETS[preset], "n_positions": n_positions})
-    model = GPT2Model(config)
+    model = _tiny_decoder(arch, tok.get_vocab_size(), n_positions, preset, ids)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     fast.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write("Offline test LLM made by `timecma-tiny-llm`: GPT-2 architecture "
+        f.write(f"Offline test LLM made by `timecma-tiny-llm --arch {arch}`: {arch} architecture "
                 f"{PRESETS[preset]}, RANDOM weights, byte-level BPE of {tok.get_vocab_size()} tokens trained on "
                 "synthetic prompt text. For tests and the demo only; use --llm gpt2 for real forecasts.\n")
     return out_dir

@@ -13,6 +13,23 @@ from torch import nn
 from .core.config import ModelConfig
 
 
+def seasonal_naive_index(cfg: ModelConfig) -> torch.Tensor | None:
+    """[pred_len, N] input rows the seasonal-naive forecast repeats: x[L - p + (h mod p)] for each variable."""
+    if cfg.residual != "seasonal-naive":
+        return None
+    h = torch.arange(cfg.pred_len).unsqueeze(1)
+    p = torch.tensor(cfg.residual_periods).unsqueeze(0)
+    return cfg.seq_len - p + h % p
+
+
+def add_residual_base(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y + the seasonal-naive forecast of x, inside the graph (its inputs do not change)."""
+    idx = module.snaive_index
+    if idx is None:
+        return y
+    return y + torch.gather(x, 1, idx.unsqueeze(0).expand(x.shape[0], -1, -1))
+
+
 def revin_norm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sample and variable over time (RevIN, affine=False): x [B, L, N]."""
     mean = x.mean(dim=1, keepdim=True)
@@ -120,9 +137,11 @@ class TimeCMA(nn.Module):
         )
         self.decoder = nn.TransformerDecoder(dec_layer, num_layers=cfg.d_layer)
         self.c_to_length = nn.Linear(cfg.channel, cfg.pred_len)
+        self.register_buffer("snaive_index", seasonal_naive_index(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
-        x, mean, std = revin_norm(x.float())
+        x_in = x.float()
+        x, mean, std = revin_norm(x_in)
         h = self.length_to_feature(x.transpose(1, 2))  # [B, N, C]
         h = self.ts_encoder(h)  # [B, N, C]
         if self.uses_llm:
@@ -130,7 +149,7 @@ class TimeCMA(nn.Module):
             h = self.cross(h.transpose(1, 2), e, e).transpose(1, 2)  # [B, N, C]
         d = self.decoder(h, h)  # [B, N, C]
         y = self.c_to_length(d).transpose(1, 2)  # [B, pred_len, N]
-        return y * std + mean
+        return add_residual_base(self, x_in, y * std + mean)
 
 
 class DLinear(nn.Module):
@@ -146,6 +165,7 @@ class DLinear(nn.Module):
         self.kernel = cfg.moving_avg
         self.linear_seasonal = nn.Linear(cfg.seq_len, cfg.pred_len)
         self.linear_trend = nn.Linear(cfg.seq_len, cfg.pred_len)
+        self.register_buffer("snaive_index", seasonal_naive_index(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float()
@@ -154,7 +174,7 @@ class DLinear(nn.Module):
         trend = F.avg_pool1d(padded.transpose(1, 2), self.kernel, stride=1).transpose(1, 2)  # [B, L, N]
         seasonal = x - trend
         y = self.linear_seasonal(seasonal.transpose(1, 2)) + self.linear_trend(trend.transpose(1, 2))
-        return y.transpose(1, 2)
+        return add_residual_base(self, x, y.transpose(1, 2))
 
 
 def make_model(cfg: ModelConfig) -> nn.Module:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoint import save_checkpoint
 from .core.config import MODELS, DataContract, ModelConfig, TrainConfig
 from .core.scaling import Scaler
+from .core.seasonality import detect_periods, primary_periods
 from .data import Series, load_series, make_windows, resolve_split, split_borders
 from .llm import load_llm
 from .model import make_model
@@ -138,6 +139,7 @@ def train(
     template: str = "reference",
     model_name: str = "timecma",
     scaler_kind: str = "standard",
+    residual: str = "none",
 ) -> dict:
     """Full training run; writes best.pt and metrics.json into ``out_dir``. Returns the metrics."""
     t0 = time.time()
@@ -159,13 +161,20 @@ def train(
         return y if scaler.kind == "standard" else report.transform(scaler.inverse(y))
 
     tmpl = get_template(template)
+    n_vars = len(series.variables)
+    # seasonality from training rows only: in the checkpoint, the `lags` prompts and the residual
+    periods = detect_periods(series.values[b_train[0] : b_train[1]], max_period=seq_len)
+    prompt_periods = primary_periods(periods, n_vars, series.frequency, seq_len, fallback=False)
+    residual_periods = (primary_periods(periods, n_vars, series.frequency, seq_len, fallback=True)
+                        if residual != "none" else None)
+    log.info("detected periods per variable (training rows): %s", dict(zip(series.variables, periods)))
     os.makedirs(out_dir, exist_ok=True)
     splits: dict[str, SplitData] = {}
     t_emb = time.time()
     n_computed = 0
     store, llm_info, d_llm = None, None, 0
     if MODELS[model_name]:
-        renderer = PromptRenderer(tmpl, series.frequency)
+        renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if "{lags}" in tmpl.text else None)
         llm = load_llm(llm_id, device)
         store_dir = store_dir or os.path.join(out_dir, "store")
         store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, describe=f"LLM {llm_id}")
@@ -181,7 +190,8 @@ def train(
         splits = {name: SplitData(w.starts, None) for name, w in windows.items()}
     emb_seconds = time.time() - t_emb
 
-    cfg = ModelConfig(num_nodes=len(series.variables), d_llm=d_llm, model=model_name, **model_cfg_overrides)
+    cfg = ModelConfig(num_nodes=n_vars, d_llm=d_llm, model=model_name, residual=residual,
+                      residual_periods=residual_periods, **model_cfg_overrides)
     seed_everything(train_cfg.seed)
     model = make_model(cfg).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
@@ -192,7 +202,7 @@ def train(
 
     contract = DataContract(
         time_col=time_col, variables=series.variables, frequency=series.frequency, seq_len=seq_len,
-        pred_len=pred_len, split=split, source=os.path.abspath(data_path), **scaler.to_contract(),
+        pred_len=pred_len, split=split, source=os.path.abspath(data_path), periods=periods, **scaler.to_contract(),
     )
     best_val, best_state, best_epoch, since_best = float("inf"), None, 0, 0
     history = []
@@ -249,7 +259,8 @@ def train(
             "model_config": cfg.to_dict(),
             "train_config": train_cfg.to_dict(),
             "data": contract.to_dict(),
-            "prompt": {"name": tmpl.name, "hash": tmpl.hash} if cfg.uses_llm else None,
+            "prompt": ({"name": tmpl.name, "hash": tmpl.hash,
+                        **({"periods": prompt_periods} if "{lags}" in tmpl.text else {})} if cfg.uses_llm else None),
             "llm": llm_info,
             "metrics": {k: v for k, v in metrics.items() if k != "history"},
         },

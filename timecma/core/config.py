@@ -37,10 +37,18 @@ class ModelConfig:
     dim_feedforward: int = 2048
     model: str = "timecma"
     moving_avg: int = 25  # dlinear's trend kernel
+    residual: str = "none"  # "seasonal-naive": the network predicts the residual over the value one period back
+    residual_periods: list[int] | None = None  # per variable (core.seasonality.primary_periods)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
+        if self.residual not in ("none", "seasonal-naive"):
+            raise ValueError(f"unknown residual {self.residual!r}; choose none or seasonal-naive")
+        if self.residual != "none" and (not self.residual_periods or len(self.residual_periods) != self.num_nodes
+                                        or not all(1 <= p <= self.seq_len for p in self.residual_periods)):
+            raise ValueError(f"the seasonal-naive residual needs one period in 1..{self.seq_len} per variable, "
+                             f"got {self.residual_periods}")
 
     @property
     def uses_llm(self) -> bool:
@@ -65,6 +73,7 @@ class DataContract:
     source: str = ""  # path of the training file (export's parity check reads real windows from it)
     scaler_kind: str = "standard"  # or "log" (timecma.core.scaling); mean/std are then of the logged values
     scaler_offset: list[float] | None = None
+    periods: list[list[int]] | None = None  # significant periods per variable, detected on training rows
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -68,7 +68,18 @@ TEMPLATES: dict[str, PromptTemplate] = {
         "The total trend value was {trend}",
         value_format="sig4",
     ),
+    # the reference prompt plus the variable's detected period and lag features (core.seasonality)
+    "lags": PromptTemplate(
+        name="lags",
+        text="From {start} to {end}, the values were {values} every {every}. "
+        "The total trend value was {trend}. {lags}",
+        value_format="int",
+    ),
 }
+LAGS_TEXT = ("The period was {period} steps; one period back the value was {lag1}, two periods back {lag2}; "
+             "over the last period the mean was {mean}, the minimum {min} and the maximum {max}; the last period "
+             "correlated {xcorr} with the one before")
+NO_PERIOD_TEXT = "No seasonal period was detected"
 DEFAULT_TEMPLATE = "reference"
 
 
@@ -125,12 +136,31 @@ class PromptRenderer:
     overlapping windows costs one string join each.
     """
 
-    def __init__(self, template: PromptTemplate, frequency: str):
+    def __init__(self, template: PromptTemplate, frequency: str, periods: Sequence[int | None] | None = None):
         if frequency not in FREQUENCIES:
             raise PromptError(f"unknown frequency {frequency!r}; known: {sorted(FREQUENCIES)}")
         self.template = template
         self.frequency = frequency
         self.every = FREQUENCIES[frequency][0]
+        self.with_lags = "{lags}" in template.text
+        if self.with_lags and periods is None:
+            raise PromptError(f"template {template.name!r} needs each variable's period (detected at training)")
+        self.periods = list(periods) if periods is not None else None
+
+    def _lags(self, window: np.ndarray, j: int) -> str:
+        from .seasonality import lag_features
+
+        p = self.periods[j] if j < len(self.periods) else None
+        if not p:
+            return NO_PERIOD_TEXT
+        f = lag_features(window, p)
+
+        def num(v: float) -> str:
+            return "n/a" if not np.isfinite(v) else format_values(np.array([v]), self.template.value_format)[0]
+
+        return LAGS_TEXT.format(period=p, lag1=num(f["lag1"]), lag2=num(f["lag2"]), mean=f"{f['mean']:.2f}",
+                                min=num(f["min"]), max=num(f["max"]),
+                                xcorr="n/a" if not np.isfinite(f["xcorr"]) else f"{f['xcorr']:.2f}")
 
     def render_series(
         self,
@@ -167,15 +197,11 @@ class PromptRenderer:
             # every column's trend at once; rows of a contiguous transpose sum like trend_value's 1-D sum
             trends = np.diff(np.ascontiguousarray(raw[s:e].T), axis=1).sum(axis=1).tolist()
             for j in range(n_vars):
-                out.append(
-                    text.format(
-                        start=start,
-                        end=end,
-                        values=", ".join(cols[j][s:e]),
-                        every=self.every,
-                        trend=self.template.trend_format.format(trends[j]),
-                    )
-                )
+                fields = dict(start=start, end=end, values=", ".join(cols[j][s:e]), every=self.every,
+                              trend=self.template.trend_format.format(trends[j]))
+                if self.with_lags:
+                    fields["lags"] = self._lags(raw[s:e, j], j)
+                out.append(text.format(**fields))
         return out
 
     def render_window(self, raw_window: np.ndarray, timestamps: np.ndarray) -> list[str]:
