@@ -62,7 +62,10 @@ def _latency(bundle: str, data: str, iters: int) -> dict:
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--train-stride", default=4, show_default=True, help="Every k-th training window (val/test: all).")
 @click.option("--latency-iters", default=50, show_default=True)
-def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride: int, latency_iters: int) -> None:
+@click.option("--rows", default=None, help="Comma-separated row numbers (1-based) to (re)run; the others are kept "
+                                          "from an existing results.json.")
+def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride: int, latency_iters: int,
+         rows: str | None) -> None:
     from timecma.cli import _setup_logging
     from timecma.export.bundle import ExportOptions, export_bundle, source_from_checkpoint
     from timecma.llm import load_llm
@@ -72,8 +75,18 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride:
     overrides = dict(seq_len=96, pred_len=96, channel=32, e_layer=2, d_layer=2, head=8, d_ff=32, dropout=0.2)
     tcfg = TrainConfig(epochs=epochs, patience=3, train_stride=train_stride, llm_batch_size=64, device="cpu")
     store = os.path.join(work, "store")  # one store: the LLM rows embed every prompt once
-    rows, naive = [], None
-    for name, kw in VARIANTS:
+    keep: dict = {}
+    naive = None
+    only = {int(r) for r in rows.split(",")} if rows else None
+    if only and os.path.exists(os.path.join(out, "results.json")):
+        with open(os.path.join(out, "results.json")) as f:
+            old = json.load(f)
+        keep, naive = {r["row"]: r for r in old["rows"]}, old["naive_test"]
+    rows = []
+    for i, (name, kw) in enumerate(VARIANTS, 1):
+        if only and i not in only and name in keep:
+            rows.append(keep[name])
+            continue
         run = os.path.join(work, "-".join([kw["model_name"], *(str(v) for k, v in kw.items() if k != "model_name")]))
         click.echo(f"== {name}", err=True)
         metrics = train(data, run, llm_id, overrides, tcfg, store_dir=store, **kw)

@@ -133,3 +133,24 @@ def test_text_index_finds_vectors_without_token_ids(tmp_path):
     other = EmbeddingStore(tmp_path / "o", "cd" * 32, DIM)
     assert not other.get_many_by_text(texts)[1].any()
     other.close()
+
+
+def test_float16_store_halves_vectors_and_is_adopted_when_reopened(tmp_path):
+    import numpy as np
+
+    from timecma.core.store import EmbeddingStore, StoreMismatchError
+
+    rng = np.random.default_rng(0)
+    vec = rng.normal(size=(5, 64)).astype(np.float32)
+    ids = [rng.integers(0, 100, size=10) for _ in range(5)]
+    with EmbeddingStore(tmp_path / "s16", "ab" * 16, 64, "float16") as st:
+        st.put_many(st.keys(ids), vec)
+    with EmbeddingStore(tmp_path / "s16", "ab" * 16, 64) as st:  # serving: no dtype given, the store's is used
+        assert st.dtype == np.float16
+        got, found = st.get_many(st.keys(ids))
+    assert found.all() and got.dtype == np.float16
+    np.testing.assert_array_equal(got, vec.astype(np.float16))
+    with pytest.raises(StoreMismatchError, match="holds float16\\[64\\] vectors, this run needs float32\\[64\\]"):
+        EmbeddingStore(tmp_path / "s16", "ab" * 16, 64, "float32")
+    with pytest.raises(StoreMismatchError, match="float32 or float16"):
+        EmbeddingStore(tmp_path / "s8", "ab" * 16, 64, "int8")

@@ -68,3 +68,25 @@ def test_bad_inputs_exit_nonzero_with_message(tmp_path, tiny_llm_dir, small_csv)
     r = run_train("--data", small_csv, "--llm", str(tmp_path / "no-llm"), "--out", str(tmp_path / "o"), *ARGS)
     assert r.returncode == 2 and "cannot load LLM" in r.stderr
     assert not (tmp_path / "o" / "best.pt").exists()
+
+
+def test_float16_store_trains_and_serves(small_run, tiny_llm_dir, tmp_path):
+    import numpy as np
+
+    from conftest import make_frame
+    from timecma.runtime import Forecaster
+
+    data, _ = small_run
+    out = tmp_path / "run"
+    r = run_cli("timecma.cli:train_cmd", "--data", str(data), "--llm", tiny_llm_dir, "--out", str(out),
+                "--store-dtype", "float16", *ARGS)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("timecma.export.cli:export_cmd", "--ckpt", str(out / "best.pt"), "--parity-windows", "2",
+                "--tensorrt", "skip")
+    assert r.returncode == 0, r.stderr
+    window = make_frame().iloc[100:124]  # a training window: its prompts are in the float16 store
+    f = Forecaster.load(str(out / "bundle"), backend="ort-cpu", store=str(out / "store"))
+    y = f.predict(window)
+    assert f.store.dtype == np.float16 and f.stats.hits == 3 and f.stats.llm_calls == 0
+    fresh = Forecaster.load(str(out / "bundle"), backend="ort-cpu").predict(window)  # fp32 LLM output, no store
+    assert (np.abs(y - fresh) / make_frame()[["v0", "v1", "v2"]].to_numpy().std(axis=0)).max() < 1e-2

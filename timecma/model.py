@@ -149,7 +149,9 @@ class TimeCMA(nn.Module):
             h = self.cross(h.transpose(1, 2), e, e).transpose(1, 2)  # [B, N, C]
         d = self.decoder(h, h)  # [B, N, C]
         y = self.c_to_length(d).transpose(1, 2)  # [B, pred_len, N]
-        return add_residual_base(self, x_in, y * std + mean)
+        if self.snaive_index is not None:  # a residual has no level of its own: RevIN scale, not mean
+            return add_residual_base(self, x_in, y * std)
+        return y * std + mean
 
 
 class DLinear(nn.Module):

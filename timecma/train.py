@@ -140,6 +140,7 @@ def train(
     model_name: str = "timecma",
     scaler_kind: str = "standard",
     residual: str = "none",
+    store_dtype: str = "float32",
 ) -> dict:
     """Full training run; writes best.pt and metrics.json into ``out_dir``. Returns the metrics."""
     t0 = time.time()
@@ -177,7 +178,7 @@ def train(
         renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if "{lags}" in tmpl.text else None)
         llm = load_llm(llm_id, device)
         store_dir = store_dir or os.path.join(out_dir, "store")
-        store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, describe=f"LLM {llm_id}")
+        store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, store_dtype, describe=f"LLM {llm_id}")
         for name, w in windows.items():
             ps = build_prompt_set(series, w, renderer, llm, store)
             n_computed += precompute(store, llm, ps.token_ids, ps.keys, train_cfg.llm_batch_size, device,

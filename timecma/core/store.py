@@ -41,7 +41,7 @@ class EmbeddingStore:
         path: str | os.PathLike,
         namespace: str,
         dim: int,
-        dtype: str = "float32",
+        dtype: str | None = None,
         *,
         describe: str = "",
         readonly: bool = False,
@@ -50,7 +50,6 @@ class EmbeddingStore:
         self.path = os.fspath(path)
         self.namespace = namespace
         self.dim = int(dim)
-        self.dtype = np.dtype(dtype)
         self._ns = bytes.fromhex(namespace) if _is_hex(namespace) else namespace.encode()
         if readonly and not os.path.isdir(self.path):
             raise FileNotFoundError(f"embedding store {self.path} does not exist")
@@ -66,6 +65,13 @@ class EmbeddingStore:
             metasync=True,
             max_dbs=2,
         )
+        if dtype is None:  # the store's own dtype where it exists (float16 stores halve the disk), else float32
+            with self.env.begin() as txn:
+                raw = txn.get(_META_KEY)
+            dtype = json.loads(raw)["dtype"] if raw is not None else "float32"
+        self.dtype = np.dtype(dtype)
+        if self.dtype.name not in ("float32", "float16"):
+            raise StoreMismatchError(f"embedding stores hold float32 or float16 vectors, not {self.dtype.name}")
         meta = {
             "format": STORE_FORMAT,
             "namespace": namespace,
