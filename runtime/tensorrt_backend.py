@@ -18,7 +18,7 @@ from timecma.core.manifest import Engine, Manifest
 from .backends import forecaster_feeds
 from .cuda import CudaRuntime
 from .engine_runner import EngineIO, EngineRunner
-from .trt_flavour import LABELS, RTX_EXPLICIT, flavour_named, installed
+from .trt_flavour import LABELS, RTX_EXPLICIT, RTX_PORTABLE, flavour_named, installed
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def build_command(bundle_dir: str, flavour: str, precision: str, gpu_cc: str | None = None) -> str:
     cmd = f"timecma-engines build {bundle_dir} --trt-flavour {'rtx' if flavour == 'tensorrt_rtx' else 'standard'}"
     cmd += f" --precision {precision}"
-    if flavour == "tensorrt_rtx" and gpu_cc and gpu_cc in RTX_EXPLICIT and gpu_cc not in ("86", "89", "120"):
+    if flavour == "tensorrt_rtx" and gpu_cc and gpu_cc in RTX_EXPLICIT and gpu_cc not in RTX_PORTABLE:
         cmd += f" --compute-capability {gpu_cc}"
     return cmd
 

@@ -11,15 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core.config import ModelConfig
+from .core.seasonality import seasonal_naive_rows
 
 
 def seasonal_naive_index(cfg: ModelConfig) -> torch.Tensor | None:
     """[pred_len, N] input rows the seasonal-naive forecast repeats: x[L - p + (h mod p)] for each variable."""
     if cfg.residual != "seasonal-naive":
         return None
-    h = torch.arange(cfg.pred_len).unsqueeze(1)
-    p = torch.tensor(cfg.residual_periods).unsqueeze(0)
-    return cfg.seq_len - p + h % p
+    return torch.from_numpy(seasonal_naive_rows(cfg.seq_len, cfg.pred_len, cfg.residual_periods))
 
 
 def add_residual_base(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

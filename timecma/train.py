@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoint import save_checkpoint
 from .core.config import MODELS, DataContract, ModelConfig, TrainConfig
 from .core.scaling import Scaler
-from .core.seasonality import detect_periods, primary_periods
+from .core.seasonality import NATURAL_PERIOD, detect_periods, primary_periods, seasonal_naive_rows
 from .data import Series, load_series, make_windows, resolve_split, split_borders
 from .llm import load_llm
 from .model import make_model
@@ -105,10 +105,6 @@ def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int, device: 
     return {"mse": se / count, "mae": ae / count}
 
 
-# The calendar period a seasonal-naive forecast repeats (a day of hours, a week of days, ...).
-NATURAL_PERIOD = {"hourly": 24, "15min": 96, "10min": 144, "daily": 7, "weekly": 52, "monthly": 12}
-
-
 def naive_metrics(scaled: np.ndarray, starts: np.ndarray, seq_len: int, pred_len: int,
                   period: int | None = None) -> dict[str, dict[str, float]]:
     """Repeat-last-value, window-mean and (with ``period`` <= seq_len) seasonal-naive forecasts
@@ -119,7 +115,7 @@ def naive_metrics(scaled: np.ndarray, starts: np.ndarray, seq_len: int, pred_len
     out = {}
     preds = [("repeat_last", x[:, -1:, :]), ("window_mean", x.mean(axis=1, keepdims=True))]
     if period and period <= seq_len:
-        preds.append(("seasonal_naive", x[:, seq_len - period + np.arange(pred_len) % period, :]))
+        preds.append(("seasonal_naive", x[:, seasonal_naive_rows(seq_len, pred_len, period), :]))
     for name, pred in preds:
         d = y - pred
         out[name] = {"mse": float((d**2).mean()), "mae": float(np.abs(d).mean())}
@@ -175,7 +171,7 @@ def train(
     n_computed = 0
     store, llm_info, d_llm = None, None, 0
     if MODELS[model_name]:
-        renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if "{lags}" in tmpl.text else None)
+        renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if tmpl.needs_periods else None)
         llm = load_llm(llm_id, device)
         store_dir = store_dir or os.path.join(out_dir, "store")
         store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, store_dtype, describe=f"LLM {llm_id}")
@@ -261,7 +257,7 @@ def train(
             "train_config": train_cfg.to_dict(),
             "data": contract.to_dict(),
             "prompt": ({"name": tmpl.name, "hash": tmpl.hash,
-                        **({"periods": prompt_periods} if "{lags}" in tmpl.text else {})} if cfg.uses_llm else None),
+                        **({"periods": prompt_periods} if tmpl.needs_periods else {})} if cfg.uses_llm else None),
             "llm": llm_info,
             "metrics": {k: v for k, v in metrics.items() if k != "history"},
         },

@@ -49,6 +49,11 @@ class PromptTemplate:
         return asdict(self)
 
     @property
+    def needs_periods(self) -> bool:
+        """Whether prompts carry each variable's period and lag features (the `lags` template)."""
+        return "{lags}" in self.text
+
+    @property
     def hash(self) -> str:
         """Content hash: any change to text or formatting rules changes it."""
         payload = json.dumps({**self.spec(), "frequencies": FREQUENCIES}, sort_keys=True)
@@ -142,7 +147,7 @@ class PromptRenderer:
         self.template = template
         self.frequency = frequency
         self.every = FREQUENCIES[frequency][0]
-        self.with_lags = "{lags}" in template.text
+        self.with_lags = template.needs_periods
         if self.with_lags and periods is None:
             raise PromptError(f"template {template.name!r} needs each variable's period (detected at training)")
         self.periods = list(periods) if periods is not None else None

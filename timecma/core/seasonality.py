@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-FALLBACK_PERIOD = {"hourly": 24, "15min": 96, "10min": 144, "daily": 7, "weekly": 52, "monthly": 12}
+# The calendar period a seasonal-naive forecast repeats where none is detected (a day of hours, ...).
+NATURAL_PERIOD = {"hourly": 24, "15min": 96, "10min": 144, "daily": 7, "weekly": 52, "monthly": 12}
 
 
 def autocorrelation(x: np.ndarray) -> np.ndarray:
@@ -79,6 +80,14 @@ def primary_periods(periods: list[list[int]] | None, n_vars: int, frequency: str
     out: list[int | None] = []
     for j in range(n_vars):
         cands = [p for p in (periods[j] if periods else []) if p <= seq_len]
-        p = cands[0] if cands else (FALLBACK_PERIOD.get(frequency) if fallback else None)
+        p = cands[0] if cands else (NATURAL_PERIOD.get(frequency) if fallback else None)
         out.append(p if p is None or p <= seq_len else None)
     return out
+
+
+def seasonal_naive_rows(seq_len: int, pred_len: int, periods) -> np.ndarray:
+    """Input rows the seasonal-naive forecast repeats: L - p + (h mod p) for each horizon step h;
+    [pred_len] for one period, [pred_len, N] for one period per variable."""
+    p = np.asarray(periods)
+    h = np.arange(pred_len).reshape((-1,) + (1,) * p.ndim)
+    return seq_len - p + h % p
