@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 
 import click
 
 from timecma.core.config import TrainConfig
 from timecma.core.manifest import read_manifest
-from timecma.core.store import EmbeddingStore
 from timecma.runtime.backends import make_backend
-from timecma.runtime.pipeline import Forecaster
 
-from .harness import BenchConfig, bench_end_to_end, machine_info, real_windows
+from .harness import BenchConfig, bench_bundle, machine_info, real_windows
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +42,7 @@ def _latency(bundle: str, data: str, iters: int) -> dict:
     m = read_manifest(bundle)
     cfg = BenchConfig(bundle=bundle, backends=["ort-cpu"], hit_iters=iters, miss_iters=min(iters, 10), budget_s=20)
     values, ts = real_windows(m, cfg.miss_iters + 1, data)
-    with tempfile.TemporaryDirectory() as tmp:
-        store = EmbeddingStore(os.path.join(tmp, "s"), m.llm.namespace, m.llm.d_llm) if m.llm else None
-        f = Forecaster(bundle, m, make_backend("ort-cpu", bundle, m), store)
-        r = bench_end_to_end(f, values, ts, cfg)
-        if store is not None:
-            store.close()
+    r, _ = bench_bundle(m, make_backend("ort-cpu", bundle, m), values, ts, cfg)
     return {k: r[k]["end_to_end_ms"]["p50"] for k in ("miss", "hit")}
 
 

@@ -107,6 +107,21 @@ def real_windows(manifest: Manifest, n: int, data: str | None = None) -> tuple[n
     return (np.stack([s.values[i:i + L] for i in starts]), np.stack([s.timestamps[i:i + L] for i in starts]))
 
 
+def bench_bundle(manifest: Manifest, backend, values: np.ndarray, ts: np.ndarray,
+                 cfg: BenchConfig) -> tuple[dict, Forecaster]:
+    """End-to-end timings of ``cfg.bundle`` on ``backend`` with a fresh store (none for a model
+    without the LLM branch), so the first request of each window is a miss; and the Forecaster."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = (EmbeddingStore(os.path.join(tmp, "store"), manifest.llm.namespace, manifest.llm.d_llm)
+                 if manifest.llm else None)
+        f = Forecaster(cfg.bundle, manifest, backend, store)
+        try:
+            return bench_end_to_end(f, values, ts, cfg), f
+        finally:
+            if store is not None:
+                store.close()
+
+
 def bench_end_to_end(f: Forecaster, values: np.ndarray, ts: np.ndarray, cfg: BenchConfig) -> dict:
     """Store miss (each request a new window) and store hit (one window again and again)."""
     res = {}
@@ -213,13 +228,7 @@ def run(cfg: BenchConfig, progress=None) -> dict:
             log.warning("backend %s skipped: %s", spec, exc)
             results["backends"][spec] = {"skipped": str(exc)}
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            store = (EmbeddingStore(os.path.join(tmp, "store"), manifest.llm.namespace, manifest.llm.d_llm)
-                     if manifest.llm else None)  # models without the LLM branch have no store
-            f = Forecaster(cfg.bundle, manifest, backend, store)
-            e2e = bench_end_to_end(f, values, ts, cfg)
-            if store is not None:
-                store.close()
+        e2e, f = bench_bundle(manifest, backend, values, ts, cfg)
         fc = e2e.pop("forecasts")
         if ref_fc is None:
             ref_fc = fc

@@ -30,9 +30,10 @@ from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
 from timecma.core.errors import BackendUnavailable, InputError
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
 from timecma.core.files import file_sha256
-from timecma.core.manifest import MANIFEST_VERSION, Manifest, list_bundle_files, read_manifest, write_manifest
+from timecma.core.manifest import (MANIFEST_VERSION, Manifest, file_record, list_bundle_files, read_manifest,
+                                   write_manifest)
 from timecma.core.timing import time_calls
-from timecma.runtime.backends import ort_session
+from timecma.runtime.backends import forecaster_feeds, ort_session
 from timecma.runtime.engine_build import PARITY_FILE, EngineProfile, build_engines, default_profile
 from timecma.core.prompts import PromptRenderer, get_template
 from timecma.core.tokens import encode_prompts, pad_right, tokenizer_digest
@@ -92,16 +93,11 @@ def _origin(kind: str, path: str) -> dict:
     return {"kind": kind, "file": os.path.basename(path), "sha256": file_sha256(path)}
 
 
-def _portable_data(data: DataContract, data_path: str | None) -> dict:
-    """The data contract for the manifest: the source as file name, sha256 and row count, no path."""
-    d = data.to_dict()
-    path = data_path or data.source
-    src = {"file": os.path.basename(data.source or path or "")}
-    if path and os.path.exists(path):
-        from timecma.data import read_table
-
-        src.update(sha256=file_sha256(path), rows=int(len(read_table(path))))
-    return {**d, "source": src}
+def _portable_data(data: DataContract, path: str, rows: int) -> dict:
+    """The data contract for the manifest: the source as file name, sha256 and row count, no path
+    (``path`` and ``rows`` are those of the file the parity windows were read from)."""
+    src = {"file": os.path.basename(data.source or path), "sha256": file_sha256(path), "rows": rows}
+    return {**data.to_dict(), "source": src}
 
 
 def _portable_llm(info: dict) -> dict:
@@ -153,10 +149,6 @@ def _check_llm(src: Source, llm: LoadedLLM | None) -> None:
         raise ExportError(f"LLM hidden size {llm.info.d_llm} != the model's d_llm {src.cfg.d_llm}")
 
 
-def _ort_session(path: str, threads: int | None = None):
-    return ort_session(path, "cpu", threads)
-
-
 def _median_ms(sess, feeds: dict, seconds: float = 0.3) -> float:
     """Median latency of a fast graph over ~``seconds`` of calls (after a warm-up)."""
     ms, _ = time_calls(lambda k: sess.run(None, feeds), 1 << 20, warmup=10, budget_s=seconds, min_iters=20)
@@ -176,9 +168,9 @@ def _batch1_forecaster(graph: ForecasterGraph, tmp: str, fc_feeds, y_torch: np.n
     cands = {}
     for file in (FORECASTER_ONNX, FORECASTER_B1_ONNX):
         for threads in (None, 1):
-            sess = _ort_session(os.path.join(tmp, file), threads)
+            sess = ort_session(os.path.join(tmp, file), threads=threads)
             cands[(file, threads)] = _median_ms(sess, feeds)
-    b1 = _ort_session(os.path.join(tmp, FORECASTER_B1_ONNX))
+    b1 = ort_session(os.path.join(tmp, FORECASTER_B1_ONNX))
     y = np.concatenate([b1.run(None, fc_feeds(slice(i, i + 1)))[0] for i in range(len(y_torch))])
     err = _errors(y / std, y_torch / std)
     if err["max_abs"] > tolerance:
@@ -219,7 +211,7 @@ def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, renderer, 
     cfg, data = src.cfg, src.data
     q_file = "llm_last_token.int8.onnx"
     quantize_int8(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, q_file))
-    f32, q8 = _ort_session(os.path.join(tmp, LLM_ONNX)), _ort_session(os.path.join(tmp, q_file))
+    f32, q8 = ort_session(os.path.join(tmp, LLM_ONNX)), ort_session(os.path.join(tmp, q_file))
     timings["int8"] = _time_session(q8, feeds)
     borders = split_borders(len(series.values), cfg.seq_len, data.split, series.frequency)
     starts = make_windows(borders, cfg.seq_len, cfg.pred_len)["test"].starts
@@ -328,11 +320,11 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str) ->
     emb = llm_part["emb"] if llm_part else None
 
     def fc_feeds(i: slice) -> dict:
-        return {"x": x[i], **({"prompt_emb": emb[i]} if emb is not None else {})}
+        return forecaster_feeds(x[i], None if emb is None else emb[i])
 
     with torch.no_grad():
         y_torch = graph(torch.from_numpy(x), None if emb is None else torch.from_numpy(emb)).numpy()
-    fc_sess = _ort_session(os.path.join(tmp, FORECASTER_ONNX))
+    fc_sess = ort_session(os.path.join(tmp, FORECASTER_ONNX))
     std = _report_norm(series, data, cfg)[1].astype(np.float32)  # errors in standard-normalised units
     y_ort = np.concatenate([fc_sess.run(None, fc_feeds(slice(i, i + 1)))[0] for i in range(len(x))])
     fc_err = _errors(y_ort / std, y_torch / std)  # normalized units
@@ -353,16 +345,15 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str) ->
     f16 = FORECASTER_ONNX.replace(".onnx", ".fp16.onnx")
     convert_fp16(os.path.join(tmp, FORECASTER_ONNX), os.path.join(tmp, f16))
     try:  # measured on ORT CPU where its kernels allow; recorded, not enforced
-        p16 = _errors(_ort_session(os.path.join(tmp, f16)).run(None, fc_feeds(slice(None)))[0] / std, y_torch / std)
+        p16 = _errors(ort_session(os.path.join(tmp, f16)).run(None, fc_feeds(slice(None)))[0] / std, y_torch / std)
     except Exception as exc:
         p16 = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
     fc_files["fp16"] = {"file": f16, "parity_vs_torch_ort_cpu": p16}
     files_groups = [fc_files] + ([llm_part["files"]] if llm_part else [])
     for files in files_groups:
         for v in files.values():
-            v["sha256"] = file_sha256(os.path.join(tmp, v["file"]))
-            v["bytes"] = os.path.getsize(os.path.join(tmp, v["file"]))
-    fc_batch1["sha256"] = file_sha256(os.path.join(tmp, fc_batch1["file"]))
+            v.update(file_record(tmp, v["file"]).to_dict())  # hashed once: the manifest's `files` reuses it
+    fc_batch1["sha256"] = file_record(tmp, fc_batch1["file"]).sha256
 
     fc_inputs = {"x": {"shape": ["B", cfg.seq_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}}
     if cfg.uses_llm:
@@ -380,7 +371,7 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str) ->
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "origin": src.origin,
         "model_config": cfg.to_dict(),
-        "data": _portable_data(data, opts.data_path),
+        "data": _portable_data(data, opts.data_path or data.source, len(series.values)),
         "prompt": src.prompt if cfg.uses_llm else None,
         "llm": {**_portable_llm(llm.info.to_dict()), "digest_verified": src.llm is not None} if llm_part else None,
         "tokenizer": llm_part["tokenizer"] if llm_part else None,
@@ -398,8 +389,8 @@ def _report_norm(series, data: DataContract, cfg: ModelConfig) -> tuple[np.ndarr
     """Mean and std of the training rows: the units parity and accuracy are reported in, whatever
     scaler the model uses (the paper's normalised scale)."""
     b = split_borders(len(series.values), cfg.seq_len, data.split, series.frequency)["train"]
-    rows = series.values[b[0]:b[1]]
-    return rows.mean(axis=0), rows.std(axis=0)
+    sc = Scaler.fit(series.values[b[0]:b[1]], data.variables)
+    return sc.mean, sc.std
 
 
 def _versions() -> dict:
@@ -444,7 +435,7 @@ def _llm_graphs(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str, seri
     # check covers the last-position shortcut in the exported graph as well as the export.
     plain = LoadedLLM(LastTokenEncoder(llm.encoder.model, last_position_only=False), llm.tokenizer, llm.info)
     torch_emb = np.concatenate([encode_last_token(plain, ids[i * n:(i + 1) * n]) for i in range(len(starts))])
-    llm_sess = _ort_session(os.path.join(tmp, LLM_ONNX))
+    llm_sess = ort_session(os.path.join(tmp, LLM_ONNX))
 
     def ort_llm(sess, chunk):
         a, m = pad_right(chunk, llm.info.pad_id)
@@ -491,7 +482,7 @@ def _llm_variants(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str, se
         fused = optimize_llm_for_cpu(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, opt_file),
                                      llm.encoder.model.config.num_attention_heads, llm.info.d_llm,
                                      llm.info.extra.get("model_type", ""))
-        opt_sess = _ort_session(os.path.join(tmp, opt_file))
+        opt_sess = ort_session(os.path.join(tmp, opt_file))
         opt_err = _errors(np.concatenate([ort_llm(opt_sess, ids[i * n:(i + 1) * n]) for i in range(part["n_windows"])]),
                           torch_emb)
         timings["fp32-ort-opt"] = _time_session(opt_sess, feeds)
@@ -522,7 +513,7 @@ def _llm_variants(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str, se
     f16 = LLM_ONNX.replace(".onnx", ".fp16.onnx")
     convert_fp16(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, f16))
     try:  # measured on ORT CPU where its kernels allow; recorded, not enforced
-        p16 = _errors(ort_llm(_ort_session(os.path.join(tmp, f16)), ids[:n]), torch_emb[:n])
+        p16 = _errors(ort_llm(ort_session(os.path.join(tmp, f16)), ids[:n]), torch_emb[:n])
     except Exception as exc:
         p16 = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
     llm_files["fp16"] = {"file": f16, "parity_vs_torch_ort_cpu": p16}

@@ -123,7 +123,6 @@ class Forecaster:
         self._lock = threading.Lock()
         self._x1 = np.empty((1, self.seq_len, self.n_vars), dtype=np.float32)  # batch-1 buffer, reused
         self.scaler = Scaler.from_contract(manifest.data)  # applied inside the graph; here to count clamps
-        self.last_clamped = np.zeros(0, dtype=np.int64)
         self.uses_llm = manifest.llm is not None
         if not self.uses_llm:  # timecma-no-llm, dlinear: no prompts, tokenizer or store
             self.renderer = self.tokenizer = None
@@ -186,12 +185,11 @@ class Forecaster:
                              "is beyond float32, the model's precision")
         for i in range(w):
             check_timestamps(timestamps[i], self.frequency, f"window {i}")
-        self.last_clamped = self.scaler.below_floor(values)
-        if self.last_clamped.any():
-            n = int(self.last_clamped.sum())
-            self.stats.clamped += n
+        clamped = self.scaler.below_floor(values)
+        if clamped.any():
+            self.stats.clamped += int(clamped.sum())
             log.warning("%d input value(s) at or below the log scaler's floor (a new all-time low) were clamped "
-                        "(windows %s)", n, np.flatnonzero(self.last_clamped)[:10].tolist())
+                        "(windows %s)", int(clamped.sum()), np.flatnonzero(clamped)[:10].tolist())
         s = self.stats.seconds
         emb = None
         if self.uses_llm:

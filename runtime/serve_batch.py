@@ -208,7 +208,7 @@ class BatchServer:
         for j, v in enumerate(f.variables):
             cols[v] = pa.array(flat[:, j], pa.float32())
         if f.scaler.kind == "log":
-            cols[CLAMPED_COL] = pa.array(np.repeat(f.last_clamped, h).astype(np.int32))
+            cols[CLAMPED_COL] = pa.array(np.repeat(f.scaler.below_floor(values), h).astype(np.int32))
         writer.write(pa.table(cols, schema=writer.schema))
         summary.windows += w
         summary.rows_written += w * h

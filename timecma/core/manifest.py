@@ -269,9 +269,13 @@ class Manifest:
 
 # --- reading and writing ------------------------------------------------------------------
 def file_record(bundle_dir: str | os.PathLike, rel: str) -> FileRecord:
-    """The ``files`` entry of one bundle file: sha256 and size."""
+    """The ``files`` entry of one bundle file: sha256 and size. Hashed once per file content: the
+    result joins the verification memo, so recording and then verifying a file reads it once."""
     path = os.path.join(bundle_dir, rel)
-    return FileRecord(file_sha256(path), os.path.getsize(path))
+    key = _stat_key(path)
+    digest = _memo.get(key) or file_sha256(path)
+    _memo[key] = digest
+    return FileRecord(digest, os.path.getsize(path))
 
 
 def list_bundle_files(bundle_dir: str | os.PathLike) -> dict[str, FileRecord]:
