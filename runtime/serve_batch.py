@@ -1,13 +1,16 @@
-"""`timecma-serve-batch input.parquet`: forecasts for every series of a parquet file (DESIGN §10).
+"""`timecma-serve-batch INPUT`: forecasts for every series of parquet files (DESIGN §10).
 
-The input is streamed record batch by record batch, so a file larger than memory works: per
-series only the last seq_len rows are kept. Windows are forecast in small batches (LLM only
-on store misses) and written to a temporary parquet file next to the output, renamed into
-place only when the whole input was valid and served. Torch-free.
+INPUT is one parquet file, a directory of them or a glob. The input is streamed record batch
+by record batch, so files larger than memory work: per series only the last seq_len rows are
+kept. Windows are forecast in small batches (LLM only on store misses) and written to a
+temporary parquet file next to the output, renamed into place only when the whole input was
+valid and served. ``--ray`` runs the same ``BatchServer`` per series on a Ray cluster
+(``ray_batch``). Torch-free.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -20,6 +23,7 @@ import pyarrow.parquet as pq
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 from timecma.core.leftovers import remove_dead_temporaries
+from timecma.core.manifest import DataRecord
 
 from .backends import BACKENDS
 from .pipeline import Forecaster, timestamp_problem
@@ -45,10 +49,6 @@ class ServeSummary:
     rows_written: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def _label(series_col: str | None, sid) -> str:
-    return f"series {sid!r}" if series_col else "input"
 
 
 CLAMPED_COL = "clamped_inputs"
@@ -87,8 +87,108 @@ class _Writer:
             os.remove(self.tmp)
 
 
+FILE_COL = "file"  # the series id when several files are served without --series-col: one file, one series
+
+
+def list_inputs(spec: str) -> tuple[list[str], str]:
+    """One parquet file, a directory (its ``*.parquet`` files, recursively) or a glob -> (sorted files, root).
+
+    The root is the folder series ids of file-per-series inputs are named relative to."""
+    if os.path.isdir(spec):
+        files = sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True))
+        root = spec
+        if not files:
+            raise InputError(f"directory {spec} holds no *.parquet files")
+    elif glob.has_magic(spec):
+        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise InputError(f"no file matches {spec!r}")
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])
+    elif os.path.isfile(spec):
+        files, root = [spec], os.path.dirname(os.path.abspath(spec))
+    else:
+        raise InputError(f"input file {spec} does not exist")
+    return files, root
+
+
+def series_name(path: str, root: str) -> str:
+    """The series id of a file-per-series input: its path under the input root, '/'-separated."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+
+
+def check_input_schema(schema: pa.Schema, time_col: str, variables: list[str], series_col: str | None,
+                       where: str = "input") -> None:
+    """Refuse a file whose columns cannot be served, naming the column (DESIGN §10)."""
+    names = schema.names
+    if time_col not in names:
+        raise InputError(f"{where} has no time column {time_col!r} (columns: {names})")
+    if series_col and series_col not in names:
+        raise InputError(f"{where} has no series column {series_col!r} (columns: {names})")
+    missing = [v for v in variables if v not in names]
+    if missing:
+        raise InputError(f"{where} lacks variable column(s) {missing}; the model needs {variables}")
+    extra = [c for c in names if c not in variables and c not in (time_col, series_col)]
+    if extra:
+        hint = " (pass --series-col for a series id column)" if not series_col else ""
+        raise InputError(f"{where} has unexpected column(s) {extra}; the model's variables are {variables}{hint}")
+    for v in variables:
+        t = schema.field(v).type
+        if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)):
+            raise InputError(f"variable column {v!r} has type {t}; numbers are needed")
+    t = schema.field(time_col).type
+    if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise InputError(f"time column {time_col!r} has type {t}; timestamps or ISO strings are needed")
+
+
+def read_schemas(files: list[str], time_col: str, variables: list[str], series_col: str | None) -> pa.Field | None:
+    """Check every file's columns (footers only) and return the output's series id field (None: one series)."""
+    sid_field = None
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{path} is not a readable parquet file: {exc}") from exc
+        check_input_schema(schema, time_col, variables, series_col, path if len(files) > 1 else "input")
+        if series_col:
+            f = schema.field(series_col).with_nullable(False)
+            if sid_field is not None and f.type != sid_field.type:
+                raise InputError(f"series column {series_col!r} is {sid_field.type} in {files[0]} but {f.type} "
+                                 f"in {path}; the files must agree")
+            sid_field = f
+    if not series_col and len(files) > 1:
+        sid_field = pa.field(FILE_COL, pa.string(), nullable=False)
+    return sid_field
+
+
+def output_schema(data: DataRecord, sid_field: pa.Field | None) -> pa.Schema:
+    """One row per (series, window end, step): forecast timestamp and one float32 column per variable."""
+    fields = [sid_field] if sid_field is not None else []
+    fields += [pa.field("window_end", pa.timestamp("ns")), pa.field("step", pa.int32()),
+               pa.field(data.time_col, pa.timestamp("ns"))] + [pa.field(v, pa.float32()) for v in data.variables]
+    if data.scaler_kind == "log":  # input values the log scaler clamped at its floor, per window
+        fields.append(pa.field(CLAMPED_COL, pa.int32()))
+    return pa.schema(fields)
+
+
+class TableSink:
+    """Collects forecast tables in memory (one series group on a Ray worker)."""
+
+    def __init__(self, schema: pa.Schema):
+        self.schema, self.tables = schema, []
+
+    def write(self, table: pa.Table) -> None:
+        self.tables.append(table)
+
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.tables) if self.tables else self.schema.empty_table()
+
+
 class BatchServer:
-    """Streams an input parquet file through a Forecaster into an output parquet file."""
+    """Turns rows of one or more series into forecast rows; ``run`` streams files into one output file.
+
+    ``feed`` takes rows in order (a series may continue over several calls and files),
+    ``finish`` forecasts what is left (``last`` mode) and checks every series was long enough.
+    The output schema's first field, when it is not ``window_end``, holds the series id."""
 
     def __init__(self, forecaster: Forecaster, series_col: str | None = None, mode: str = "last", stride: int = 24,
                  batch_windows: int = 32):
@@ -100,58 +200,40 @@ class BatchServer:
         self.batch_windows = batch_windows
         self.states: dict = {}
         self.pending: list[tuple] = []  # (series id, values [L,N], ts [L])
+        self.summary = ServeSummary()
+
+    def _label(self, sid) -> str:
+        return f"series {sid!r}" if sid is not None else "input"
 
     # -- input checks -------------------------------------------------------------------
-    def _check_schema(self, schema: pa.Schema) -> None:
-        f = self.f
-        names = schema.names
-        if f.time_col not in names:
-            raise InputError(f"input has no time column {f.time_col!r} (columns: {names})")
-        if self.series_col and self.series_col not in names:
-            raise InputError(f"input has no series column {self.series_col!r} (columns: {names})")
-        missing = [v for v in f.variables if v not in names]
-        if missing:
-            raise InputError(f"input lacks variable column(s) {missing}; the model needs {f.variables}")
-        extra = [c for c in names if c not in f.variables and c not in (f.time_col, self.series_col)]
-        if extra:
-            hint = " (pass --series-col for a series id column)" if not self.series_col else ""
-            raise InputError(f"input has unexpected column(s) {extra}; the model's variables are {f.variables}{hint}")
-        for v in f.variables:
-            t = schema.field(v).type
-            if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)):
-                raise InputError(f"variable column {v!r} has type {t}; numbers are needed")
-        t = schema.field(f.time_col).type
-        if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_string(t)
-                or pa.types.is_large_string(t)):
-            raise InputError(f"time column {f.time_col!r} has type {t}; timestamps or ISO strings are needed")
-
-    def _arrays(self, batch: pa.RecordBatch, first_row: int):
-        f = self.f
-        col = batch.column(batch.schema.get_field_index(f.time_col))
+    def arrays(self, batch: pa.RecordBatch | pa.Table, first_row: int = 0, where: str = ""):
+        """Timestamps [R], values [R, N] float64 and series ids [R] (or None) of a batch, checked."""
+        f, at = self.f, f"{where}: " if where else ""
+        col = batch.column(f.time_col)
         if col.null_count:
             i = first_row + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise InputError(f"time column {f.time_col!r} is empty at row {i}")
+            raise InputError(f"{at}time column {f.time_col!r} is empty at row {i}")
         try:
             if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
                 ts = col.cast(pa.timestamp("ns")).to_numpy(zero_copy_only=False)
             else:
                 ts = np.array(col.to_pylist(), dtype="datetime64[ns]")
         except (ValueError, pa.ArrowInvalid) as exc:
-            raise InputError(f"time column {f.time_col!r} holds a value that is not a timestamp "
+            raise InputError(f"{at}time column {f.time_col!r} holds a value that is not a timestamp "
                              f"(rows {first_row}..{first_row + len(col) - 1}): {exc}") from exc
         values = np.empty((batch.num_rows, len(f.variables)), np.float64)
         for j, v in enumerate(f.variables):
-            c = batch.column(batch.schema.get_field_index(v))
+            c = batch.column(v)
             try:
                 values[:, j] = c.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
             except (pa.ArrowInvalid, ValueError) as exc:
-                raise InputError(f"variable column {v!r} (rows {first_row}..{first_row + len(c) - 1}) cannot be "
-                                 f"read as numbers: {exc}") from exc
+                raise InputError(f"{at}variable column {v!r} (rows {first_row}..{first_row + len(c) - 1}) cannot "
+                                 f"be read as numbers: {exc}") from exc
         if self.series_col:
-            sc = batch.column(batch.schema.get_field_index(self.series_col))
+            sc = batch.column(self.series_col)
             if sc.null_count:
                 i = first_row + int(np.flatnonzero(sc.is_null().to_numpy(zero_copy_only=False))[0])
-                raise InputError(f"series column {self.series_col!r} is empty at row {i}")
+                raise InputError(f"{at}series column {self.series_col!r} is empty at row {i}")
             sids = np.asarray(sc.to_pylist(), dtype=object)
         else:
             sids = None
@@ -159,12 +241,13 @@ class BatchServer:
         if bad.any():
             r, c = (int(a[0]) for a in np.nonzero(bad))
             sid = sids[r] if sids is not None else None
-            raise InputError(f"{_label(self.series_col, sid)}: missing or non-finite value in column "
+            raise InputError(f"{at}{self._label(sid)}: missing or non-finite value in column "
                              f"{f.variables[c]!r} at row {first_row + r}")
         return ts, values, sids
 
     # -- streaming ------------------------------------------------------------------------
-    def _add_rows(self, sid, ts: np.ndarray, values: np.ndarray, file_rows: np.ndarray, emit) -> None:
+    def _add_rows(self, sid, ts: np.ndarray, values: np.ndarray, rows: np.ndarray | None, sink) -> None:
+        """Append rows of one series; ``rows`` numbers them for messages (None: name the timestamp)."""
         f = self.f
         st = self.states.get(sid)
         if st is None:
@@ -173,7 +256,8 @@ class BatchServer:
         problem = timestamp_problem(np.concatenate([prev, ts]), f.frequency)
         if problem:
             i = problem[0] - len(prev)
-            raise InputError(f"{_label(self.series_col, sid)}, row {int(file_rows[i])}: {problem[1]}")
+            at = f"row {int(rows[i])}" if rows is not None else f"at {np.datetime_as_string(ts[i], unit='s')}"
+            raise InputError(f"{self._label(sid)}, {at}: {problem[1]}")
         all_v = np.concatenate([st.values, values])
         all_t = np.concatenate([st.ts, ts])
         offset = st.rows - len(st.values)  # series-row index of all_v[0]
@@ -184,11 +268,48 @@ class BatchServer:
                     k = end - offset + 1
                     self.pending.append((sid, all_v[k - f.seq_len:k], all_t[k - f.seq_len:k]))
                     if len(self.pending) >= self.batch_windows:
-                        emit()
+                        self._flush(sink)
         st.rows += len(ts)
         st.values, st.ts = all_v[-f.seq_len:].copy(), all_t[-f.seq_len:].copy()
 
-    def _flush(self, writer: _Writer, summary: ServeSummary) -> None:
+    def feed(self, batch: pa.RecordBatch | pa.Table, sink, first_row: int = 0, sid=None, where: str = "") -> None:
+        """Rows in file order; ``sid`` names the series of a file without a series column."""
+        ts, values, sids = self.arrays(batch, first_row, where)
+        rows = np.arange(first_row, first_row + batch.num_rows)
+        if sids is None:
+            self._add_rows(sid, ts, values, rows, sink)
+            return
+        keys = sids.astype(str)
+        uniq, first = np.unique(keys, return_index=True)
+        for k in np.argsort(first):
+            sel = keys == uniq[k]
+            self._add_rows(sids[first[k]], ts[sel], values[sel], rows[sel], sink)
+
+    def feed_series(self, table: pa.Table, sink, sid) -> None:
+        """All rows of one series in any order (a Ray group after its shuffle): served in time order."""
+        ts, values, _ = self.arrays(table)
+        order = np.argsort(ts, kind="stable")  # duplicates stay adjacent and are refused by the gap check
+        self._add_rows(sid, ts[order], values[order], None, sink)
+
+    def finish(self, sink, what: str = "input") -> None:
+        """Refuse series shorter than seq_len, forecast last windows, flush."""
+        f = self.f
+        if not self.states:
+            raise InputError(f"{what} has no rows")
+        short = [sid for sid, st in self.states.items() if st.rows < f.seq_len]
+        if short:
+            sid = short[0]
+            raise InputError(f"{self._label(sid)} has {self.states[sid].rows} rows, fewer than the model's seq_len "
+                             f"{f.seq_len}" + (f" ({len(short)} such series)" if len(short) > 1 else ""))
+        if self.mode == "last":
+            for sid, st in self.states.items():
+                self.pending.append((sid, st.values, st.ts))
+                if len(self.pending) >= self.batch_windows:
+                    self._flush(sink)
+        self._flush(sink)
+        self.summary.series = len(self.states)
+
+    def _flush(self, sink) -> None:
         if not self.pending:
             return
         f = self.f
@@ -197,9 +318,10 @@ class BatchServer:
         y = f.predict_many(values, ts)  # [W, pred_len, N]
         w, h = len(self.pending), f.pred_len
         cols: dict[str, pa.Array] = {}
-        if self.series_col:
-            cols[self.series_col] = pa.array(np.repeat(np.array([p[0] for p in self.pending], dtype=object), h),
-                                             type=writer.schema.field(self.series_col).type)
+        first = sink.schema.field(0)
+        if first.name != "window_end":  # the series id column
+            cols[first.name] = pa.array(np.repeat(np.array([p[0] for p in self.pending], dtype=object), h),
+                                        type=first.type)
         ends = ts[:, -1]
         cols["window_end"] = pa.array(np.repeat(ends, h), pa.timestamp("ns"))
         cols["step"] = pa.array(np.tile(np.arange(1, h + 1, dtype=np.int32), w))
@@ -209,105 +331,106 @@ class BatchServer:
             cols[v] = pa.array(flat[:, j], pa.float32())
         if f.scaler.kind == "log":
             cols[CLAMPED_COL] = pa.array(np.repeat(f.scaler.below_floor(values), h).astype(np.int32))
-        writer.write(pa.table(cols, schema=writer.schema))
-        summary.windows += w
-        summary.rows_written += w * h
+        sink.write(pa.table(cols, schema=sink.schema))
+        self.summary.windows += w
+        self.summary.rows_written += w * h
         self.pending.clear()
 
-    def run(self, input_path: str, out: str, progress: bool = True) -> ServeSummary:
-        """Serve the whole file; the output appears only if every row was valid and served."""
-        if not os.path.isfile(input_path):
-            raise InputError(f"input file {input_path} does not exist")
-        try:
-            pf = pq.ParquetFile(input_path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"{input_path} is not a readable parquet file: {exc}") from exc
-        schema = pf.schema_arrow
-        self._check_schema(schema)
+    def run(self, inputs: str | list[str], out: str, progress: bool = True) -> ServeSummary:
+        """Serve a file, a directory or glob of files, or a list of files; the output appears only if every
+        row was valid and served. Several files without a series column: each file is one series."""
+        files, root = list_inputs(inputs) if isinstance(inputs, str) else (list(inputs), _common_root(inputs))
         f = self.f
-        out_fields = []
-        if self.series_col:
-            out_fields.append(schema.field(self.series_col).with_nullable(False))
-        out_fields += [pa.field("window_end", pa.timestamp("ns")), pa.field("step", pa.int32()),
-                       pa.field(f.time_col, pa.timestamp("ns"))] + [pa.field(v, pa.float32()) for v in f.variables]
-        if f.scaler.kind == "log":  # input values the log scaler clamped at its floor, per window
-            out_fields.append(pa.field(CLAMPED_COL, pa.int32()))
-        writer = _Writer(out, pa.schema(out_fields))
-        summary = ServeSummary()
+        sid_field = read_schemas(files, f.time_col, f.variables, self.series_col)
+        per_file = not self.series_col and len(files) > 1
+        writer = _Writer(out, output_schema(f.manifest.data, sid_field))
         t0 = time.perf_counter()
         from tqdm import tqdm
 
-        bar = tqdm(total=pf.metadata.num_rows, unit="row", desc="serve-batch", disable=None if progress else True,
-                   leave=False)
+        total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        bar = tqdm(total=total, unit="row", desc="serve-batch", disable=None if progress else True, leave=False)
         try:
             cols = [f.time_col, *f.variables] + ([self.series_col] if self.series_col else [])
-            row0 = 0
-            for batch in pf.iter_batches(batch_size=READ_ROWS, columns=cols):
-                ts, values, sids = self._arrays(batch, row0)
-                rows = np.arange(row0, row0 + batch.num_rows)
-                emit = lambda: self._flush(writer, summary)  # noqa: E731
-                if sids is None:
-                    self._add_rows(None, ts, values, rows, emit)
-                else:
-                    uniq, first = np.unique(sids.astype(str), return_index=True)
-                    for k in np.argsort(first):
-                        sel = sids.astype(str) == uniq[k]
-                        self._add_rows(sids[first[k]], ts[sel], values[sel], rows[sel], emit)
-                row0 += batch.num_rows
-                bar.update(batch.num_rows)
-            short = [sid for sid, st in self.states.items() if st.rows < f.seq_len]
-            if not self.states:
-                raise InputError(f"{input_path} has no rows")
-            if short:
-                sid = short[0]
-                raise InputError(f"{_label(self.series_col, sid)} has {self.states[sid].rows} rows, fewer than the "
-                                 f"model's seq_len {f.seq_len}" + (f" ({len(short)} such series)" if len(short) > 1 else ""))
-            if self.mode == "last":
-                for sid, st in self.states.items():
-                    self.pending.append((sid, st.values, st.ts))
-                    if len(self.pending) >= self.batch_windows:
-                        self._flush(writer, summary)
-            self._flush(writer, summary)
+            for path in files:
+                sid = series_name(path, root) if per_file else None
+                where = path if len(files) > 1 else ""
+                row0 = 0
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS, columns=cols):
+                    self.feed(batch, writer, row0, sid, where)
+                    row0 += batch.num_rows
+                    bar.update(batch.num_rows)
+            self.finish(writer, files[0] if len(files) == 1 else f"{inputs!r}")
             writer.commit()
         except BaseException:
             writer.abort()
             raise
         finally:
             bar.close()
-        summary.series = len(self.states)
-        summary.seconds = time.perf_counter() - t0
-        return summary
+        self.summary.seconds = time.perf_counter() - t0
+        return self.summary
+
+
+def _common_root(files: list[str]) -> str:
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])
 
 
 PROG = "timecma-serve-batch"
 
 
+def _ray_address(value: str | None) -> str | None:
+    if value is not None and value.endswith(".parquet"):  # `--ray in.parquet` took the input as the address
+        raise click.BadParameter(f"{value!r} looks like the input, not a cluster address; put INPUT before --ray",
+                                 param_hint="--ray")
+    return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
-@click.argument("input_path", metavar="INPUT.parquet")
+@click.argument("input_path", metavar="INPUT")
 @click.option("--bundle", required=True, type=click.Path(), help="Bundle directory written by timecma-export.")
-@click.option("--out", default=None, help="Output parquet (default: INPUT stem + .forecasts.parquet).")
-@click.option("--series-col", default=None, help="Column holding a series id (several series in one file).")
+@click.option("--out", default=None,
+              help="Output parquet (default: INPUT stem + .forecasts.parquet); with --ray a directory of parquet "
+                   "files (default: INPUT stem + .forecasts), which every node must reach (shared or local disk).")
+@click.option("--series-col", default=None,
+              help="Column holding a series id (several series in one file, a series may span files). Without "
+                   "it, several files are several series: one per file, named in a 'file' column.")
 @click.option("--mode", type=click.Choice(["last", "rolling"]), default="last", show_default=True,
               help="Forecast from each series' last window, or from rolling windows (backtest).")
 @click.option("--stride", default=24, show_default=True, help="Rows between rolling windows.")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
-@click.option("--store", default=None, help="Embedding store directory (created if missing); LLM runs only on misses.")
+@click.option("--store", default=None,
+              help="Embedding store directory (created if missing); LLM runs only on misses. With --ray a path on "
+                   "each node's LOCAL disk (LMDB must not be on a network filesystem; default: the node's temp dir).")
 @click.option("--batch-windows", default=32, show_default=True, help="Windows per forecaster call.")
-@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores).")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores; with "
+                                                        "--ray the worker's CPUs).")
+@click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="local", callback=lambda c, p, v:
+              _ray_address(v), metavar="[ADDRESS]",
+              help="Run on Ray Data: alone, a local cluster; 'auto', host:port or ray://host:10001 joins one.")
+@click.option("--num-workers", default=1, show_default=True, help="--ray: actors, each with the bundle loaded once.")
+@click.option("--cpus-per-worker", default=None, type=float,
+              help="--ray: CPUs per actor (default: a share leaving one CPU for reading and shuffling).")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=float, help="--ray: GPUs per actor.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: str | None, mode: str, stride: int,
-                    backend: str, store: str | None, batch_windows: int, threads: int | None, force: bool,
-                    quiet: bool) -> None:
-    """Forecast every series in INPUT.parquet with a timecma bundle; write forecasts to parquet."""
+                    backend: str, store: str | None, batch_windows: int, threads: int | None,
+                    ray_address: str | None, num_workers: int, cpus_per_worker: float | None,
+                    gpus_per_worker: float, force: bool, quiet: bool) -> None:
+    """Forecast every series in INPUT (a parquet file, a directory of them or a quoted glob) with a timecma
+    bundle; write forecasts to parquet."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timecma").setLevel(logging.INFO if not quiet else logging.WARNING)
-    out = out or os.path.splitext(input_path)[0] + ".forecasts.parquet"
+    stem = os.path.splitext(input_path.rstrip("/").replace("*", "all"))[0]
+    out = out or stem + (".forecasts" if ray_address else ".forecasts.parquet")
     remove_dead_temporaries(os.path.dirname(os.path.abspath(out)), temp_prefix(out), "a partial output")
     if os.path.exists(out) and not force:
         fail(PROG, f"{out} exists; pass --force to replace it")
     if stride < 1:
         fail(PROG, "--stride must be at least 1")
+    if ray_address:
+        _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
+                      ray_address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet)
+        return
     kwargs = {"threads": threads} if threads and backend in ("auto", "ort-cpu", "ort-cuda") else {}
     try:
         f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
@@ -325,3 +448,22 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
                f"{summary.seconds:.2f} s ({summary.windows / max(summary.seconds, 1e-9):.1f} windows/s)"
                + (f"; {s.clamped} input values clamped at the log scaler's floor (column {CLAMPED_COL})"
                   if f.scaler.kind == "log" else ""))
+
+
+def _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
+                  address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet) -> None:
+    from timecma.core.ray_setup import RayPool
+
+    from .ray_batch import serve_batch_on_ray
+
+    try:
+        files, root = list_inputs(input_path)
+        s = serve_batch_on_ray(files, root, bundle, out, series_col=series_col, mode=mode, stride=stride,
+                               backend=backend, store=store, batch_windows=batch_windows, threads=threads,
+                               pool=RayPool(address, num_workers, cpus_per_worker, gpus_per_worker), force=force,
+                               progress=not quiet)
+    except (InputError, BundleError, BackendUnavailable) as exc:
+        fail(PROG, exc, " (no output written)")
+    click.echo(f"serve-batch on Ray: {s.files} file(s), {s.series} series, {s.windows} windows, {s.rows_written} "
+               f"forecast rows -> {out}/ ({s.output_files} parquet files); {num_workers} worker(s); "
+               f"{s.seconds:.2f} s ({s.rows_written / max(s.seconds, 1e-9):.0f} rows/s)")

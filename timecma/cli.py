@@ -9,6 +9,7 @@ import click
 
 from .core.config import TrainConfig
 from .core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
+from .core.ray_setup import RayPool, unwrap
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -64,12 +65,19 @@ def _setup_logging(verbose: bool) -> None:
               help="Shuffle training windows (the reference does not).")
 @click.option("--train-stride", default=1, show_default=True, type=click.IntRange(min=1),
               help="Use every k-th training window (1 = all, as the reference; >1 for quick runs).")
+@click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Precompute prompt embeddings on Ray actors (alone: a local cluster; 'auto', host:port or "
+                   "ray://host:10001 joins one); this process stays the store's only writer.")
+@click.option("--llm-workers", default=1, show_default=True, help="--ray: actors, each with the LLM loaded once.")
+@click.option("--cpus-per-worker", default=None, type=float,
+              help="--ray: CPUs per actor (default: a share leaving one CPU for Ray Data's own tasks).")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=float, help="--ray: GPUs per actor.")
 @click.option("-v", "--verbose", is_flag=True)
 def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, store_dir, template, scaler_kind,
               store_dtype, residual, model_name,
               channel, e_layer,
               d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
-              device, shuffle, train_stride, verbose):
+              device, shuffle, train_stride, ray_address, llm_workers, cpus_per_worker, gpus_per_worker, verbose):
     """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
     checkpoint by validation MSE, evaluate it once on the test split."""
     _setup_logging(verbose)
@@ -80,12 +88,17 @@ def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, st
                       train_stride=train_stride)
     overrides = dict(seq_len=seq_len, pred_len=pred_len, channel=channel, e_layer=e_layer, d_layer=d_layer,
                      head=head, d_ff=d_ff, dropout=dropout)
+    pool = RayPool(ray_address, llm_workers, cpus_per_worker, gpus_per_worker) if ray_address else None
     try:
         metrics = train(data_path, out_dir, llm_id, overrides, cfg, time_col=time_col, split=split,
                         store_dir=store_dir, template=template, model_name=model_name,
-                        scaler_kind=scaler_kind, residual=residual, store_dtype=store_dtype)
+                        scaler_kind=scaler_kind, residual=residual, store_dtype=store_dtype, ray=pool)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-train", exc)
+    except Exception as exc:  # a worker's InputError arrives wrapped by Ray
+        if unwrap(exc) is exc:
+            raise
+        fail("timecma-train", unwrap(exc))
     summary = {
         "test": metrics["test"], "val": metrics["val"], "best_epoch": metrics["best_epoch"],
         "naive_test": metrics["naive"]["test"],

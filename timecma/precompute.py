@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -12,6 +14,8 @@ from tqdm.auto import tqdm
 from .data import Series, SplitWindows
 from .llm import LoadedLLM, encode_last_token
 from .core.prompts import PromptRenderer
+from .core.errors import InputError
+from .core.ray_setup import RayPool
 from .core.store import EmbeddingStore
 from .core.tokens import check_lengths, encode_prompts, plan_llm_batches
 
@@ -49,6 +53,15 @@ def build_prompt_set(
     return PromptSet(windows.name, n, token_ids, store.keys(token_ids), prompts)
 
 
+def _todo(store: EmbeddingStore, token_ids: list[np.ndarray], keys: list[bytes], batch_size: int):
+    """Indices of the prompts still to compute (identical prompts once) and their length-grouped batches."""
+    seen: dict[bytes, int] = {}
+    for i in store.missing(keys):
+        seen.setdefault(keys[i], i)
+    unique = list(seen.values())
+    return unique, plan_llm_batches([len(token_ids[i]) for i in unique], batch_size)
+
+
 def precompute(
     store: EmbeddingStore,
     llm: LoadedLLM,
@@ -58,28 +71,80 @@ def precompute(
     device: str | torch.device = "cpu",
     desc: str = "embeddings",
     prompts: list[str] | None = None,
+    ray: RayPool | None = None,
 ) -> int:
     """Compute and store embeddings for keys not yet present; returns how many were computed.
 
     Batches group prompts of similar length (little padding) and each batch is one
     committed transaction, so a killed run resumes where it stopped. With ``prompts``
     (the texts behind ``token_ids``) the store's text index is filled too, so serving
-    finds these prompts without tokenizing them.
+    finds these prompts without tokenizing them. With ``ray`` the same batches run on
+    a pool of Ray actors, each with the LLM loaded once; this process stays the store's
+    only writer.
     """
-    todo = store.missing(keys)
-    seen: dict[bytes, int] = {}
-    for i in todo:
-        seen.setdefault(keys[i], i)  # identical prompts are computed once
-    unique = list(seen.values())
+    unique, batches = _todo(store, token_ids, keys, batch_size)
     if not unique:
         log.info("%s: all %d prompts already in the store", desc, len(keys))
         return 0
-    sub = [token_ids[i] for i in unique]
-    batches = plan_llm_batches([len(t) for t in sub], batch_size)
+
+    def put(pos: np.ndarray, vecs: np.ndarray) -> None:
+        idx = [unique[j] for j in pos]
+        store.put_many([keys[i] for i in idx], vecs, None if prompts is None else [prompts[i] for i in idx])
+
     with tqdm(total=len(unique), desc=desc, unit="prompt", mininterval=1.0, disable=None) as bar:  # None: TTY only
-        for batch in batches:
-            vecs = encode_last_token(llm, [sub[j] for j in batch], device)
-            store.put_many([keys[unique[j]] for j in batch], vecs,
-                           None if prompts is None else [prompts[unique[j]] for j in batch])
-            bar.update(len(batch))
+        if ray is not None:
+            for pos, vecs in _encode_on_ray(ray, llm, [[token_ids[unique[j]] for j in b] for b in batches], batches,
+                                            device):
+                put(pos, vecs)
+                bar.update(len(pos))
+        else:
+            for batch in batches:
+                put(np.asarray(batch), encode_last_token(llm, [token_ids[unique[j]] for j in batch], device))
+                bar.update(len(batch))
     return len(unique)
+
+
+class LLMWorker:
+    """A Ray actor's callable: the LLM loaded once; one planned batch per call -> (positions, vectors)."""
+
+    def __init__(self, llm_id: str, namespace: str, device: str, threads: int):
+        from .llm import load_llm
+
+        torch.set_num_threads(threads)
+        self.device = device
+        self.llm = load_llm(llm_id, device)
+        if self.llm.info.namespace != namespace:  # another model under the same name on this node
+            raise InputError(f"LLM {llm_id!r} on this worker is not the driver's (store namespace "
+                             f"{self.llm.info.namespace[:12]} != {namespace[:12]})")
+
+    def __call__(self, row: dict) -> dict:
+        ids = [np.asarray(t, dtype=np.int64) for t in row["ids"][0]]
+        return {"pos": np.asarray(row["pos"][0], np.int64)[None],
+                "vec": encode_last_token(self.llm, ids, self.device)[None]}
+
+
+def _where(llm_id: str) -> str:
+    """A local model directory by absolute path (workers do not share this process's working directory)."""
+    return os.path.abspath(llm_id) if os.path.isdir(llm_id) else llm_id
+
+
+def _encode_on_ray(pool: RayPool, llm: LoadedLLM, ids: list[list[np.ndarray]], positions: list[list[int]],
+                   device) -> "Iterator[tuple[np.ndarray, np.ndarray]]":
+    """Planned batches through an actor pool; yields each batch's (positions, vectors) as it returns."""
+    import ray.data
+
+    from .core.ray_setup import actor_cpus, connect
+
+    connect(pool.address)
+    cpus = actor_cpus(pool.num_workers, pool.cpus_per_worker)
+    items = [{"pos": list(p), "ids": [t.tolist() for t in b]} for p, b in zip(positions, ids)]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * pool.num_workers))
+    out = ds.map_batches(
+        LLMWorker, batch_size=1, batch_format="numpy",
+        fn_constructor_kwargs=dict(llm_id=_where(llm.info.id), namespace=llm.info.namespace, device=str(device),
+                                   threads=max(1, int(round(cpus)))),
+        compute=ray.data.ActorPoolStrategy(size=pool.num_workers), num_cpus=cpus,
+        num_gpus=pool.gpus_per_worker or None)  # Ray Data restarts dead actors and retries their calls
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for pos, vec in zip(batch["pos"], batch["vec"]):
+            yield np.asarray(pos), np.asarray(vec)

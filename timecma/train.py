@@ -23,6 +23,7 @@ from .llm import load_llm
 from .model import make_model
 from .precompute import PromptSet, build_prompt_set, precompute
 from .core.prompts import PromptRenderer, get_template
+from .core.ray_setup import RayPool
 from .core.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def train(
     scaler_kind: str = "standard",
     residual: str = "none",
     store_dtype: str = "float32",
+    ray: RayPool | None = None,
 ) -> dict:
     """Full training run; writes best.pt and metrics.json into ``out_dir``. Returns the metrics."""
     t0 = time.time()
@@ -168,22 +170,24 @@ def train(
     os.makedirs(out_dir, exist_ok=True)
     splits: dict[str, SplitData] = {}
     t_emb = time.time()
-    n_computed = 0
     store, llm_info, d_llm = None, None, 0
     if MODELS[model_name]:
         renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if tmpl.needs_periods else None)
         llm = load_llm(llm_id, device)
         store_dir = store_dir or os.path.join(out_dir, "store")
         store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, store_dtype, describe=f"LLM {llm_id}")
-        for name, w in windows.items():
-            ps = build_prompt_set(series, w, renderer, llm, store)
-            n_computed += precompute(store, llm, ps.token_ids, ps.keys, train_cfg.llm_batch_size, device,
-                                     desc=f"{name} prompts", prompts=ps.prompts)
-            splits[name] = SplitData(w.starts, ps)
+        sets = {name: build_prompt_set(series, w, renderer, llm, store) for name, w in windows.items()}
+        # one pass over every split's prompts (one Ray job, its actors loading the LLM once)
+        n_computed = precompute(store, llm, [t for ps in sets.values() for t in ps.token_ids],
+                                [k for ps in sets.values() for k in ps.keys], train_cfg.llm_batch_size, device,
+                                desc="prompt embeddings", prompts=[p for ps in sets.values() for p in ps.prompts],
+                                ray=ray)
+        splits = {name: SplitData(w.starts, sets[name]) for name, w in windows.items()}
         log.info("embeddings ready: %d computed, store holds %d (%.1fs)", n_computed, len(store), time.time() - t_emb)
         llm_info, d_llm = llm.info.to_dict(), llm.info.d_llm
         del llm  # the LLM is not needed for training the forecaster
     else:
+        n_computed = 0
         splits = {name: SplitData(w.starts, None) for name, w in windows.items()}
     emb_seconds = time.time() - t_emb
 

@@ -1,0 +1,322 @@
+"""Scale-out on a local Ray cluster (DESIGN §13): serve-batch on Ray Data equals single-process serve-batch,
+precompute on Ray fills the same store, a killed worker loses and repeats nothing, and the Ray Serve endpoint
+answers over 127.0.0.1. One 2-CPU cluster for the module; hard per-test timeouts, because a resource deadlock
+hangs rather than fails."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_frame, run_cli
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'timecma[ray]')")
+
+from timecma.core.errors import InputError  # noqa: E402
+from timecma.core.ray_setup import LOCAL, RayPool, connect  # noqa: E402
+from timecma.runtime.pipeline import Forecaster  # noqa: E402
+from timecma.runtime.ray_batch import serve_batch_on_ray  # noqa: E402
+from timecma.runtime.serve_batch import BatchServer, list_inputs  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+VARS = ["v0", "v1", "v2"]
+KEY = ["window_end", "step"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING")
+    connect(LOCAL, progress=False)  # joins the running cluster: Ray Data settings only
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fleet(d, n_files: int = 3, rows: int = 80, series: tuple = ("a", "b", "c")) -> str:
+    """Series spread over files: file k holds rows [k*rows, (k+1)*rows) of every series."""
+    d.mkdir()
+    for k in range(n_files):
+        parts = []
+        for j, sid in enumerate(series):
+            f = make_frame(rows * n_files, seed=10 + j).iloc[k * rows:(k + 1) * rows]
+            parts.append(f.assign(id=sid))
+        pq.write_table(pa.Table.from_pandas(pd.concat(parts), preserve_index=False), d / f"part-{k}.parquet")
+    return str(d)
+
+
+def _local(bundle, inputs, out, **kw) -> pd.DataFrame:
+    with Forecaster.load(str(bundle), backend="ort-cpu") as f:
+        BatchServer(f, **kw).run(inputs, str(out), progress=False)
+    return pq.read_table(out).to_pandas()
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame, key: list[str]) -> None:
+    assert list(a.columns) == list(b.columns)
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) and not b.duplicated(key).any()
+    pd.testing.assert_frame_equal(a.drop(columns=VARS), b.drop(columns=VARS))
+    # windows are batched differently (per series on Ray), so float32 forecasts differ in the last bits
+    np.testing.assert_allclose(b[VARS].to_numpy(), a[VARS].to_numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_ray_serve_batch_equals_local_over_files_and_series(cluster, small_bundle, tmp_path):
+    inp = _fleet(tmp_path / "in")
+    files, root = list_inputs(inp)
+    local = _local(small_bundle, inp, tmp_path / "local.parquet", series_col="id", mode="rolling", stride=7)
+    out = tmp_path / "ray-out"
+    s = serve_batch_on_ray(files, root, str(small_bundle), str(out), series_col="id", mode="rolling", stride=7,
+                           backend="ort-cpu", store=str(tmp_path / "store"), pool=RayPool(num_workers=2),
+                           progress=False)
+    assert os.path.isdir(out) and all(n.endswith(".parquet") for n in os.listdir(out))
+    got = pq.read_table(out).to_pandas()
+    _same(local, got, ["id", *KEY])
+    assert s.series == 3 and s.rows_written == len(local)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # the temporary folder was renamed
+
+    # one file = one series without --series-col; last-window mode
+    single = tmp_path / "per-file"
+    single.mkdir()
+    for j in range(2):
+        pq.write_table(pa.Table.from_pandas(make_frame(60, seed=j), preserve_index=False), single / f"s{j}.parquet")
+    local = _local(small_bundle, str(single), tmp_path / "pf.parquet")
+    serve_batch_on_ray(*list_inputs(str(single)), str(small_bundle), str(tmp_path / "pf-ray"), backend="ort-cpu",
+                       store=str(tmp_path / "store"), pool=RayPool(num_workers=1), progress=False)
+    got = pq.read_table(tmp_path / "pf-ray").to_pandas()
+    assert sorted(got.file.unique()) == ["s0.parquet", "s1.parquet"]
+    _same(local, got, ["file", *KEY])
+
+
+def test_ray_bad_series_fails_whole_job_and_keeps_old_output(cluster, small_bundle, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good, bad = make_frame(60, seed=1).assign(id="good"), make_frame(60, seed=2).assign(id="bad")
+    bad = bad.drop(index=30)  # a gap of one hour inside series 'bad'
+    pq.write_table(pa.Table.from_pandas(pd.concat([good, bad]), preserve_index=False), inp / "x.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.parquet").write_bytes(b"previous result")
+    with pytest.raises(InputError, match=r"series 'bad', at 2020-01-02T07:00:00: step"):
+        serve_batch_on_ray(*list_inputs(str(inp)), str(small_bundle), str(out), series_col="id", backend="ort-cpu",
+                           store=str(tmp_path / "store"), pool=RayPool(num_workers=1), force=True, progress=False)
+    assert os.listdir(out) == ["old.parquet"]  # nothing lost, nothing partial
+    assert sorted(os.listdir(tmp_path)) == ["in", "out", "store"]  # no temporary folder left
+
+
+def test_ray_cli_refuses_bad_input_before_starting_a_cluster(small_bundle, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.Table.from_pandas(make_frame(60).drop(columns="v1"), preserve_index=False), inp / "a.parquet")
+    r = run_cli("timecma.runtime.serve_batch:serve_batch_cmd", str(inp), "--bundle", str(small_bundle), "--ray",
+                "--quiet")
+    assert r.returncode == 2 and "lacks variable column(s) ['v1']" in r.stderr, r.stderr
+    r = run_cli("timecma.runtime.serve_batch:serve_batch_cmd", str(tmp_path / "none-*.parquet"), "--bundle",
+                str(small_bundle), "--ray", "--quiet")
+    assert r.returncode == 2 and "no file matches" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_ray_deadlocking_pool_is_refused(cluster):
+    from timecma.core.ray_setup import actor_cpus
+
+    with pytest.raises(InputError, match="would hang"):
+        actor_cpus(2, 1.0)  # 2 x 1 CPU on a 2-CPU cluster leaves nothing for read tasks
+    assert actor_cpus(2, None) == 0.5
+
+
+def _descendants_named(root: int, marker: str) -> list[int]:
+    """PIDs below ``root`` whose command line names ``marker`` (the state API needs the dashboard, which is off)."""
+    parent, cmd = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd[int(d)] = f.read()
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def below(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return [p for p, c in cmd.items() if marker.encode() in c and below(p)]
+
+
+def test_killed_worker_job_completes_without_lost_or_repeated_rows(small_bundle, tmp_path):
+    """A user's `--ray` job (its own local cluster, in a subprocess) with its worker SIGKILLed mid-job."""
+    import subprocess
+    import sys
+
+    inp = _fleet(tmp_path / "in", n_files=2, rows=300, series=tuple("abcdefgh"))
+    local = _local(small_bundle, inp, tmp_path / "local.parquet", series_col="id", mode="rolling", stride=1)
+    cmd = [sys.executable, "-c", "from timecma.runtime.serve_batch import serve_batch_cmd; serve_batch_cmd()", inp,
+           "--bundle", str(small_bundle), "--out", str(tmp_path / "out"), "--series-col", "id", "--mode", "rolling",
+           "--stride", "1", "--batch-windows", "4", "--backend", "ort-cpu", "--store", str(tmp_path / "store"),
+           "--ray", "--num-workers", "1", "--cpus-per-worker", "0.5", "--quiet"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    killed = None
+    try:
+        deadline = time.time() + 120
+        while killed is None and proc.poll() is None and time.time() < deadline:
+            # Ray titles an actor's process ray::MapWorker(MapBatches(SeriesScorer))
+            pids = _descendants_named(proc.pid, "SeriesScorer")
+            if pids:
+                time.sleep(1.0)  # let it take work, then kill it mid-job
+                if proc.poll() is None:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed = pids[0]
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # hung: take the whole session (driver, raylet, workers) down
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert killed is not None, "the job ended before a worker could be killed"
+    assert proc.returncode == 0, err[-3000:]
+    got = pq.read_table(tmp_path / "out").to_pandas()
+    _same(local, got, ["id", *KEY])
+
+
+def test_precompute_on_ray_fills_the_same_store(cluster, tiny_llm_dir, tmp_path):
+    from timecma.core.store import EmbeddingStore
+    from timecma.core.tokens import encode_prompts
+    from timecma.llm import load_llm
+    from timecma.precompute import precompute
+
+    llm = load_llm(tiny_llm_dir)
+    prompts = [f"From 01/01/2020 00:00 to 02/01/2020 00:00, the values were {i}, {i * 7 % 31}, {i % 5} every "
+               f"hour. The total trend value was {i / 7:0f}" for i in range(300)] * 2  # duplicates: computed once
+    ids = encode_prompts(llm.backend, prompts)
+    stores = {}
+    for name, pool in (("local", None), ("ray", RayPool(num_workers=2))):
+        st = EmbeddingStore(tmp_path / name, llm.info.namespace, llm.info.d_llm)
+        keys = st.keys(ids)
+        assert precompute(st, llm, ids, keys, batch_size=16, prompts=prompts, ray=pool) == 300
+        stores[name] = st
+    keys = stores["local"].keys(ids)
+    a, found_a = stores["local"].get_many(keys)
+    b, found_b = stores["ray"].get_many(keys)
+    assert found_a.all() and found_b.all() and len(stores["local"]) == len(stores["ray"]) == 300
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    by_text, found_t = stores["ray"].get_many_by_text(prompts)  # the text index the single writer filled
+    assert found_t.all()
+    np.testing.assert_array_equal(by_text, b)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_online_endpoint_answers_and_survives_load_and_bad_requests(cluster, small_bundle, tmp_path):
+    from ray import serve
+
+    from timecma.runtime.serve_online import start
+
+    port = _free_port()
+    url = start(str(small_bundle), port=port, backend="ort-cpu", store=str(tmp_path / "store"),
+                cpus_per_replica=1.0)
+    assert url == f"http://127.0.0.1:{port}"
+    try:
+        frame = make_frame(200, seed=4)
+        win = frame.iloc[100:124]
+        body = json.dumps({"timestamps": [str(t) for t in win.date],
+                           "values": win[VARS].to_numpy().tolist()}).encode()
+
+        def call(conn, method, path, data=None):
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        assert call(conn, "GET", "/health") == (200, {"status": "ok"})
+        status, meta = call(conn, "GET", "/metadata")
+        assert status == 200 and meta["variables"] == VARS and meta["seq_len"] == 24 and meta["backend"] == "ort-cpu"
+        status, out = call(conn, "POST", "/forecast", body)
+        with Forecaster.load(str(small_bundle), backend="ort-cpu") as f:
+            expected = f.predict(win)
+        assert status == 200 and out["variables"] == VARS
+        np.testing.assert_allclose(np.array(out["forecast"]), expected, rtol=1e-5, atol=1e-5)
+        assert out["timestamps"][0] == str(win.date.iloc[-1] + pd.Timedelta(hours=1)).replace(" ", "T")
+        records = json.dumps({"records": [{"date": str(r.date), **{v: getattr(r, v) for v in VARS}}
+                                          for r in win.itertuples()]}).encode()
+        status, out2 = call(conn, "POST", "/forecast", records)
+        assert status == 200 and out2["forecast"] == out["forecast"]
+        for bad, message in ((b"{not json", "not JSON"), (b'{"timestamps": []}', "'values' is missing"),
+                             (json.dumps({"records": [{"date": "2020-01-01"}]}).encode(), "lacks variable"),
+                             (json.dumps({"timestamps": ["x"] * 24, "values": [[1, 2, 3]] * 24}).encode(),
+                              "not ISO 8601")):
+            status, err = call(conn, "POST", "/forecast", bad)
+            assert status == 400 and message in err["error"], err
+        assert call(conn, "GET", "/forecast")[0] == 405 and call(conn, "GET", "/nope")[0] == 404
+
+        # bounded load test: 2,000 requests from 4 client threads, each on a kept-alive connection
+        lat: list[float] = []
+        failures: list = []
+
+        def client(n):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                try:
+                    st, _ = call(c, "POST", "/forecast", body)
+                    if st != 200:
+                        failures.append(st)
+                except Exception as exc:  # noqa: BLE001 (counted as a failure)
+                    failures.append(repr(exc))
+                lat.append(time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=client, args=(500,)) for _ in range(4)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        p50, p99 = np.percentile(np.array(lat) * 1e3, [50, 99])
+        print(f"\nload test: {len(lat)} requests, 4 threads, {len(lat) / wall:.0f} req/s, p50 {p50:.1f} ms, "
+              f"p99 {p99:.1f} ms, {len(failures)} failed")
+        assert len(lat) == 2000 and failures == []
+        assert call(conn, "GET", "/health")[0] == 200  # still serving after all that
+    finally:
+        serve.shutdown()
+
+
+def test_endpoint_contract_without_a_cluster(small_bundle):
+    """The request contract itself, on a plain endpoint object (what each replica runs)."""
+    from timecma.runtime.serve_online import ForecastEndpoint
+
+    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu")
+    win = make_frame(24, seed=5)
+    doc = [{"date": str(t), **{v: float(x) for v, x in zip(VARS, row)}} for t, row in zip(win.date, win[VARS].values)]
+    status, out = ep.handle("POST", "/forecast", json.dumps(doc).encode())
+    assert status == 200 and np.array(out["forecast"]).shape == (12, 3)
+    doc[3]["v1"] = "12"
+    assert ep.handle("POST", "/forecast", json.dumps(doc).encode()) == (
+        400, {"error": "record 3 'v1' is '12'; a number is needed"})
+    doc[3]["v1"] = float("nan")
+    status, err = ep.handle("POST", "/forecast", json.dumps(doc).encode())
+    assert status == 400 and "v1" in err["error"]
+    assert ep.handle("POST", "/forecast", b"[1, 2]") == (400, {"error": "record 0 is not an object"})
