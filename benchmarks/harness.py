@@ -74,18 +74,19 @@ def machine_info() -> dict:
 
 def parse_backend(spec: str) -> tuple[str, dict]:
     """``torch``, ``torch-bf16``, ``ort-cpu``, ``ort-cpu:int8`` (LLM graph variant), ``ort-cuda``,
-    ``tensorrt``, ``tensorrt:fp32`` (engine precision)."""
+    ``tensorrt``, ``tensorrt:fp32`` (engine precision), ``openvino`` (auto: the gated fastest per graph),
+    ``openvino:f32|bf16|int8`` (both graphs in that precision)."""
     if spec == "torch-bf16":
         return "torch", {"dtype": "bfloat16"}
     name, _, variant = spec.partition(":")
     if not variant:
         return name, {}
-    return name, ({"precision": variant} if name == "tensorrt" else {"llm_variant": variant})
+    return name, ({"precision": variant} if name in ("tensorrt", "openvino") else {"llm_variant": variant})
 
 
 def open_backend(spec: str, cfg: BenchConfig, manifest: Manifest):
     name, kwargs = parse_backend(spec)
-    if name.startswith("ort") and cfg.threads:
+    if (name.startswith("ort") or name == "openvino") and cfg.threads:
         kwargs["threads"] = cfg.threads
     return make_backend(name, cfg.bundle, manifest, **kwargs)
 
@@ -237,6 +238,10 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                                       "windows_compared": k}
         if hasattr(backend, "llm_variant"):
             e2e["llm_graph"] = backend.llm_variant
+        if backend.name == "openvino":  # the precisions it runs and what their accuracy gate measured at export
+            e2e["precision"] = backend.precision
+            e2e["gate_mse_rel_change"] = {v.graph: v.mse_rel_change for v in manifest.openvino
+                                          if backend.precision.get(v.graph) == v.precision}
         results["backends"][spec] = e2e
         if progress:
             progress(f"{spec}: end to end miss p50 {e2e['miss']['end_to_end_ms']['p50']:.2f} ms, "

@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import click
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq

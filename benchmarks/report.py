@@ -24,19 +24,22 @@ def markdown(res: dict) -> str:
         f"pred_len {b['pred_len']}. Real ETTh1 windows; the same inputs for every backend. Reference for parity and "
         f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows.", "",
         "## End to end (one window, N prompts), milliseconds", "",
-        "| backend | store | p50 | p90 | p99 | " + " | ".join(f"{s} p50" for s in STAGES) + " | speed-up vs torch | parity |",
-        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|",
+        "| backend | store | p50 | p90 | p99 | " + " | ".join(f"{s} p50" for s in STAGES)
+        + " | speed-up vs torch | parity | gate (val MSE change) |",
+        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|---|",
     ]
     for spec, r in res["backends"].items():
         if "skipped" in r:
-            lines.append(f"| {spec} | - | skipped: {r['skipped']} |" + " |" * (len(STAGES) + 4))
+            lines.append(f"| {spec} | - | skipped: {r['skipped']} |" + " |" * (len(STAGES) + 5))
             continue
         for kind in ("miss", "hit"):
             e, st = r[kind]["end_to_end_ms"], r[kind]["stages_ms"]
             sp = r.get("speedup_vs_torch", {}).get(kind)
             lines.append(f"| {spec} | {kind} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | "
                          + " | ".join(_ms(st[s]["p50"]) for s in STAGES)
-                         + f" | {f'{sp:.2f}x' if sp else '-'} | {r['parity_vs_reference']['max_abs_over_series_std']:.1e} |")
+                         + f" | {f'{sp:.2f}x' if sp else '-'} | {r['parity_vs_reference']['max_abs_over_series_std']:.1e} | "
+                         + (", ".join(f"{g} {r['precision'][g]} {100 * c:+.2f}%"
+                                      for g, c in r.get("gate_mse_rel_change", {}).items()) or "-") + " |")
     if res["sweep"]:
         lines += ["", "## LLM stage alone: N prompts x T tokens, p50 ms (parity: max abs vs reference / max |reference|)",
                   "", "| backend | N | tokens | p50 | p90 | parity |", "|---|---|---|---|---|---|"]

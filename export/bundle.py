@@ -27,7 +27,7 @@ from timecma.core.config import DataContract, ModelConfig
 from timecma.core.scaling import Scaler
 from timecma.data import load_series, make_windows, resolve_split, split_borders, validate_frame
 from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
-from timecma.core.errors import BackendUnavailable, InputError
+from timecma.core.errors import BackendUnavailable, BundleError, InputError
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
 from timecma.core.files import file_sha256
 from timecma.core.manifest import (MANIFEST_VERSION, Manifest, file_record, list_bundle_files, read_manifest,
@@ -67,6 +67,8 @@ class ExportOptions:
     trt_targets: tuple[str, ...] = ()  # compute capabilities (RTX); empty = the flavour's default
     quantize: str | None = None  # "int8": opt-in dynamic-int8 LLM graph, kept only if test MSE moves < 1%
     quantize_windows: int = 64
+    openvino: str = "auto"  # auto: gate OpenVINO variants where openvino is installed | build: require it | skip
+    gate_windows: int = 32  # validation windows stored for the accuracy gate of lower precisions
     extra: dict = field(default_factory=dict)
 
 
@@ -287,6 +289,7 @@ def export_bundle(src: Source, llm: LoadedLLM | None, opts: ExportOptions) -> Ma
         manifest = Manifest.from_dict({"manifest_version": MANIFEST_VERSION, **raw})  # the schema checks the writer too
         write_manifest(tmp, manifest)
         manifest = _engines(opts, tmp, manifest)
+        manifest = _openvino(opts, tmp, manifest)
         manifest.info["export_seconds"] = round(time.time() - t0, 1)
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
@@ -338,6 +341,7 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str) ->
     os.makedirs(os.path.join(tmp, os.path.dirname(PARITY_FILE)), exist_ok=True)
     np.savez(os.path.join(tmp, PARITY_FILE), fc_x=x[:1], fc_out=y_ort[:1],
              **({"fc_prompt_emb": emb[:1]} if emb is not None else {}), **(llm_part["parity"] if llm_part else {}))
+    _gate_inputs(src, opts, tmp, series, llm_part)
     if llm_part:
         _llm_variants(src, llm, opts, tmp, series, llm_part, fc_sess)
 
@@ -383,6 +387,47 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str) ->
         "versions": _versions(),
         "metrics": src.metrics,
     }
+
+
+def _gate_inputs(src: Source, opts: ExportOptions, tmp: str, series, llm_part: dict | None) -> None:
+    """Validation windows for the accuracy gate of lower-precision variants (runtime/openvino_build.py):
+    raw windows, their prompts' token ids (right-padded), the truth in the paper's normalised units."""
+    from timecma.runtime.openvino_build import GATE_FILE
+
+    cfg, data = src.cfg, src.data
+    borders = split_borders(len(series.values), cfg.seq_len, data.split, series.frequency)
+    starts = make_windows(borders, cfg.seq_len, cfg.pred_len)["val"].starts
+    starts = starts[np.linspace(0, len(starts) - 1, min(opts.gate_windows, len(starts))).astype(int)]
+    mean, std = _report_norm(series, data, cfg)
+    x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
+    truth = np.stack([(series.values[s + cfg.seq_len:s + cfg.seq_len + cfg.pred_len] - mean) / std for s in starts])
+    arrays = {"x": x, "truth": truth.astype(np.float32), "mean": mean.astype(np.float32),
+              "std": std.astype(np.float32), "starts": np.asarray(starts)}
+    if llm_part:
+        ids = encode_prompts(llm_part["saved_tok"], llm_part["renderer"].render_series(
+            series.values, series.timestamps, starts, cfg.seq_len))
+        a, m = pad_right(ids, llm_part["pad_id"])
+        arrays.update(llm_input_ids=a, llm_attention_mask=m)
+    np.savez(os.path.join(tmp, GATE_FILE), **arrays)
+
+
+def _openvino(opts: ExportOptions, tmp: str, manifest: Manifest) -> Manifest:
+    """Gate OpenVINO variants through the same code as `timecma-engines openvino`; the manifest after it."""
+    import importlib.util
+
+    if opts.openvino == "skip" or (opts.openvino == "auto" and importlib.util.find_spec("openvino") is None):
+        return manifest
+    from timecma.runtime.openvino_build import build_openvino
+
+    write_manifest(tmp, manifest)  # what the steps before recorded, for the gate to read and extend
+    try:
+        build_openvino(tmp)
+    except (BackendUnavailable, BundleError) as exc:
+        if opts.openvino == "build":
+            raise ExportError(f"--openvino build, but {exc}") from exc
+        log.warning("OpenVINO variants not gated: %s", exc)
+        return manifest
+    return read_manifest(tmp, verify=False)
 
 
 def _report_norm(series, data: DataContract, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -454,7 +499,7 @@ def _llm_graphs(src: Source, llm: LoadedLLM, opts: ExportOptions, tmp: str, seri
     emb = torch_emb.reshape(len(starts), n, -1).astype(np.float32)
     a1, m1 = pad_right(ids[:n], llm.info.pad_id)
     return {"emb": emb, "ids": ids, "renderer": renderer, "saved_tok": saved_tok, "llm_sess": llm_sess,
-            "torch_emb": torch_emb, "ort_llm": ort_llm, "n_windows": len(starts),
+            "torch_emb": torch_emb, "ort_llm": ort_llm, "n_windows": len(starts), "pad_id": llm.info.pad_id,
             "parity": {"llm_input_ids": a1, "llm_attention_mask": m1, "llm_out": ort_emb[:n]},
             "tokenizer": {"file": "tokenizer/tokenizer.json", "digest": tokenizer_digest(saved_tok)},
             "graph": {

@@ -46,10 +46,13 @@ from timecma.runtime.engines_cli import triple as _triple
               help="Also write a dynamic-int8 LLM graph for CPUs; kept (and preferred if faster) only if the "
                    "forecast test MSE changes by less than 1%.")
 @click.option("--quantize-windows", default=64, show_default=True, help="Test windows for that MSE check.")
+@click.option("--openvino", type=click.Choice(["auto", "build", "skip"]), default="auto", show_default=True,
+              help="Gate OpenVINO f32/bf16/int8 variants on validation windows (same code as `timecma-engines "
+                   "openvino`): where openvino is installed (auto), or fail without it (build), or not at all.")
 @click.option("-v", "--verbose", is_flag=True)
 def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col, split, seq_len, pred_len, channel,
                e_layer, d_layer, d_ff, head, tolerance, parity_windows, tensorrt, trt_flavour, trt_batch, trt_seq,
-               trt_forecast_batch, trt_precision, targets, quantize, quantize_windows, verbose):
+               trt_forecast_batch, trt_precision, targets, quantize, quantize_windows, openvino, verbose):
     """Export a checkpoint to a bundle: two ONNX graphs (parity-checked), tokenizer, TensorRT
     engines where TensorRT exists, and a JSON manifest."""
     from timecma.cli import _setup_logging
@@ -59,7 +62,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
     _setup_logging(verbose)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "bundle")
     opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance, quantize=quantize,
-                         quantize_windows=quantize_windows,
+                         quantize_windows=quantize_windows, openvino=openvino,
                          parity_windows=parity_windows, tensorrt=tensorrt, trt_flavour=trt_flavour,
                          trt_batch=_triple(trt_batch), trt_seq=_triple(trt_seq) if trt_seq else None,
                          trt_forecast_batch=_triple(trt_forecast_batch),
@@ -92,5 +95,8 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
         "llm_cpu_preferred": llm_graph.cpu_preferred if llm_graph else None,
         "engines": [e.file for e in manifest.engines],
         "tensorrt": manifest.info["tensorrt_note"],
+        "openvino": {f"{v.graph} {v.precision}": f"{'accepted' if v.accepted else 'refused'} "
+                                                 f"(validation MSE {100 * v.mse_rel_change:+.2f}%, {v.ms:.2f} ms)"
+                     for v in manifest.openvino} or "not gated (openvino not installed or --openvino skip)",
         "export_seconds": manifest.info["export_seconds"],
     }, indent=2))

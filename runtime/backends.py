@@ -3,6 +3,7 @@
 ``tensorrt``  native engines from the bundle (named I/O, set_input_shape, set_tensor_address,
               execute_async_v3 on a non-default stream, device buffers reused between calls)
 ``ort-cuda``  ONNX Runtime CUDA EP with IO binding; CUDA graphs for the fixed-shape forecaster
+``openvino``  OpenVINO CPU in an accuracy-gated precision (f32, bf16, int8 weights; ``openvino_backend.py``)
 ``ort-cpu``   ONNX Runtime CPU
 ``torch``     eager PyTorch on the same weights (comparison only; ``torch_backend.py``, imported on request)
 """
@@ -22,7 +23,7 @@ from . import cuda
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu", "torch")
+BACKENDS = ("tensorrt", "ort-cuda", "openvino", "ort-cpu", "torch")
 
 
 class Backend(Protocol):
@@ -62,9 +63,14 @@ def available_backends() -> dict[str, str]:
         out["ort-cpu"] = "available"
     except ImportError:
         out["ort-cuda"] = out["ort-cpu"] = "onnxruntime not installed"
-    try:
-        import importlib.util
+    import importlib.util
 
+    try:
+        have_ov = importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):  # a module blocked or half-installed
+        have_ov = False
+    out["openvino"] = "available" if have_ov else "openvino not installed (pip install 'timecma[openvino]')"
+    try:
         out["torch"] = "available" if importlib.util.find_spec("torch") else "torch not installed"
     except (ImportError, ValueError):
         out["torch"] = "torch not installed"
@@ -162,14 +168,27 @@ class OrtBackend:
         return sess.run(None, feeds)[0]
 
 
+AUTO_ORDER = ("tensorrt", "ort-cuda", "openvino", "ort-cpu")
+# what each backend accepts of the options `auto` was given (threads apply to every CPU backend)
+_OPTIONS = {"ort-cpu": {"threads", "llm_variant"}, "ort-cuda": {"threads", "llm_variant", "cuda_graph"},
+            "openvino": {"threads", "precision"}, "tensorrt": {"precision"}}
+
+
+THREADED = ("auto", "ort-cpu", "ort-cuda", "openvino")  # backends with a CPU thread count to set
+
+
+def _kwargs_for(name: str, kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k in _OPTIONS.get(name, set())}
+
+
 def make_backend(name: str, bundle_dir: str, manifest: Manifest, **kwargs) -> Backend:
-    """Instantiate a backend by name; ``auto`` picks tensorrt > ort-cuda > ort-cpu by what is present."""
+    """Instantiate a backend by name; ``auto`` picks tensorrt > ort-cuda > openvino > ort-cpu by what is present."""
     avail = available_backends()
     if name == "auto":
-        for cand in ("tensorrt", "ort-cuda", "ort-cpu"):
+        for cand in AUTO_ORDER:
             if avail.get(cand) == "available":
                 try:
-                    backend = make_backend(cand, bundle_dir, manifest, **kwargs)
+                    backend = make_backend(cand, bundle_dir, manifest, **_kwargs_for(cand, kwargs))
                 except BackendUnavailable as exc:  # e.g. engines for another GPU: fall back, and say so
                     log.warning("%s unusable (%s); trying the next backend", cand, exc)
                     continue
@@ -182,6 +201,10 @@ def make_backend(name: str, bundle_dir: str, manifest: Manifest, **kwargs) -> Ba
         raise BackendUnavailable(f"backend {name} is not usable here: {avail.get(name)}")
     if name == "ort-cpu":
         return OrtBackend(bundle_dir, manifest, "cpu", **kwargs)
+    if name == "openvino":
+        from .openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(bundle_dir, manifest, **kwargs)
     if name == "ort-cuda":
         return OrtBackend(bundle_dir, manifest, "cuda", **kwargs)
     if name == "torch":

@@ -99,6 +99,32 @@ def _parity(e: Engine) -> str:
     return p["not_measured"] if "not_measured" in p else f"max abs {p['max_abs']:.2e} vs ONNX Runtime fp32"
 
 
+@engines_cmd.command("openvino", epilog=EPILOG)
+@click.argument("bundle", type=click.Path())
+@click.option("--precision", "ov_precisions", default="f32,bf16,int8", show_default=True,
+              help="OpenVINO precisions to gate (bf16 only where the CPU has native bf16).")
+@click.option("--threads", default=None, type=int, help="CPU threads for the gate's timings (default: all).")
+def openvino_cmd(bundle, ov_precisions, threads):
+    """Gate OpenVINO precision variants on the bundle's validation windows and record them (int8 IRs added).
+
+    A variant whose validation forecast MSE moves by 1% or more is recorded as refused: `--backend auto`
+    does not use it; `--backend openvino` with that precision forced does, with a warning."""
+    from .openvino_backend import PRECISIONS
+    from .openvino_build import build_openvino
+
+    wanted = tuple(p.strip() for p in ov_precisions.split(",") if p.strip())
+    bad = [p for p in wanted if p not in PRECISIONS]
+    if bad or not wanted:
+        fail(PROG, InputError(f"--precision takes {', '.join(PRECISIONS)}; got {ov_precisions!r}"))
+    try:
+        out = build_openvino(bundle, wanted, threads=threads)
+    except (InputError, BundleError, BackendUnavailable) as exc:
+        fail(PROG, exc)
+    for v in out:
+        click.echo(f"{v.graph:10s} {v.precision:5s} MSE {100 * v.mse_rel_change:6.3f}% vs fp32  {v.ms:8.3f} ms  "
+                   f"{'accepted' if v.accepted else 'REFUSED (over the 1% gate)'}")
+
+
 @engines_cmd.command("list", epilog=EPILOG)
 @click.argument("bundle", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="The manifest's engine entries as JSON.")

@@ -29,6 +29,7 @@ from timecma.core.errors import InputError
 from timecma.core.manifest import read_manifest
 from timecma.core.ray_setup import RayPool, actor_cpus, connect, unwrap
 
+from .backends import THREADED
 from .serve_batch import BatchServer, TableSink, output_schema, read_schemas, series_name
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class SeriesScorer:
                  root: str, mode: str, stride: int, batch_windows: int, schema: pa.Schema):
         from .pipeline import Forecaster
 
-        kwargs = {"threads": threads} if backend in ("auto", "ort-cpu", "ort-cuda") else {}
+        kwargs = {"threads": threads} if backend in THREADED else {}
         self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
         self.series_col, self.root, self.schema = series_col, root, schema
         self.mode, self.stride, self.batch_windows = mode, stride, batch_windows

@@ -25,7 +25,7 @@ from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError
 from timecma.core.leftovers import remove_dead_temporaries
 from timecma.core.manifest import DataRecord
 
-from .backends import BACKENDS
+from .backends import BACKENDS, THREADED
 from .pipeline import Forecaster, timestamp_problem
 
 log = logging.getLogger(__name__)
@@ -431,7 +431,7 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
         _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
                       ray_address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet)
         return
-    kwargs = {"threads": threads} if threads and backend in ("auto", "ort-cpu", "ort-cuda") else {}
+    kwargs = {"threads": threads} if threads and backend in THREADED else {}
     try:
         f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:

@@ -44,7 +44,11 @@ def test_runtime_serves_with_torch_import_blocked(small_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, inp, "--bundle", str(small_bundle), "--out", str(out),
                         "--store", str(tmp_path / "store"), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "store hits 0 / misses 3" in r.stdout and "backend ort-cpu" in r.stdout
+    # auto's CPU choice (openvino where installed, else ort-cpu): either way without torch
+    from timecma.runtime import available_backends
+
+    expected = "openvino" if available_backends()["openvino"] == "available" else "ort-cpu"
+    assert "store hits 0 / misses 3" in r.stdout and f"backend {expected}" in r.stdout
     assert pq.read_table(out).num_rows == PRED
 
 
@@ -124,7 +128,7 @@ def test_serve_batch_series_and_rolling_match_predict(small_bundle, tmp_path):
     inp = _write(both[["id", "v2", "date", "v0", "v1"]], tmp_path / "in.parquet")
     out = tmp_path / "out.parquet"
     r = run_cli(SERVE, inp, "--bundle", str(small_bundle), "--out", str(out), "--series-col", "id",
-                "--mode", "rolling", "--stride", "10", "--batch-windows", "3", "--quiet")
+                "--mode", "rolling", "--stride", "10", "--batch-windows", "3", "--quiet", "--backend", "ort-cpu")
     assert r.returncode == 0, r.stderr
     got = pq.read_table(out).to_pandas()
     # series a: windows end at rows 23, 33, 43, 53; series b: 23, 33
@@ -170,7 +174,7 @@ def test_concurrent_serves_share_one_store(small_bundle, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", f"from {SERVE.replace(':', ' import ')}; serve_batch_cmd()",
                                inp, "--bundle", str(small_bundle), "--out", str(tmp_path / f"out{i}.parquet"),
                                "--store", str(store), "--mode", "rolling", "--stride", "4", "--batch-windows", "2",
-                               "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--backend", "ort-cpu", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, inp in enumerate(inputs)]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -258,7 +262,7 @@ def test_auto_backend_says_what_it_picked(small_bundle, caplog):
     with caplog.at_level(logging.INFO, logger="timecma"):
         f = Forecaster.load(str(small_bundle))
     avail = available_backends()
-    expected = next(b for b in ("tensorrt", "ort-cuda", "ort-cpu") if avail[b] == "available")
+    expected = next(b for b in ("tensorrt", "ort-cuda", "openvino", "ort-cpu") if avail[b] == "available")
     assert f.backend.name == expected and f"backend auto -> {expected}" in caplog.text
     assert avail["tensorrt"] != "available" or "tensorrt" in caplog.text
 

@@ -153,6 +153,34 @@ class Engine:
 
 
 @dataclass
+class OVVariant:
+    """One OpenVINO precision of one graph, with the accuracy gate's verdict (runtime/openvino_build.py)."""
+
+    graph: str  # "llm" | "forecaster"
+    precision: str  # "f32" | "bf16" | "int8" (or a name the user gave a variant under test)
+    file: str | None  # IR in the bundle (int8 weights); None: the fp32 ONNX graph compiled with this precision
+    mse_rel_change: float  # |forecast MSE - fp32 forecast MSE| / fp32 forecast MSE on validation windows
+    accepted: bool  # mse_rel_change < the gate (1%)
+    ms: float  # median latency here at gate time: the forecaster at batch 1, the LLM on one window's prompts
+    info: dict = field(default_factory=dict)  # MSEs, max abs change, CPU and ISA the gate ran on
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "OVVariant":
+        g = _need(d, "graph", where, str)
+        if g not in GRAPHS:
+            raise BundleError(f"manifest: {where}.graph {g!r} is not one of {GRAPHS}")
+        f = d.get("file")
+        if f is not None and not isinstance(f, str):
+            raise BundleError(f"manifest: {where}.file must be a string or null")
+        return cls(g, _need(d, "precision", where, str), f, float(_need(d, "mse_rel_change", where, (int, float))),
+                   _need(d, "accepted", where, bool), float(_need(d, "ms", where, (int, float))), _rest(d, cls))
+
+    def to_dict(self) -> dict:
+        return {"graph": self.graph, "precision": self.precision, "file": self.file,
+                "mse_rel_change": self.mse_rel_change, "accepted": self.accepted, "ms": self.ms, **self.info}
+
+
+@dataclass
 class LLMRecord:
     id: str  # hub id, or the folder name of a local directory (no build-machine path)
     namespace: str  # store namespace: digest of weights, tokenizer and wrapper
@@ -215,6 +243,7 @@ class Manifest:
     graphs: dict[str, Graph]
     files: dict[str, FileRecord]
     engines: list[Engine] = field(default_factory=list)
+    openvino: list[OVVariant] = field(default_factory=list)  # gated precisions (timecma-engines openvino)
     origin: dict = field(default_factory=dict)  # kind, file name, sha256 of what the bundle came from
     versions: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # created, parity tolerance and windows, metrics, notes, timings
@@ -250,6 +279,7 @@ class Manifest:
             graphs={g: Graph.from_dict(v, f"graphs.{g}") for g, v in graphs.items()},
             files={k: FileRecord.from_dict(v, f"files.{k}") for k, v in _need(d, "files", "manifest", dict).items()},
             engines=[Engine.from_dict(e, f"engines[{i}]") for i, e in enumerate(d.get("engines", []))],
+            openvino=[OVVariant.from_dict(v, f"openvino[{i}]") for i, v in enumerate(d.get("openvino", []))],
             origin=d.get("origin", {}), versions=d.get("versions", {}),
             info={k: v for k, v in d.items() if k not in known})
 
@@ -259,8 +289,8 @@ class Manifest:
                 "tokenizer": self.tokenizer, "opset": self.opset,
                 "graphs": {g: v.to_dict() for g, v in self.graphs.items()},
                 "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
-                "engines": [e.to_dict() for e in self.engines], "origin": self.origin, "versions": self.versions,
-                **self.info}
+                "engines": [e.to_dict() for e in self.engines], "openvino": [v.to_dict() for v in self.openvino],
+                "origin": self.origin, "versions": self.versions, **self.info}
 
     def sha256(self, rel: str) -> str:
         """The recorded sha256 of a bundle file."""

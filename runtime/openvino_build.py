@@ -1,0 +1,163 @@
+"""OpenVINO precision variants and their accuracy gate (torch-free; run by export and `timecma-engines openvino`).
+
+A lower precision is judged the way a user would judge it: on the forecast. Export stores
+validation windows (``parity/gate.npz``: raw windows, their prompts' token ids, the truth in
+the paper's normalised units). Per graph and precision, that graph runs in OpenVINO at that
+precision while the other stays the fp32 ONNX Runtime reference; the forecast MSE against the
+truth is compared with the all-fp32 MSE, and a variant whose MSE moves by 1% or more is
+recorded as refused (``auto`` does not use it). int8 is NNCF weight compression, saved as an
+IR in the bundle; bf16 is OpenVINO's inference-precision hint on the fp32 graph, gated only on a
+CPU with native bf16. The verdicts, MSEs and latencies go into the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+
+import numpy as np
+
+from timecma.core.errors import BundleError
+from timecma.core.manifest import OVVariant, file_record, read_manifest, write_manifest
+from timecma.core.timing import time_calls
+
+from .openvino_backend import _ov, compile_graph, compute_precision, cpu_has_bf16
+
+log = logging.getLogger(__name__)
+
+GATE_FILE = "parity/gate.npz"
+GATE = 0.01  # largest accepted relative change of the validation forecast MSE
+
+
+def _cpu() -> dict:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        name = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+        flags = set(next(ln for ln in text.splitlines() if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return {"cpu": platform.processor(), "isa": []}
+    return {"cpu": name, "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"})}
+
+
+class _Gate:
+    """The validation windows and the fp32 reference (ONNX Runtime) every variant is compared with."""
+
+    def __init__(self, bundle_dir: str, manifest, threads: int | None):
+        from .backends import ort_session
+
+        path = os.path.join(bundle_dir, GATE_FILE)
+        if not os.path.isfile(path):
+            raise BundleError(f"{bundle_dir} has no {GATE_FILE} (exported by an older timecma): re-export to gate "
+                              "lower precisions")
+        g = np.load(path)
+        self.x, self.truth, self.mean, self.std = g["x"], g["truth"], g["mean"], g["std"]
+        self.n = manifest.model_config.num_nodes
+        self.ids = g["llm_input_ids"] if "llm_input_ids" in g else None
+        self.mask = g["llm_attention_mask"] if "llm_attention_mask" in g else None
+        fc = manifest.graphs["forecaster"].files["fp32"].file
+        self.fc_ref = ort_session(os.path.join(bundle_dir, fc), threads=threads)
+        self.emb_ref = None
+        if self.ids is not None:
+            llm = ort_session(os.path.join(bundle_dir, manifest.graphs["llm"].files["fp32"].file), threads=threads)
+            self.emb_ref = self.embed(lambda a, m: llm.run(None, {"input_ids": a, "attention_mask": m})[0])
+        self.y_ref = self.forecast(lambda x, e: self.fc_ref.run(None, _feeds(x, e))[0], self.emb_ref)
+        self.mse_ref = self.mse(self.y_ref)
+
+    def embed(self, run_llm) -> np.ndarray:
+        """[W, N, d] embeddings, one window's prompts per call (as serving batches a miss)."""
+        n = self.n
+        return np.stack([run_llm(self.ids[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n])
+                         for i in range(len(self.x))]).astype(np.float32)
+
+    def forecast(self, run_fc, emb) -> np.ndarray:
+        return np.concatenate([run_fc(self.x[i:i + 1], None if emb is None else emb[i:i + 1])
+                               for i in range(len(self.x))])
+
+    def mse(self, y: np.ndarray) -> float:
+        return float(np.mean(((y - self.mean) / self.std - self.truth) ** 2))
+
+
+def _feeds(x, e):
+    from .backends import forecaster_feeds
+
+    return forecaster_feeds(x, e)
+
+
+def _compress_int8(src: str, dest: str) -> None:
+    """NNCF int8 weight compression of a graph, saved as OpenVINO IR (``dest`` .xml + .bin)."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise BundleError("int8 variants need NNCF: pip install 'timecma[openvino]'") from exc
+    nncf.set_log_level(logging.ERROR)  # no progress tables on stdout
+    ov = _ov()
+    model = nncf.compress_weights(ov.Core().read_model(src))
+    ov.save_model(model, dest, compress_to_fp16=False)
+
+
+def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16", "int8"),
+                   candidates: dict[tuple[str, str], str] | None = None, threads: int | None = None,
+                   gate: float = GATE) -> list[OVVariant]:
+    """Gate each (graph, precision) and record it in the manifest; returns the new records.
+
+    ``candidates`` maps (graph, name) to a graph file already in the bundle, judged in f32 like the
+    others (how a hand-made variant is checked; the tests use a deliberately damaged one)."""
+    manifest = read_manifest(bundle_dir)
+    ref = _Gate(bundle_dir, manifest, threads)
+    cpu = _cpu()
+    jobs: list[tuple[str, str, str | None, str]] = []  # graph, label, file in bundle, compile precision
+    for g in [g for g in ("llm", "forecaster") if g in manifest.graphs]:
+        for p in precisions:
+            if p == "bf16" and not cpu_has_bf16():
+                log.info("openvino: no native bf16 on this CPU (%s): bf16 not gated here", ", ".join(cpu["isa"]))
+                continue
+            rel = None
+            if p == "int8":
+                rel = f"openvino/{g}.int8.xml"
+                os.makedirs(os.path.join(bundle_dir, "openvino"), exist_ok=True)
+                _compress_int8(os.path.join(bundle_dir, manifest.graphs[g].files["fp32"].file),
+                               os.path.join(bundle_dir, rel))
+            jobs.append((g, p, rel, p))
+    for (g, name), rel in (candidates or {}).items():
+        jobs.append((g, name, rel, "f32"))
+
+    out = []
+    for g, label, rel, prec in jobs:
+        path = os.path.join(bundle_dir, rel or manifest.graphs[g].files["fp32"].file)
+        req = compile_graph(path, prec, threads).create_infer_request()
+
+        def run(feeds, req=req):
+            req.infer(feeds)
+            return np.array(req.get_output_tensor(0).data, dtype=np.float32)
+
+        if g == "llm":
+            emb = ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))
+            y = ref.forecast(lambda x, e: ref.fc_ref.run(None, _feeds(x, e))[0], emb)
+            n = ref.n
+            feeds = {"input_ids": ref.ids[:n], "attention_mask": ref.mask[:n]}
+            ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=10)
+        else:
+            y = ref.forecast(lambda x, e: run(_feeds(x, e)), ref.emb_ref)
+            feeds = _feeds(ref.x[:1], None if ref.emb_ref is None else ref.emb_ref[:1])
+            ms, _ = time_calls(lambda k: run(feeds), 200, warmup=5, budget_s=3)
+        mse = ref.mse(y)
+        change = abs(mse - ref.mse_ref) / ref.mse_ref
+        v = OVVariant(g, label, rel, change, bool(change < gate), float(np.median(ms)),
+                      {"val_mse": mse, "val_mse_fp32": ref.mse_ref, "windows": int(len(ref.x)), "gate": gate,
+                       "max_abs_change_normalized": float(np.max(np.abs((y - ref.y_ref) / ref.std))),
+                       "computes_in": compute_precision(prec), **cpu,
+                       "openvino": _ov().__version__})
+        log.info("openvino %s %s: validation MSE %.5f vs fp32 %.5f (%+.3f%%), %.3f ms: %s", g, label, mse,
+                 ref.mse_ref, 100 * (mse - ref.mse_ref) / ref.mse_ref, v.ms, "accepted" if v.accepted else "REFUSED")
+        out.append(v)
+
+    keep = [v for v in manifest.openvino if (v.graph, v.precision) not in {(n.graph, n.precision) for n in out}]
+    manifest.openvino = keep + out
+    for v in out:
+        if v.file:
+            for f in (v.file, v.file[:-4] + ".bin") if v.file.endswith(".xml") else (v.file,):
+                manifest.files[f] = file_record(bundle_dir, f)
+    write_manifest(bundle_dir, manifest)
+    return out

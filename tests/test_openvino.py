@@ -1,0 +1,116 @@
+"""The OpenVINO backend: fp32 parity with ort-cpu, lower precisions within the gate export recorded, a gate that
+refuses a damaged variant (and `auto` that does not use it), and a clear refusal where OpenVINO is missing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_frame
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'timecma[openvino]')")
+
+from timecma.core.manifest import read_manifest  # noqa: E402
+from timecma.runtime.openvino_backend import OpenVinoBackend, choose, cpu_has_bf16  # noqa: E402
+from timecma.runtime.openvino_build import GATE_FILE, build_openvino  # noqa: E402
+from timecma.runtime.pipeline import Forecaster  # noqa: E402
+
+VARS = ["v0", "v1", "v2"]
+
+
+def _forecaster(bundle, precision) -> Forecaster:
+    m = read_manifest(str(bundle))
+    return Forecaster(str(bundle), m, OpenVinoBackend(str(bundle), m, precision=precision), None)
+
+
+def test_export_gated_every_variant_this_cpu_has(small_bundle):
+    m = read_manifest(str(small_bundle))
+    got = {(v.graph, v.precision) for v in m.openvino}
+    want = {(g, p) for g in ("llm", "forecaster") for p in ("f32", "int8") + (("bf16",) if cpu_has_bf16() else ())}
+    assert got == want
+    for v in m.openvino:
+        assert v.accepted == (v.mse_rel_change < 0.01) and v.info["windows"] > 0 and v.ms > 0
+        assert v.file is None or (v.file in m.files and os.path.isfile(small_bundle / v.file))
+    assert GATE_FILE in m.files
+
+
+def test_f32_matches_ort_cpu(small_bundle):
+    win = make_frame(200, seed=6).iloc[50:74]
+    ref = Forecaster.load(str(small_bundle), backend="ort-cpu").predict(win)
+    got = _forecaster(small_bundle, "f32").predict(win)
+    scale = make_frame(500)[VARS].to_numpy().std(axis=0)
+    assert (np.abs(got - ref) / scale).max() <= 1e-4
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_lower_precision_stays_within_its_recorded_gate(small_bundle, precision):
+    """Recompute the gate's validation MSE through the serving path: it is what the manifest says."""
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16 (no avx512_bf16 / amx_bf16): bf16 is not gated or used here")
+    m = read_manifest(str(small_bundle))
+    g = np.load(small_bundle / GATE_FILE)
+    n = m.model_config.num_nodes
+    ref_be = Forecaster.load(str(small_bundle), backend="ort-cpu").backend
+    be = OpenVinoBackend(str(small_bundle), m, precision=precision)
+    ys = {}
+    for name, b in (("ref", ref_be), ("low", be)):
+        emb = np.stack([b.run_llm(g["llm_input_ids"][i * n:(i + 1) * n], g["llm_attention_mask"][i * n:(i + 1) * n])
+                        for i in range(len(g["x"]))])
+        ys[name] = np.concatenate([b.run_forecaster(g["x"][i:i + 1], emb[i:i + 1]) for i in range(len(g["x"]))])
+    mse = {k: float(np.mean(((y - g["mean"]) / g["std"] - g["truth"]) ** 2)) for k, y in ys.items()}
+    change = abs(mse["low"] - mse["ref"]) / mse["ref"]
+    recorded = [v for v in m.openvino if v.precision == precision]
+    # both graphs lowered at once: bounded by the sum of the two per-graph changes (plus float noise)
+    assert change <= sum(v.mse_rel_change for v in recorded) + 1e-3
+
+
+def test_gate_refuses_a_damaged_variant_and_auto_skips_it(small_bundle, tmp_path, caplog):
+    import onnx
+    from onnx import numpy_helper
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    m = read_manifest(str(bundle))
+    model = onnx.load(str(bundle / m.graphs["forecaster"].files["fp32"].file))
+    for w in model.graph.initializer:  # every weight matrix doubled: a broken variant
+        a = numpy_helper.to_array(w)
+        if a.ndim >= 2 and a.dtype == np.float32:
+            w.CopyFrom(numpy_helper.from_array(a * 2.0, w.name))
+    os.makedirs(bundle / "openvino", exist_ok=True)
+    onnx.save(model, str(bundle / "openvino" / "forecaster.damaged.onnx"))
+    (v,) = build_openvino(str(bundle), precisions=(),
+                          candidates={("forecaster", "damaged"): "openvino/forecaster.damaged.onnx"})
+    assert not v.accepted and v.mse_rel_change >= 0.01
+    m = read_manifest(str(bundle))
+    assert any(x.precision == "damaged" and not x.accepted for x in m.openvino)
+    assert choose(m, "forecaster", "auto")[0] != "damaged"
+    with caplog.at_level(logging.WARNING, logger="timecma"):
+        be = OpenVinoBackend(str(bundle), m, precision={"llm": "f32", "forecaster": "damaged"})
+    assert be.precision["forecaster"] == "damaged" and "failed its accuracy gate" in caplog.text
+
+
+def test_missing_openvino_is_a_clear_refusal(small_bundle, tmp_path):
+    code = ("import sys\nsys.modules['openvino'] = None\n"
+            "from timecma.runtime.backends import available_backends, make_backend\n"
+            "from timecma.core.manifest import read_manifest\n"
+            "print(available_backends()['openvino'])\n"
+            f"make_backend('openvino', {str(small_bundle)!r}, read_manifest({str(small_bundle)!r}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "openvino not installed (pip install 'timecma[openvino]')" in r.stdout
+    assert r.returncode != 0 and "BackendUnavailable" in r.stderr and "not usable here" in r.stderr
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pandas(make_frame(60), preserve_index=False), inp)
+    r = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['openvino'] = None\n"
+                        "from timecma.runtime.serve_batch import serve_batch_cmd\nserve_batch_cmd()", str(inp),
+                        "--bundle", str(small_bundle), "--backend", "openvino", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 4 and "pip install 'timecma[openvino]'" in r.stderr, r.stderr
+    assert not (tmp_path / "in.forecasts.parquet").exists()
