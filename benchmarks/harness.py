@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from timecma.core.machine import cpu_info
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.timing import summarize, time_calls
 from timecma.runtime.backends import make_backend
@@ -49,15 +50,7 @@ class BenchConfig:
 def machine_info() -> dict:
     """CPU, cores, ISA flags that matter here, library versions and thread counts."""
     info: dict = {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
-        info["isa"] = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_info()}
     import numpy
     import onnxruntime
 

@@ -194,10 +194,15 @@ def _real_windows(src: Source, data_path: str | None, n: int):
     from timecma.data import read_table
 
     series = validate_frame(read_table(path), path, src.data.time_col, src.data.variables)
+    return series, _spread_starts(src, series, "test", n, distinct=False)
+
+
+def _spread_starts(src: Source, series, split: str, n: int, distinct: bool = True) -> np.ndarray:
+    """``n`` window starts spread evenly over a split (``distinct``: at most one per window of the split)."""
     borders = split_borders(len(series.values), src.cfg.seq_len, src.data.split, series.frequency)
-    starts = make_windows(borders, src.cfg.seq_len, src.cfg.pred_len)["test"].starts
-    pick = starts[np.linspace(0, len(starts) - 1, n).astype(int)]
-    return series, pick
+    starts = make_windows(borders, src.cfg.seq_len, src.cfg.pred_len)[split].starts
+    n = min(n, len(starts)) if distinct else n
+    return starts[np.linspace(0, len(starts) - 1, n).astype(int)]
 
 
 def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, renderer, tok, pad_id: int, fc_sess,
@@ -215,9 +220,7 @@ def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, renderer, 
     quantize_int8(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, q_file))
     f32, q8 = ort_session(os.path.join(tmp, LLM_ONNX)), ort_session(os.path.join(tmp, q_file))
     timings["int8"] = _time_session(q8, feeds)
-    borders = split_borders(len(series.values), cfg.seq_len, data.split, series.frequency)
-    starts = make_windows(borders, cfg.seq_len, cfg.pred_len)["test"].starts
-    starts = starts[np.linspace(0, len(starts) - 1, min(opts.quantize_windows, len(starts))).astype(int)]
+    starts = _spread_starts(src, series, "test", opts.quantize_windows)
     mean, std = _report_norm(series, data, cfg)
     sq = {"fp32": [], "int8": []}
     hidden_rel = []
@@ -395,9 +398,7 @@ def _gate_inputs(src: Source, opts: ExportOptions, tmp: str, series, llm_part: d
     from timecma.runtime.openvino_build import GATE_FILE
 
     cfg, data = src.cfg, src.data
-    borders = split_borders(len(series.values), cfg.seq_len, data.split, series.frequency)
-    starts = make_windows(borders, cfg.seq_len, cfg.pred_len)["val"].starts
-    starts = starts[np.linspace(0, len(starts) - 1, min(opts.gate_windows, len(starts))).astype(int)]
+    starts = _spread_starts(src, series, "val", opts.gate_windows)
     mean, std = _report_norm(series, data, cfg)
     x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
     truth = np.stack([(series.values[s + cfg.seq_len:s + cfg.seq_len + cfg.pred_len] - mean) / std for s in starts])

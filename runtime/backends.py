@@ -177,6 +177,11 @@ _OPTIONS = {"ort-cpu": {"threads", "llm_variant"}, "ort-cuda": {"threads", "llm_
 THREADED = ("auto", "ort-cpu", "ort-cuda", "openvino")  # backends with a CPU thread count to set
 
 
+def threads_option(backend: str, threads: int | None) -> dict:
+    """``{"threads": n}`` for a backend that takes a thread count and a count that was given, else ``{}``."""
+    return {"threads": threads} if threads and backend in THREADED else {}
+
+
 def _kwargs_for(name: str, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in _OPTIONS.get(name, set())}
 

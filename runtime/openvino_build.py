@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 
 import numpy as np
 
 from timecma.core.errors import BundleError
+from timecma.core.machine import cpu_info, has_native_bf16
 from timecma.core.manifest import OVVariant, file_record, read_manifest, write_manifest
 from timecma.core.timing import time_calls
 
-from .openvino_backend import _ov, compile_graph, compute_precision, cpu_has_bf16
+from .backends import forecaster_feeds, ort_session
+from .openvino_backend import _ov, compile_graph, compute_precision
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +31,10 @@ GATE_FILE = "parity/gate.npz"
 GATE = 0.01  # largest accepted relative change of the validation forecast MSE
 
 
-def _cpu() -> dict:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        name = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
-        flags = set(next(ln for ln in text.splitlines() if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return {"cpu": platform.processor(), "isa": []}
-    return {"cpu": name, "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"})}
-
-
 class _Gate:
     """The validation windows and the fp32 reference (ONNX Runtime) every variant is compared with."""
 
     def __init__(self, bundle_dir: str, manifest, threads: int | None):
-        from .backends import ort_session
-
         path = os.path.join(bundle_dir, GATE_FILE)
         if not os.path.isfile(path):
             raise BundleError(f"{bundle_dir} has no {GATE_FILE} (exported by an older timecma): re-export to gate "
@@ -62,7 +50,7 @@ class _Gate:
         if self.ids is not None:
             llm = ort_session(os.path.join(bundle_dir, manifest.graphs["llm"].files["fp32"].file), threads=threads)
             self.emb_ref = self.embed(lambda a, m: llm.run(None, {"input_ids": a, "attention_mask": m})[0])
-        self.y_ref = self.forecast(lambda x, e: self.fc_ref.run(None, _feeds(x, e))[0], self.emb_ref)
+        self.y_ref = self.forecast(lambda x, e: self.fc_ref.run(None, forecaster_feeds(x, e))[0], self.emb_ref)
         self.mse_ref = self.mse(self.y_ref)
 
     def embed(self, run_llm) -> np.ndarray:
@@ -77,12 +65,6 @@ class _Gate:
 
     def mse(self, y: np.ndarray) -> float:
         return float(np.mean(((y - self.mean) / self.std - self.truth) ** 2))
-
-
-def _feeds(x, e):
-    from .backends import forecaster_feeds
-
-    return forecaster_feeds(x, e)
 
 
 def _compress_int8(src: str, dest: str) -> None:
@@ -106,11 +88,11 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
     others (how a hand-made variant is checked; the tests use a deliberately damaged one)."""
     manifest = read_manifest(bundle_dir)
     ref = _Gate(bundle_dir, manifest, threads)
-    cpu = _cpu()
+    cpu = cpu_info()
     jobs: list[tuple[str, str, str | None, str]] = []  # graph, label, file in bundle, compile precision
     for g in [g for g in ("llm", "forecaster") if g in manifest.graphs]:
         for p in precisions:
-            if p == "bf16" and not cpu_has_bf16():
+            if p == "bf16" and not has_native_bf16():
                 log.info("openvino: no native bf16 on this CPU (%s): bf16 not gated here", ", ".join(cpu["isa"]))
                 continue
             rel = None
@@ -134,13 +116,13 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
 
         if g == "llm":
             emb = ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))
-            y = ref.forecast(lambda x, e: ref.fc_ref.run(None, _feeds(x, e))[0], emb)
+            y = ref.forecast(lambda x, e: ref.fc_ref.run(None, forecaster_feeds(x, e))[0], emb)
             n = ref.n
             feeds = {"input_ids": ref.ids[:n], "attention_mask": ref.mask[:n]}
             ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=10)
         else:
-            y = ref.forecast(lambda x, e: run(_feeds(x, e)), ref.emb_ref)
-            feeds = _feeds(ref.x[:1], None if ref.emb_ref is None else ref.emb_ref[:1])
+            y = ref.forecast(lambda x, e: run(forecaster_feeds(x, e)), ref.emb_ref)
+            feeds = forecaster_feeds(ref.x[:1], None if ref.emb_ref is None else ref.emb_ref[:1])
             ms, _ = time_calls(lambda k: run(feeds), 200, warmup=5, budget_s=3)
         mse = ref.mse(y)
         change = abs(mse - ref.mse_ref) / ref.mse_ref

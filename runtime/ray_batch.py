@@ -29,7 +29,7 @@ from timecma.core.errors import InputError
 from timecma.core.manifest import read_manifest
 from timecma.core.ray_setup import RayPool, actor_cpus, connect, unwrap
 
-from .backends import THREADED
+from .backends import threads_option
 from .serve_batch import BatchServer, TableSink, output_schema, read_schemas, series_name
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class SeriesScorer:
                  root: str, mode: str, stride: int, batch_windows: int, schema: pa.Schema):
         from .pipeline import Forecaster
 
-        kwargs = {"threads": threads} if backend in THREADED else {}
+        kwargs = threads_option(backend, threads)
         self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
         self.series_col, self.root, self.schema = series_col, root, schema
         self.mode, self.stride, self.batch_windows = mode, stride, batch_windows
@@ -88,7 +88,7 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
     pool = pool or RayPool()
     manifest = read_manifest(bundle)
     data = manifest.data
-    sid_field = read_schemas(files, data.time_col, data.variables, series_col)
+    sid_field, _ = read_schemas(files, data.time_col, data.variables, series_col)
     if store is None and manifest.llm is not None:
         store = node_store_dir(manifest.llm.namespace)
         log.info("embedding store on each node's local disk: %s", store)
@@ -121,7 +121,9 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
         if not written:  # no rows at all still yields a readable dataset
             pq.write_table(schema.empty_table(), os.path.join(tmp, "part-00000.parquet"))
             written = ["part-00000.parquet"]
-        rows = sum(pq.ParquetFile(os.path.join(tmp, n)).metadata.num_rows for n in written)
+        ids = pq.read_table(tmp, columns=[schema.field(0).name]).column(0)  # series ids (or window ends)
+        rows = len(ids)
+        series = len(pc.unique(ids)) if sid_field is not None else (1 if rows else 0)
         _commit(tmp, out, force)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,8 +131,6 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
         if ours is exc:
             raise
         raise ours from None  # the worker's own message and exit code, not Ray's wrapper
-    table = pq.read_table(out, columns=[sid_field.name] if sid_field is not None else ["window_end"])
-    series = len(pc.unique(table.column(0))) if sid_field is not None else (1 if rows else 0)
     windows = rows // manifest.model_config.pred_len
     return RaySummary(len(files), series, windows, rows, len(written), time.perf_counter() - t0)
 

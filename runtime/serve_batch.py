@@ -25,7 +25,7 @@ from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError
 from timecma.core.leftovers import remove_dead_temporaries
 from timecma.core.manifest import DataRecord
 
-from .backends import BACKENDS, THREADED
+from .backends import BACKENDS, threads_option
 from .pipeline import Forecaster, timestamp_problem
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def list_inputs(spec: str) -> tuple[list[str], str]:
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not files:
             raise InputError(f"no file matches {spec!r}")
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])
+        root = _common_root(files)
     elif os.path.isfile(spec):
         files, root = [spec], os.path.dirname(os.path.abspath(spec))
     else:
@@ -140,14 +140,18 @@ def check_input_schema(schema: pa.Schema, time_col: str, variables: list[str], s
         raise InputError(f"time column {time_col!r} has type {t}; timestamps or ISO strings are needed")
 
 
-def read_schemas(files: list[str], time_col: str, variables: list[str], series_col: str | None) -> pa.Field | None:
-    """Check every file's columns (footers only) and return the output's series id field (None: one series)."""
-    sid_field = None
+def read_schemas(files: list[str], time_col: str, variables: list[str],
+                 series_col: str | None) -> tuple[pa.Field | None, int]:
+    """Check every file's columns from its footer; the output's series id field (None: one series) and the
+    number of input rows."""
+    sid_field, rows = None, 0
     for path in files:
         try:
-            schema = pq.read_schema(path)
+            pf = pq.ParquetFile(path)
+            schema = pf.schema_arrow
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{path} is not a readable parquet file: {exc}") from exc
+        rows += pf.metadata.num_rows
         check_input_schema(schema, time_col, variables, series_col, path if len(files) > 1 else "input")
         if series_col:
             f = schema.field(series_col).with_nullable(False)
@@ -157,7 +161,7 @@ def read_schemas(files: list[str], time_col: str, variables: list[str], series_c
             sid_field = f
     if not series_col and len(files) > 1:
         sid_field = pa.field(FILE_COL, pa.string(), nullable=False)
-    return sid_field
+    return sid_field, rows
 
 
 def output_schema(data: DataRecord, sid_field: pa.Field | None) -> pa.Schema:
@@ -341,13 +345,12 @@ class BatchServer:
         row was valid and served. Several files without a series column: each file is one series."""
         files, root = list_inputs(inputs) if isinstance(inputs, str) else (list(inputs), _common_root(inputs))
         f = self.f
-        sid_field = read_schemas(files, f.time_col, f.variables, self.series_col)
+        sid_field, total = read_schemas(files, f.time_col, f.variables, self.series_col)
         per_file = not self.series_col and len(files) > 1
         writer = _Writer(out, output_schema(f.manifest.data, sid_field))
         t0 = time.perf_counter()
         from tqdm import tqdm
 
-        total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
         bar = tqdm(total=total, unit="row", desc="serve-batch", disable=None if progress else True, leave=False)
         try:
             cols = [f.time_col, *f.variables] + ([self.series_col] if self.series_col else [])
@@ -431,7 +434,7 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
         _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
                       ray_address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet)
         return
-    kwargs = {"threads": threads} if threads and backend in THREADED else {}
+    kwargs = threads_option(backend, threads)
     try:
         f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:

@@ -26,7 +26,7 @@ import numpy as np
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 
-from .backends import BACKENDS, THREADED
+from .backends import BACKENDS, threads_option
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ForecastEndpoint:
     def __init__(self, bundle: str, backend: str = "auto", store: str | None = None, threads: int | None = None):
         from .pipeline import Forecaster
 
-        kwargs = {"threads": threads} if threads and backend in THREADED else {}
+        kwargs = threads_option(backend, threads)
         self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
         cfg = self.f.manifest.model_config
         self.metadata = {"variables": self.f.variables, "time_col": self.f.time_col, "seq_len": self.f.seq_len,

@@ -17,7 +17,8 @@ from conftest import make_frame
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'timecma[openvino]')")
 
 from timecma.core.manifest import read_manifest  # noqa: E402
-from timecma.runtime.openvino_backend import OpenVinoBackend, choose, cpu_has_bf16  # noqa: E402
+from timecma.core.machine import has_native_bf16 as cpu_has_bf16  # noqa: E402
+from timecma.runtime.openvino_backend import OpenVinoBackend, choose  # noqa: E402
 from timecma.runtime.openvino_build import GATE_FILE, build_openvino  # noqa: E402
 from timecma.runtime.pipeline import Forecaster  # noqa: E402
 
