@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO   := runs/demo
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo ablation gpu-check clean
+.PHONY: install test lint demo ablation gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --hypothesis-show-statistics
+
+# The import contracts (runtime wings, export steps, no circles, torch-free core and runtime) on the installed package.
+lint: $(STAMP)
+	bash .ci/lint-imports $(BIN)/python
 
 # Train on the bundled ETTh1 with the offline random-weight tiny GPT-2 (no hub here).
 demo: $(STAMP)

@@ -19,7 +19,7 @@ import click
 
 from timecma.core.config import TrainConfig
 from timecma.core.manifest import read_manifest
-from timecma.runtime.backends import make_backend
+from timecma.runtime import make_backend
 
 from .harness import BenchConfig, bench_bundle, machine_info, real_windows
 
@@ -59,7 +59,9 @@ def _latency(bundle: str, data: str, iters: int) -> dict:
 def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride: int, latency_iters: int,
          rows: str | None) -> None:
     from timecma.cli import _setup_logging
-    from timecma.export.bundle import ExportOptions, export_bundle, source_from_checkpoint
+    from timecma.export.bundle import export_bundle
+    from timecma.export.options import ExportOptions
+    from timecma.export.source import source_from_checkpoint
     from timecma.llm import load_llm
     from timecma.train import train
 

@@ -36,18 +36,23 @@ def _ints(text: str) -> list[int]:
 @click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: ORT's choice).")
 @click.option("--data", default=None, help="The data file the bundle was made from, for real windows (the "
                                             "manifest names it by file name and sha256, not by path).")
+@click.option("--ckpt", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The checkpoint the bundle was exported from, for the torch rows (default: its file name "
+                   "next to the bundle folder, as timecma-export lays it out); checked by sha256.")
 @click.option("--precompute-prompts", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also measure embedding precompute throughput over this many real prompts (0: skip).")
 @click.option("--precompute-batch", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "out_dir", default="bench", show_default=True)
 def bench_cmd(bundle: str, backends: str, n_vars: str, prompt_tokens: str, hit_iters: int, miss_iters: int,
-              sweep_iters: int, budget_s: float, threads: int | None, data: str | None, precompute_prompts: int,
+              sweep_iters: int, budget_s: float, threads: int | None, data: str | None, ckpt: str | None,
+              precompute_prompts: int,
               precompute_batch: int, out_dir: str) -> None:
     """Measure, print a table, and write results.json, results.md and latency.png to --out."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = BenchConfig(bundle=bundle, backends=[b.strip() for b in backends.split(",") if b.strip()],
                       n_vars=_ints(n_vars), prompt_tokens=_ints(prompt_tokens), hit_iters=hit_iters,
                       miss_iters=miss_iters, sweep_iters=sweep_iters, budget_s=budget_s, threads=threads, data=data,
+                      ckpt=ckpt,
                       precompute_prompts=precompute_prompts, precompute_batch=precompute_batch)
     try:
         res = run(cfg, progress=lambda msg: click.echo(msg, err=True))

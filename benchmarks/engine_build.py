@@ -14,7 +14,7 @@ import os
 
 import click
 
-from timecma.runtime.engine_build import build_engines
+from timecma.runtime.compile.tensorrt import build_engines
 
 from .harness import machine_info
 

@@ -24,7 +24,7 @@ else
 fi
 "$PY" - <<'PY'
 import sys
-from timecma.runtime import cuda
+from timecma.runtime.engines import cuda
 if cuda.device_count() == 0:
     sys.exit("gpu-check: nvidia-smi sees a GPU but the CUDA runtime does not (libcudart missing or driver too old)")
 print(f"gpu-check: CUDA device sm{cuda.CudaRuntime().capability()}")

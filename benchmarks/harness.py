@@ -20,8 +20,7 @@ import numpy as np
 from timecma.core.machine import cpu_info
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.timing import summarize, time_calls
-from timecma.runtime.backends import make_backend
-from timecma.runtime.pipeline import Forecaster
+from timecma.runtime import Forecaster, make_backend
 from timecma.core.store import EmbeddingStore
 from timecma.core.tokens import encode_prompts, pad_right
 
@@ -43,6 +42,7 @@ class BenchConfig:
     budget_s: float = 30.0  # at most this long per measured point (after the first iterations)
     threads: int | None = None
     data: str | None = None  # real windows from here; default: the bundle's training data
+    ckpt: str | None = None  # the checkpoint for the torch rows; default: its file name next to the bundle
     precompute_prompts: int = 0  # >0: embedding precompute throughput over this many real prompts
     precompute_batch: int = 32
 
@@ -81,6 +81,8 @@ def open_backend(spec: str, cfg: BenchConfig, manifest: Manifest):
     name, kwargs = parse_backend(spec)
     if (name.startswith("ort") or name == "openvino") and cfg.threads:
         kwargs["threads"] = cfg.threads
+    if name == "torch" and cfg.ckpt:
+        kwargs["ckpt"] = cfg.ckpt
     return make_backend(name, cfg.bundle, manifest, **kwargs)
 
 
@@ -158,7 +160,7 @@ def sweep_inputs(f: Forecaster, values: np.ndarray, ts: np.ndarray, n: int, toke
 
 
 def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompts: int, batch_size: int,
-                     progress=None) -> dict:
+                     progress=None, ckpt: str | None = None) -> dict:
     """Embedding precompute throughput (eager PyTorch, the training side), three ways on the
     same real prompts: one prompt at a time through the plain Hugging Face forward (as the
     public reference's embedding script does), batched and length-bucketed with the plain
@@ -173,9 +175,9 @@ def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompt
     renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
                               manifest.data.frequency, manifest.prompt.get("periods"))
     prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
-    from timecma.runtime.torch_backend import llm_source
+    from timecma.runtime.backends.eager import llm_source
 
-    fast = load_llm(llm_source(bundle, manifest))
+    fast = load_llm(llm_source(bundle, manifest, ckpt))
     plain = LoadedLLM(LastTokenEncoder(fast.encoder.model, last_position_only=False), fast.tokenizer, fast.info)
     ids = encode_prompts(fast.backend, prompts)
     tokens = int(sum(len(i) for i in ids))
@@ -253,7 +255,7 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                     progress(f"{spec}: LLM N={n} x {tok} tokens p50 {summarize(ms)['p50']:.1f} ms")
     if cfg.precompute_prompts and manifest.llm:
         results["precompute"] = bench_precompute(cfg.bundle, manifest, cfg.data, cfg.precompute_prompts, cfg.precompute_batch,
-                                                 progress)
+                                                 progress, cfg.ckpt)
     base = results["backends"].get("torch", {})
     for spec, r in results["backends"].items():
         if "skipped" in r or not base or "skipped" in base:

@@ -49,8 +49,8 @@ def make_fleet(data: str, out_dir: str, series: int, files: int, start_row: int,
 
 
 def _local(bundle: str, inp: str, out: str, store: str, stride: int) -> dict:
-    from timecma.runtime.pipeline import Forecaster
-    from timecma.runtime.serve_batch import BatchServer
+    from timecma.runtime import Forecaster
+    from timecma.runtime.serving.batch import BatchServer
 
     t0 = time.perf_counter()
     with Forecaster.load(bundle, backend="ort-cpu", store=store) as f:
@@ -62,8 +62,8 @@ def _local(bundle: str, inp: str, out: str, store: str, stride: int) -> dict:
 
 
 def _ray(bundle: str, inp: str, out: str, store: str, stride: int, workers: int) -> dict:
-    from timecma.runtime.ray_batch import serve_batch_on_ray
-    from timecma.runtime.serve_batch import list_inputs
+    from timecma.runtime.serving.ray_batch import serve_batch_on_ray
+    from timecma.runtime.serving.batch import list_inputs
 
     t0 = time.perf_counter()
     s = serve_batch_on_ray(*list_inputs(inp), bundle, out, series_col="id", mode="rolling", stride=stride,

@@ -16,7 +16,7 @@ import numpy as np
 from timecma.core.manifest import read_manifest
 from timecma.core.prompts import PromptRenderer, get_template
 from timecma.core.tokens import encode_prompts
-from timecma.runtime.backends import make_backend
+from timecma.runtime import make_backend
 
 
 @click.command()

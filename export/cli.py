@@ -9,9 +9,9 @@ import click
 
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
-from timecma.runtime.engines_cli import flavour_option, parse_targets, targets_option
-from timecma.runtime.engines_cli import precisions as _precisions
-from timecma.runtime.engines_cli import triple as _triple
+from timecma.runtime.compile.cli import flavour_option, parse_targets, targets_option
+from timecma.runtime.compile.cli import precisions as _precisions
+from timecma.runtime.compile.cli import triple as _triple
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -57,7 +57,9 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
     engines where TensorRT exists, and a JSON manifest."""
     from timecma.cli import _setup_logging
 
-    from .bundle import ExportError, ExportOptions, export_bundle, source_from_checkpoint, source_from_reference
+    from .bundle import export_bundle
+    from .options import ExportError, ExportOptions
+    from .source import source_from_checkpoint, source_from_reference
 
     _setup_logging(verbose)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "bundle")

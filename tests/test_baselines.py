@@ -58,7 +58,7 @@ def test_baseline_serves_without_torch_tokenization_or_store(baseline, tmp_path)
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), inp)
     out = tmp_path / "out.parquet"
-    code = BLOCK + "from timecma.runtime.serve_batch import serve_batch_cmd\nserve_batch_cmd()"
+    code = BLOCK + "from timecma.runtime.serving.batch_cli import serve_batch_cmd\nserve_batch_cmd()"
     r = subprocess.run([sys.executable, "-c", code, str(inp), "--bundle", str(run / "bundle"), "--out", str(out),
                         "--mode", "rolling", "--stride", "12", "--store", str(tmp_path / "store")],
                        capture_output=True, text=True)

@@ -37,3 +37,23 @@ def test_bench_runs_and_parity_is_computed(small_bundle, small_run, tmp_path):
 def test_bench_rejects_bad_sweep_values(small_bundle, tmp_path):
     r = run_cli("timecma.benchmarks.cli:bench_cmd", "--bundle", str(small_bundle), "--n-vars", "7,x")
     assert r.returncode == 2 and "comma-separated integers" in r.stderr
+
+
+def test_bench_takes_the_checkpoint_from_the_command_line(small_bundle, small_run, tmp_path):
+    """A bundle exported to another folder: the torch rows need --ckpt, and the skip says so."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(small_bundle, moved)
+    args = ["--bundle", str(moved), "--data", str(small_run[0]), "--backends", "torch,ort-cpu", "--n-vars", "2",
+            "--prompt-tokens", "16", "--hit-iters", "3", "--miss-iters", "2", "--sweep-iters", "1"]
+    r = run_cli("timecma.benchmarks.cli:bench_cmd", *args, "--out", str(tmp_path / "without"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "without" / "results.json").read_text())
+    assert "--ckpt" in res["backends"]["torch"]["skipped"]
+    r = run_cli("timecma.benchmarks.cli:bench_cmd", *args, "--ckpt", str(small_run[1] / "best.pt"),
+                "--out", str(tmp_path / "with"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "with" / "results.json").read_text())
+    assert "skipped" not in res["backends"]["torch"] and res["reference"] == "torch"
+    assert res["backends"]["ort-cpu"]["parity_vs_reference"]["max_abs_over_series_std"] < 1e-4

@@ -28,8 +28,8 @@ def test_last_token_graph_matches_each_prompt_run_alone(tiny, tmp_path, arch):
 
     from timecma.export.onnx_export import export_llm
     from timecma.llm import load_llm
-    from timecma.runtime.engine_build import EngineProfile, build_plan
-    from timecma.runtime.trt_flavour import load_flavour
+    from timecma.runtime.compile.tensorrt import EngineProfile, build_plan
+    from timecma.runtime.engines.trt_flavour import load_flavour
 
     llm = load_llm(tiny[arch])
     assert llm.encoder.last_position_only is False  # the last-block shortcut is GPT-2's; skipped here

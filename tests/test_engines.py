@@ -16,11 +16,11 @@ import pytest
 from conftest import make_frame
 from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.manifest import FileRecord, read_manifest, verify_files
-from timecma.runtime import cuda
-from timecma.runtime.engine_build import EngineProfile, build_plan
-from timecma.runtime.engine_runner import EngineIO, EngineShapeError
-from timecma.runtime.tensorrt_backend import select_engines
-from timecma.runtime.trt_flavour import installed, load_flavour
+from timecma.runtime.engines import cuda
+from timecma.runtime.compile.tensorrt import EngineProfile, build_plan
+from timecma.runtime.engines.trt_runner import EngineIO, EngineShapeError
+from timecma.runtime.backends.tensorrt import select_engines
+from timecma.runtime.engines.trt_flavour import installed, load_flavour
 
 NO_GPU = cuda.device_count() == 0
 GPU_REASON = "executing a TensorRT engine needs a CUDA GPU; none is visible to this process"
@@ -34,7 +34,7 @@ BLOCK_TORCH = ("import sys\n"
 
 def engines_cli(*args: str) -> subprocess.CompletedProcess:
     """`timecma-engines ...` in a fresh interpreter where importing torch fails (a deployment box)."""
-    code = BLOCK_TORCH + "from timecma.runtime.engines_cli import engines_cmd\nengines_cmd()"
+    code = BLOCK_TORCH + "from timecma.runtime.compile.cli import engines_cmd\nengines_cmd()"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
 
 
@@ -255,7 +255,7 @@ def test_engine_io_refuses_feeds_outside_the_profile(small_bundle):
 def test_pipeline_keeps_within_engine_limits(small_bundle):
     """Serving splits windows and LLM calls to the profile's maxima and names a prompt too long for it."""
     from timecma.runtime import Forecaster
-    from timecma.runtime.backends import OrtBackend
+    from timecma.runtime.backends.ort import OrtBackend
     from timecma.core.tokens import PromptTooLongError
 
     m = read_manifest(small_bundle)
@@ -303,8 +303,8 @@ def test_tensorrt_backend_matches_ort_cpu(small_bundle, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason=GPU_REASON)
 def test_engine_runner_checks_shapes_and_frees_memory(small_bundle):
-    from timecma.runtime.engine_runner import EngineRunner
-    from timecma.runtime.trt_flavour import flavour_named
+    from timecma.runtime.engines.trt_runner import EngineRunner
+    from timecma.runtime.engines.trt_flavour import flavour_named
 
     m = read_manifest(small_bundle)
     e = _engines(m, "fp16")["forecaster"]
@@ -330,8 +330,9 @@ def test_only_the_flavour_module_imports_tensorrt():
     for folder in ("timecma", "export", "runtime", "benchmarks"):
         for path in (repo / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
+                # absolute imports only: `from .tensorrt import ...` is the runtime's own backend module
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
                 if any(n.split(".")[0] in ("tensorrt", "tensorrt_rtx") for n in names):
                     offenders.append(str(path.relative_to(repo)))
-    assert offenders == []  # runtime/trt_flavour.py imports the flavour by name (importlib), on request
+    assert offenders == []  # runtime/engines/trt_flavour.py imports the flavour by name (importlib), on request

@@ -153,7 +153,7 @@ def test_manifest_version_is_checked(small_bundle, tmp_path):
 
 
 def _has_standard_tensorrt() -> bool:
-    from timecma.runtime.trt_flavour import installed
+    from timecma.runtime.engines.trt_flavour import installed
 
     return not installed()["tensorrt"].startswith("not installed")
 

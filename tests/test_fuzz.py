@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from timecma.core.errors import InputError
 from timecma.runtime import Forecaster
-from timecma.runtime.serve_batch import BatchServer
+from timecma.runtime.serving.batch import BatchServer
 
 SEQ, PRED, VARS = 24, 12, ["v0", "v1", "v2"]
 FUZZ = settings(max_examples=int(os.environ.get("TIMECMA_FUZZ_EXAMPLES", "60")), deadline=None,

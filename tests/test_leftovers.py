@@ -16,7 +16,7 @@ import pytest
 from conftest import make_frame, run_cli
 from timecma.core.manifest import read_manifest
 
-SERVE = "timecma.runtime.serve_batch:serve_batch_cmd"
+SERVE = "timecma.runtime.serving.batch_cli:serve_batch_cmd"
 EXPORT = "timecma.export.cli:export_cmd"
 
 

@@ -18,9 +18,9 @@ ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip inst
 
 from timecma.core.manifest import read_manifest  # noqa: E402
 from timecma.core.machine import has_native_bf16 as cpu_has_bf16  # noqa: E402
-from timecma.runtime.openvino_backend import OpenVinoBackend, choose  # noqa: E402
-from timecma.runtime.openvino_build import GATE_FILE, build_openvino  # noqa: E402
-from timecma.runtime.pipeline import Forecaster  # noqa: E402
+from timecma.runtime.backends.openvino import OpenVinoBackend, choose  # noqa: E402
+from timecma.runtime.compile.openvino import GATE_FILE, build_openvino  # noqa: E402
+from timecma.runtime import Forecaster  # noqa: E402
 
 VARS = ["v0", "v1", "v2"]
 
@@ -98,7 +98,7 @@ def test_gate_refuses_a_damaged_variant_and_auto_skips_it(small_bundle, tmp_path
 
 def test_missing_openvino_is_a_clear_refusal(small_bundle, tmp_path):
     code = ("import sys\nsys.modules['openvino'] = None\n"
-            "from timecma.runtime.backends import available_backends, make_backend\n"
+            "from timecma.runtime import available_backends, make_backend\n"
             "from timecma.core.manifest import read_manifest\n"
             "print(available_backends()['openvino'])\n"
             f"make_backend('openvino', {str(small_bundle)!r}, read_manifest({str(small_bundle)!r}))\n")
@@ -111,7 +111,18 @@ def test_missing_openvino_is_a_clear_refusal(small_bundle, tmp_path):
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pandas(make_frame(60), preserve_index=False), inp)
     r = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['openvino'] = None\n"
-                        "from timecma.runtime.serve_batch import serve_batch_cmd\nserve_batch_cmd()", str(inp),
+                        "from timecma.runtime.serving.batch_cli import serve_batch_cmd\nserve_batch_cmd()", str(inp),
                         "--bundle", str(small_bundle), "--backend", "openvino", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 4 and "pip install 'timecma[openvino]'" in r.stderr, r.stderr
     assert not (tmp_path / "in.forecasts.parquet").exists()
+
+
+def test_no_progress_bars_off_a_terminal(small_bundle, tmp_path):
+    """NNCF's rich bars ("Applying Weight Compression ━━━") are for terminals: a piped run prints none."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    r = subprocess.run([sys.executable, "-c", "from timecma.runtime.compile.cli import engines_cmd; engines_cmd()",
+                        "openvino", str(bundle), "--precision", "int8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "int8" in r.stdout
+    assert "━" not in r.stdout + r.stderr and "Weight Compression" not in r.stdout + r.stderr, r.stdout

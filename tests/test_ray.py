@@ -27,9 +27,9 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'time
 
 from timecma.core.errors import InputError  # noqa: E402
 from timecma.core.ray_setup import LOCAL, RayPool, connect  # noqa: E402
-from timecma.runtime.pipeline import Forecaster  # noqa: E402
-from timecma.runtime.ray_batch import serve_batch_on_ray  # noqa: E402
-from timecma.runtime.serve_batch import BatchServer, list_inputs  # noqa: E402
+from timecma.runtime import Forecaster  # noqa: E402
+from timecma.runtime.serving.ray_batch import serve_batch_on_ray  # noqa: E402
+from timecma.runtime.serving.batch import BatchServer, list_inputs  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 VARS = ["v0", "v1", "v2"]
@@ -121,10 +121,10 @@ def test_ray_cli_refuses_bad_input_before_starting_a_cluster(small_bundle, tmp_p
     inp = tmp_path / "in"
     inp.mkdir()
     pq.write_table(pa.Table.from_pandas(make_frame(60).drop(columns="v1"), preserve_index=False), inp / "a.parquet")
-    r = run_cli("timecma.runtime.serve_batch:serve_batch_cmd", str(inp), "--bundle", str(small_bundle), "--ray",
+    r = run_cli("timecma.runtime.serving.batch_cli:serve_batch_cmd", str(inp), "--bundle", str(small_bundle), "--ray",
                 "--quiet")
     assert r.returncode == 2 and "lacks variable column(s) ['v1']" in r.stderr, r.stderr
-    r = run_cli("timecma.runtime.serve_batch:serve_batch_cmd", str(tmp_path / "none-*.parquet"), "--bundle",
+    r = run_cli("timecma.runtime.serving.batch_cli:serve_batch_cmd", str(tmp_path / "none-*.parquet"), "--bundle",
                 str(small_bundle), "--ray", "--quiet")
     assert r.returncode == 2 and "no file matches" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["in"]
@@ -168,7 +168,7 @@ def test_killed_worker_job_completes_without_lost_or_repeated_rows(small_bundle,
 
     inp = _fleet(tmp_path / "in", n_files=2, rows=300, series=tuple("abcdefgh"))
     local = _local(small_bundle, inp, tmp_path / "local.parquet", series_col="id", mode="rolling", stride=1)
-    cmd = [sys.executable, "-c", "from timecma.runtime.serve_batch import serve_batch_cmd; serve_batch_cmd()", inp,
+    cmd = [sys.executable, "-c", "from timecma.runtime.serving.batch_cli import serve_batch_cmd; serve_batch_cmd()", inp,
            "--bundle", str(small_bundle), "--out", str(tmp_path / "out"), "--series-col", "id", "--mode", "rolling",
            "--stride", "1", "--batch-windows", "4", "--backend", "ort-cpu", "--store", str(tmp_path / "store"),
            "--ray", "--num-workers", "1", "--cpus-per-worker", "0.5", "--quiet"]
@@ -233,7 +233,7 @@ def _free_port() -> int:
 def test_online_endpoint_answers_and_survives_load_and_bad_requests(cluster, small_bundle, tmp_path):
     from ray import serve
 
-    from timecma.runtime.serve_online import start
+    from timecma.runtime.serving.online import start
 
     port = _free_port()
     url = start(str(small_bundle), port=port, backend="ort-cpu", store=str(tmp_path / "store"),
@@ -306,7 +306,7 @@ def test_online_endpoint_answers_and_survives_load_and_bad_requests(cluster, sma
 
 def test_endpoint_contract_without_a_cluster(small_bundle):
     """The request contract itself, on a plain endpoint object (what each replica runs)."""
-    from timecma.runtime.serve_online import ForecastEndpoint
+    from timecma.runtime.serving.online import ForecastEndpoint
 
     ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu")
     win = make_frame(24, seed=5)

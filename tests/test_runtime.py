@@ -16,7 +16,7 @@ from conftest import ETTH1, REPO, bundle_with_manifest_version, make_frame, run_
 from timecma.core.errors import BundleError
 from timecma.runtime import Forecaster, InputError
 
-SERVE = "timecma.runtime.serve_batch:serve_batch_cmd"
+SERVE = "timecma.runtime.serving.batch_cli:serve_batch_cmd"
 SEQ, PRED = 24, 12  # the small bundle's window (conftest TRAIN_ARGS)
 
 
@@ -39,7 +39,7 @@ def test_runtime_serves_with_torch_import_blocked(small_bundle, tmp_path):
             "        if name.split('.')[0] in ('torch', 'transformers', 'pandas'):\n"
             "            raise ModuleNotFoundError(f'blocked: {name}')\n"
             "sys.meta_path.insert(0, Block())\n"
-            "from timecma.runtime.serve_batch import serve_batch_cmd\n"
+            "from timecma.runtime.serving.batch_cli import serve_batch_cmd\n"
             "serve_batch_cmd()")
     r = subprocess.run([sys.executable, "-c", code, inp, "--bundle", str(small_bundle), "--out", str(out),
                         "--store", str(tmp_path / "store"), "--quiet"], capture_output=True, text=True)

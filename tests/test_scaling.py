@@ -105,7 +105,7 @@ def test_new_all_time_low_is_clamped_counted_and_reported(log_run, tmp_path):
     np.testing.assert_allclose(y, eager, rtol=1e-4, atol=1e-3)
     inp, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), inp)
-    r = run_cli("timecma.runtime.serve_batch:serve_batch_cmd", str(inp), "--bundle", str(run / "bundle"),
+    r = run_cli("timecma.runtime.serving.batch_cli:serve_batch_cmd", str(inp), "--bundle", str(run / "bundle"),
                 "--out", str(out), "--mode", "rolling", "--stride", "6")
     assert r.returncode == 0, r.stderr
     table = pq.read_table(out).to_pandas()

@@ -26,7 +26,7 @@ import numpy as np
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 
-from .backends import BACKENDS, threads_option
+from ..backends.base import BACKENDS, threads_option
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ForecastEndpoint:
     """One replica: the bundle loaded once; ``handle`` answers a request, ``__call__`` adapts Ray Serve's."""
 
     def __init__(self, bundle: str, backend: str = "auto", store: str | None = None, threads: int | None = None):
-        from .pipeline import Forecaster
+        from .forecaster import Forecaster
 
         kwargs = threads_option(backend, threads)
         self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)

@@ -1,11 +1,12 @@
-"""`timecma-serve-batch INPUT`: forecasts for every series of parquet files (DESIGN §10).
+"""Batch forecasts for every series of parquet files (DESIGN §10): ``BatchServer``, the input
+schemas and the atomic parquet writer; the command line is ``batch_cli``.
 
 INPUT is one parquet file, a directory of them or a glob. The input is streamed record batch
 by record batch, so files larger than memory work: per series only the last seq_len rows are
 kept. Windows are forecast in small batches (LLM only on store misses) and written to a
 temporary parquet file next to the output, renamed into place only when the whole input was
-valid and served. ``--ray`` runs the same ``BatchServer`` per series on a Ray cluster
-(``ray_batch``). Torch-free.
+valid and served. ``ray_batch`` runs the same ``BatchServer`` per series on a Ray cluster.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
-from timecma.core.leftovers import remove_dead_temporaries
+from timecma.core.errors import InputError
 from timecma.core.manifest import DataRecord
 
-from .backends import BACKENDS, threads_option
-from .pipeline import Forecaster, timestamp_problem
+from .forecaster import Forecaster, timestamp_problem
 
 log = logging.getLogger(__name__)
 
@@ -375,98 +373,3 @@ class BatchServer:
 
 def _common_root(files: list[str]) -> str:
     return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])
-
-
-PROG = "timecma-serve-batch"
-
-
-def _ray_address(value: str | None) -> str | None:
-    if value is not None and value.endswith(".parquet"):  # `--ray in.parquet` took the input as the address
-        raise click.BadParameter(f"{value!r} looks like the input, not a cluster address; put INPUT before --ray",
-                                 param_hint="--ray")
-    return value
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
-@click.argument("input_path", metavar="INPUT")
-@click.option("--bundle", required=True, type=click.Path(), help="Bundle directory written by timecma-export.")
-@click.option("--out", default=None,
-              help="Output parquet (default: INPUT stem + .forecasts.parquet); with --ray a directory of parquet "
-                   "files (default: INPUT stem + .forecasts), which every node must reach (shared or local disk).")
-@click.option("--series-col", default=None,
-              help="Column holding a series id (several series in one file, a series may span files). Without "
-                   "it, several files are several series: one per file, named in a 'file' column.")
-@click.option("--mode", type=click.Choice(["last", "rolling"]), default="last", show_default=True,
-              help="Forecast from each series' last window, or from rolling windows (backtest).")
-@click.option("--stride", default=24, show_default=True, help="Rows between rolling windows.")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
-@click.option("--store", default=None,
-              help="Embedding store directory (created if missing); LLM runs only on misses. With --ray a path on "
-                   "each node's LOCAL disk (LMDB must not be on a network filesystem; default: the node's temp dir).")
-@click.option("--batch-windows", default=32, show_default=True, help="Windows per forecaster call.")
-@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores; with "
-                                                        "--ray the worker's CPUs).")
-@click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="local", callback=lambda c, p, v:
-              _ray_address(v), metavar="[ADDRESS]",
-              help="Run on Ray Data: alone, a local cluster; 'auto', host:port or ray://host:10001 joins one.")
-@click.option("--num-workers", default=1, show_default=True, help="--ray: actors, each with the bundle loaded once.")
-@click.option("--cpus-per-worker", default=None, type=float,
-              help="--ray: CPUs per actor (default: a share leaving one CPU for reading and shuffling).")
-@click.option("--gpus-per-worker", default=0.0, show_default=True, type=float, help="--ray: GPUs per actor.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: str | None, mode: str, stride: int,
-                    backend: str, store: str | None, batch_windows: int, threads: int | None,
-                    ray_address: str | None, num_workers: int, cpus_per_worker: float | None,
-                    gpus_per_worker: float, force: bool, quiet: bool) -> None:
-    """Forecast every series in INPUT (a parquet file, a directory of them or a quoted glob) with a timecma
-    bundle; write forecasts to parquet."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("timecma").setLevel(logging.INFO if not quiet else logging.WARNING)
-    stem = os.path.splitext(input_path.rstrip("/").replace("*", "all"))[0]
-    out = out or stem + (".forecasts" if ray_address else ".forecasts.parquet")
-    remove_dead_temporaries(os.path.dirname(os.path.abspath(out)), temp_prefix(out), "a partial output")
-    if os.path.exists(out) and not force:
-        fail(PROG, f"{out} exists; pass --force to replace it")
-    if stride < 1:
-        fail(PROG, "--stride must be at least 1")
-    if ray_address:
-        _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
-                      ray_address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet)
-        return
-    kwargs = threads_option(backend, threads)
-    try:
-        f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
-    except (InputError, BundleError, BackendUnavailable, OSError) as exc:
-        fail(PROG, exc)
-    try:
-        summary = BatchServer(f, series_col, mode, stride, batch_windows).run(input_path, out, progress=not quiet)
-    except (InputError, BundleError, BackendUnavailable) as exc:
-        fail(PROG, exc, " (no output written)")
-    finally:
-        f.close()
-    s = f.stats
-    click.echo(f"serve-batch: {summary.series} series, {summary.windows} windows, {summary.rows_written} forecast rows "
-               f"-> {out}; store hits {s.hits} / misses {s.misses}; backend {f.backend.name}; "
-               f"{summary.seconds:.2f} s ({summary.windows / max(summary.seconds, 1e-9):.1f} windows/s)"
-               + (f"; {s.clamped} input values clamped at the log scaler's floor (column {CLAMPED_COL})"
-                  if f.scaler.kind == "log" else ""))
-
-
-def _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
-                  address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet) -> None:
-    from timecma.core.ray_setup import RayPool
-
-    from .ray_batch import serve_batch_on_ray
-
-    try:
-        files, root = list_inputs(input_path)
-        s = serve_batch_on_ray(files, root, bundle, out, series_col=series_col, mode=mode, stride=stride,
-                               backend=backend, store=store, batch_windows=batch_windows, threads=threads,
-                               pool=RayPool(address, num_workers, cpus_per_worker, gpus_per_worker), force=force,
-                               progress=not quiet)
-    except (InputError, BundleError, BackendUnavailable) as exc:
-        fail(PROG, exc, " (no output written)")
-    click.echo(f"serve-batch on Ray: {s.files} file(s), {s.series} series, {s.windows} windows, {s.rows_written} "
-               f"forecast rows -> {out}/ ({s.output_files} parquet files); {num_workers} worker(s); "
-               f"{s.seconds:.2f} s ({s.rows_written / max(s.seconds, 1e-9):.0f} rows/s)")

@@ -21,14 +21,14 @@ from timecma.core.files import user_cache_dir
 from timecma.core.machine import has_native_bf16
 from timecma.core.manifest import Manifest, OVVariant
 
-from .backends import forecaster_feeds
+from .base import forecaster_feeds
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("f32", "bf16", "int8")
 
 
-def _ov():
+def ov_module():
     try:
         import openvino as ov
     except ImportError as exc:
@@ -45,7 +45,7 @@ def compute_precision(precision: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _core():
     """One OpenVINO Core per process, its compiled-model cache in the user cache dir."""
-    core = _ov().Core()
+    core = ov_module().Core()
     core.set_property({"CACHE_DIR": user_cache_dir("openvino")})
     return core
 
@@ -86,7 +86,7 @@ class OpenVinoBackend:
     limits: dict[str, int] = {}
 
     def __init__(self, bundle_dir: str, manifest: Manifest, precision: str | dict = "auto", threads: int | None = None):
-        _ov()
+        ov_module()
         per = precision if isinstance(precision, dict) else {g: precision for g in ("llm", "forecaster")}
         self.precision: dict[str, str] = {}
         self._req = {}

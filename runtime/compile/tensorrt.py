@@ -31,8 +31,8 @@ from timecma.core.leftovers import remove_dead_temporaries
 from timecma.core.config import ModelConfig
 from timecma.core.manifest import GRAPHS, Engine, Manifest, file_record, read_manifest, write_manifest
 
-from . import cuda as _cuda
-from .trt_flavour import FLAVOURS, Flavour, load_flavour
+from ..engines import cuda as _cuda
+from ..engines.trt_flavour import FLAVOURS, Flavour, load_flavour
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def _engine_parity(bundle_dir: str, tmp: str, fl: Flavour, entry: Engine, gpu_cc
     path = os.path.join(bundle_dir, PARITY_FILE)
     if not os.path.exists(path):
         return {"not_measured": f"the bundle has no {PARITY_FILE}"}
-    from .engine_runner import EngineIO, EngineRunner
+    from ..engines.trt_runner import EngineIO, EngineRunner
 
     ref = np.load(path, allow_pickle=False)
     g = entry.graph

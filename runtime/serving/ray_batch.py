@@ -29,8 +29,8 @@ from timecma.core.errors import InputError
 from timecma.core.manifest import read_manifest
 from timecma.core.ray_setup import RayPool, actor_cpus, connect, unwrap
 
-from .backends import threads_option
-from .serve_batch import BatchServer, TableSink, output_schema, read_schemas, series_name
+from ..backends.base import threads_option
+from .batch import BatchServer, TableSink, output_schema, read_schemas, series_name
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class SeriesScorer:
 
     def __init__(self, bundle: str, backend: str, store: str | None, threads: int, series_col: str | None,
                  root: str, mode: str, stride: int, batch_windows: int, schema: pa.Schema):
-        from .pipeline import Forecaster
+        from .forecaster import Forecaster
 
         kwargs = threads_option(backend, threads)
         self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)

@@ -74,7 +74,7 @@ def engines_cmd(verbose: bool) -> None:
 def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch, max_batch, max_seq,
               targets, graph):
     """Build engines from BUNDLE's ONNX graphs and add them to it, atomically."""
-    from .engine_build import EngineProfile, build_engines, default_profile
+    from .tensorrt import EngineProfile, build_engines, default_profile
 
     try:
         manifest = read_manifest(bundle)
@@ -109,8 +109,8 @@ def openvino_cmd(bundle, ov_precisions, threads):
 
     A variant whose validation forecast MSE moves by 1% or more is recorded as refused: `--backend auto`
     does not use it; `--backend openvino` with that precision forced does, with a warning."""
-    from .openvino_backend import PRECISIONS
-    from .openvino_build import build_openvino
+    from ..backends.openvino import PRECISIONS
+    from .openvino import build_openvino
 
     wanted = tuple(p.strip() for p in ov_precisions.split(",") if p.strip())
     bad = [p for p in wanted if p not in PRECISIONS]
@@ -152,9 +152,9 @@ def list_cmd(bundle, as_json):
 def verify_cmd(bundle):
     """Check every file of BUNDLE against its sha256; summarise graphs, parity, engines and which
     backends can run it on this machine (and why not)."""
-    from .backends import available_backends
-    from .tensorrt_backend import select_engines
-    from .trt_flavour import installed
+    from ..backends.select import available_backends
+    from ..backends.tensorrt import select_engines
+    from ..engines.trt_flavour import installed
 
     try:
         manifest = read_manifest(bundle)

@@ -15,10 +15,10 @@ import numpy as np
 from timecma.core.errors import BackendUnavailable
 from timecma.core.manifest import Engine, Manifest
 
-from .backends import forecaster_feeds
-from .cuda import CudaRuntime
-from .engine_runner import EngineIO, EngineRunner
-from .trt_flavour import LABELS, RTX_EXPLICIT, RTX_PORTABLE, flavour_named, installed
+from ..engines.cuda import CudaRuntime
+from ..engines.trt_flavour import LABELS, RTX_EXPLICIT, RTX_PORTABLE, flavour_named, installed
+from ..engines.trt_runner import EngineIO, EngineRunner
+from .base import forecaster_feeds
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ def find_checkpoint(bundle_dir: str, manifest: Manifest, ckpt: str | None = None
     path = ckpt or os.path.join(os.path.dirname(os.path.abspath(bundle_dir)), origin.get("file", "best.pt"))
     if not os.path.exists(path):
         raise BundleError(f"the torch backend needs the checkpoint the bundle came from ({origin.get('file')}, "
-                          f"sha256 {origin.get('sha256', '?')[:12]}...); not found at {path}: pass ckpt=")
+                          f"sha256 {origin.get('sha256', '?')[:12]}...); not found at {path}: name it with "
+                          f"--ckpt (timecma-bench) or ckpt= (make_backend)")
     if origin.get("sha256") and file_sha256(path) != origin["sha256"]:
         raise BundleError(f"{path} is not the checkpoint this bundle was exported from (sha256 differs)")
     return path

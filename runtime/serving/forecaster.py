@@ -20,7 +20,8 @@ from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
 from timecma.core.store import EmbeddingStore
 from timecma.core.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
 
-from .backends import Backend, make_backend
+from ..backends.base import Backend
+from ..backends.select import make_backend
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ CPU with native bf16. The verdicts, MSEs and latencies go into the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -22,8 +23,9 @@ from timecma.core.machine import cpu_info, has_native_bf16
 from timecma.core.manifest import OVVariant, file_record, read_manifest, write_manifest
 from timecma.core.timing import time_calls
 
-from .backends import forecaster_feeds, ort_session
-from .openvino_backend import _ov, compile_graph, compute_precision
+from ..backends.base import forecaster_feeds
+from ..backends.ort import ort_session
+from ..backends.openvino import compile_graph, compute_precision, ov_module
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +76,25 @@ def _compress_int8(src: str, dest: str) -> None:
     except ImportError as exc:
         raise BundleError("int8 variants need NNCF: pip install 'timecma[openvino]'") from exc
     nncf.set_log_level(logging.ERROR)  # no progress tables on stdout
-    ov = _ov()
-    model = nncf.compress_weights(ov.Core().read_model(src))
+    ov = ov_module()
+    with _rich_bars_only_on_a_terminal():
+        model = nncf.compress_weights(ov.Core().read_model(src))
     ov.save_model(model, dest, compress_to_fp16=False)
+
+
+@contextlib.contextmanager
+def _rich_bars_only_on_a_terminal():
+    """NNCF draws rich progress bars on rich's global console; where that is no terminal (a log, CI,
+    a pipe) each bar would land in the output as a line of its own, so the console stays quiet."""
+    import rich
+
+    console = rich.get_console()
+    quiet = console.quiet
+    console.quiet = quiet or not console.is_terminal
+    try:
+        yield
+    finally:
+        console.quiet = quiet
 
 
 def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16", "int8"),
@@ -130,7 +148,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
                       {"val_mse": mse, "val_mse_fp32": ref.mse_ref, "windows": int(len(ref.x)), "gate": gate,
                        "max_abs_change_normalized": float(np.max(np.abs((y - ref.y_ref) / ref.std))),
                        "computes_in": compute_precision(prec), **cpu,
-                       "openvino": _ov().__version__})
+                       "openvino": ov_module().__version__})
         log.info("openvino %s %s: validation MSE %.5f vs fp32 %.5f (%+.3f%%), %.3f ms: %s", g, label, mse,
                  ref.mse_ref, 100 * (mse - ref.mse_ref) / ref.mse_ref, v.ms, "accepted" if v.accepted else "REFUSED")
         out.append(v)

@@ -1,0 +1,179 @@
+"""The two fp32 graphs, exported and checked against PyTorch on real windows, and their fp16 twins.
+
+The forecaster is checked against the same module in eager PyTorch (normalised units); the LLM
+against the unmodified Hugging Face forward, so the check covers the last-position shortcut in
+the exported graph as well as the export. fp16 graphs carry their precision in the graph
+(TensorRT strongly typed networks) and are measured on ORT CPU where its kernels allow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from timecma.checkpoint import build_model
+from timecma.core.prompts import PromptRenderer, get_template
+from timecma.core.scaling import Scaler
+from timecma.core.tokens import encode_prompts, pad_right, tokenizer_digest
+from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
+from timecma.runtime.backends.base import forecaster_feeds
+from timecma.runtime.backends.ort import ort_session
+
+from .onnx_export import ForecasterGraph, convert_fp16, export_forecaster, export_llm
+from .options import FORECASTER_ONNX, LLM_ONNX, ExportError, errors
+from .source import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LLMPart:
+    """The exported LLM graph and what later steps reuse: the saved tokenizer, the parity prompts'
+    token ids, the PyTorch embeddings they are judged against, and the manifest records."""
+
+    tokenizer: object  # tokenizers.Tokenizer loaded from the bundle's tokenizer.json
+    renderer: PromptRenderer
+    pad_id: int
+    ids: list  # token ids of the parity windows' prompts, window-major
+    n_windows: int
+    torch_emb: np.ndarray  # [n_windows * N, d_llm] from the unmodified HF forward
+    session: object  # ORT session of the fp32 graph
+    parity: dict  # inputs and ORT outputs kept for engine parity
+    graph: dict  # the manifest's graph record
+    files: dict = field(default_factory=dict)
+
+    def run(self, sess, chunk: list) -> np.ndarray:
+        """Embeddings of some prompts through an ORT session of one of the LLM graphs."""
+        a, m = pad_right(chunk, self.pad_id)
+        return sess.run(None, {"input_ids": a, "attention_mask": m})[0]
+
+    def run_windows(self, sess) -> np.ndarray:
+        """All parity prompts, one window's prompts per call (the serving batch)."""
+        n = len(self.ids) // self.n_windows
+        return np.concatenate([self.run(sess, self.ids[i * n:(i + 1) * n]) for i in range(self.n_windows)])
+
+    @property
+    def tokenizer_record(self) -> dict:
+        return {"file": "tokenizer/tokenizer.json", "digest": tokenizer_digest(self.tokenizer)}
+
+    @property
+    def emb(self) -> np.ndarray:
+        """[n_windows, N, d_llm] float32: the forecaster's prompt embeddings for the parity windows."""
+        return self.torch_emb.reshape(self.n_windows, len(self.ids) // self.n_windows, -1).astype(np.float32)
+
+
+@dataclass
+class ForecasterPart:
+    """The exported forecaster graph, the parity windows' inputs and its measured parity."""
+
+    graph: ForecasterGraph
+    export_s: float
+    x: np.ndarray | None = None  # [W, seq_len, N] raw parity windows
+    emb: np.ndarray | None = None  # [W, N, d_llm] or None without the LLM branch
+    std: np.ndarray | None = None  # training std: errors in standard-normalised units
+    y_torch: np.ndarray | None = None
+    y_ort: np.ndarray | None = None  # ORT fp32, one window per call
+    session: object = None
+    parity: dict = field(default_factory=dict)
+
+    def feeds(self, i: slice) -> dict:
+        return forecaster_feeds(self.x[i], None if self.emb is None else self.emb[i])
+
+
+def export_forecaster_graph(src: Source, tmp: str) -> ForecasterPart:
+    """The forecaster (dataset scaling inside) as ``forecaster.onnx``."""
+    graph = ForecasterGraph(build_model(src.cfg, src.state_dict), Scaler.from_contract(src.data)).eval()
+    log.info("exporting %s", FORECASTER_ONNX)
+    t = time.time()
+    export_forecaster(graph, os.path.join(tmp, FORECASTER_ONNX))
+    return ForecasterPart(graph, time.time() - t)
+
+
+def check_forecaster(fc: ForecasterPart, tmp: str, x: np.ndarray, emb: np.ndarray | None, std: np.ndarray,
+                     tolerance: float) -> None:
+    """ORT fp32 against PyTorch, one window per call and all in one batch; fills ``fc``."""
+    fc.x, fc.emb, fc.std = x, emb, std
+    with torch.no_grad():
+        fc.y_torch = fc.graph(torch.from_numpy(x), None if emb is None else torch.from_numpy(emb)).numpy()
+    fc.session = ort_session(os.path.join(tmp, FORECASTER_ONNX))
+    fc.y_ort = np.concatenate([fc.session.run(None, fc.feeds(slice(i, i + 1)))[0] for i in range(len(x))])
+    one = errors(fc.y_ort / std, fc.y_torch / std)  # normalized units
+    batched = errors(fc.session.run(None, fc.feeds(slice(None)))[0] / std, fc.y_torch / std)
+    worst = max(one["max_abs"], batched["max_abs"])
+    if worst > tolerance:
+        raise ExportError(f"forecaster graph parity {worst:.2e} (normalized units) exceeds tolerance {tolerance:.0e}")
+    log.info("parity: forecaster max abs %.2e (normalized)", worst)
+    fc.parity = {"batch_1": one, "batched": batched}
+
+
+def export_llm_graph(src: Source, llm: LoadedLLM, tmp: str, series, starts) -> tuple:
+    """Tokenizer and LLM last-token graph: the saved tokenizer, the renderer, the parity prompts' token ids
+    (checked to equal the LLM tokenizer's) and the export time."""
+    cfg, data = src.cfg, src.data
+    # tokenizer: fast-tokenizer JSON the runtime loads with `tokenizers` alone
+    tok_dir = os.path.join(tmp, "tokenizer")
+    llm.tokenizer.save_pretrained(tok_dir)
+    from tokenizers import Tokenizer
+
+    saved_tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    log.info("exporting %s", LLM_ONNX)
+    t = time.time()
+    export_llm(llm.encoder, os.path.join(tmp, LLM_ONNX), llm.info.max_positions)
+    export_s = time.time() - t
+    renderer = PromptRenderer(get_template(src.prompt["name"], src.prompt["hash"]), data.frequency,
+                              src.prompt.get("periods"))
+    prompts = renderer.render_series(series.values, series.timestamps, starts, cfg.seq_len)
+    ids = encode_prompts(saved_tok, prompts)
+    if [list(a) for a in ids] != [list(a) for a in encode_prompts(llm.backend, prompts)]:
+        raise ExportError("the saved tokenizer.json tokenizes differently from the LLM's tokenizer")
+    return saved_tok, renderer, ids, export_s
+
+
+def llm_graph(src: Source, llm: LoadedLLM, opts, tmp: str, series, starts) -> LLMPart:
+    """Export the LLM graph and check it: per window, all prompts in one batch, and one prompt alone."""
+    saved_tok, renderer, ids, export_s = export_llm_graph(src, llm, tmp, series, starts)
+    n = src.cfg.num_nodes
+    # Parity against the unmodified Hugging Face forward (what users run eagerly).
+    plain = LoadedLLM(LastTokenEncoder(llm.encoder.model, last_position_only=False), llm.tokenizer, llm.info)
+    torch_emb = np.concatenate([encode_last_token(plain, ids[i * n:(i + 1) * n]) for i in range(len(starts))])
+    part = LLMPart(saved_tok, renderer, llm.info.pad_id, ids, len(starts), torch_emb,
+                   ort_session(os.path.join(tmp, LLM_ONNX)), {}, {})
+    ort_emb = part.run_windows(part.session)
+    per_window = errors(ort_emb, torch_emb)
+    # shapes other than the export example: all prompts in one batch, and single prompts
+    all_in_one = errors(part.run(part.session, ids), encode_last_token(plain, ids))
+    single = errors(part.run(part.session, ids[:1]), torch_emb[:1])
+    worst = max(per_window["max_abs"], all_in_one["max_abs"], single["max_abs"])
+    if worst > opts.tolerance:
+        raise ExportError(f"LLM graph parity {worst:.2e} exceeds tolerance {opts.tolerance:.0e}")
+    log.info("parity: LLM max abs %.2e", worst)
+    a1, m1 = pad_right(ids[:n], llm.info.pad_id)
+    part.parity = {"llm_input_ids": a1, "llm_attention_mask": m1, "llm_out": ort_emb[:n]}
+    part.files = {"fp32": {"file": LLM_ONNX}}
+    part.graph = {
+        "inputs": {"input_ids": {"shape": ["B", "S"], "dtype": "int64"},
+                   "attention_mask": {"shape": ["B", "S"], "dtype": "int64"}},
+        "outputs": {"last_hidden": {"shape": ["B", src.cfg.d_llm], "dtype": "float32"}},
+        "padding": "right", "last_block_last_position_only": llm.encoder.last_position_only,
+        "parity_vs_torch": {"ort_cpu_fp32": {"per_window": per_window, "all_in_one_batch": all_in_one,
+                                             "single_prompt": single}},
+        "export_seconds": round(export_s, 1)}
+    return part
+
+
+def fp16_twin(tmp: str, file: str, measure: Callable[[object], dict]) -> dict:
+    """``file`` converted to fp16 (LayerNorm, Softmax and I/O kept fp32), with ``measure(session)``'s
+    parity on ORT CPU where its kernels allow: recorded, not enforced."""
+    f16 = file.replace(".onnx", ".fp16.onnx")
+    convert_fp16(os.path.join(tmp, file), os.path.join(tmp, f16))
+    try:
+        p16 = measure(ort_session(os.path.join(tmp, f16)))
+    except Exception as exc:
+        p16 = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
+    return {"file": f16, "parity_vs_torch_ort_cpu": p16}
