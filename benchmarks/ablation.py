@@ -62,7 +62,7 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride:
     from timecma.export.bundle import export_bundle
     from timecma.export.options import ExportOptions
     from timecma.export.source import source_from_checkpoint
-    from timecma.llm import load_llm
+    from timecma.llm import load_llm, recorded_layers
     from timecma.train import train
 
     _setup_logging(False)
@@ -85,7 +85,7 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride:
         click.echo(f"== {name}", err=True)
         metrics = train(data, run, llm_id, overrides, tcfg, store_dir=store, **kw)
         src = source_from_checkpoint(os.path.join(run, "best.pt"))
-        llm = load_llm(src.llm["id"]) if src.cfg.uses_llm else None
+        llm = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm else None
         export_bundle(src, llm, ExportOptions(out_dir=os.path.join(run, "bundle"), force=True, tensorrt="skip",
                                               parity_windows=4))
         lat = _latency(os.path.join(run, "bundle"), data, latency_iters)

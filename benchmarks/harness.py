@@ -166,7 +166,7 @@ def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompt
     public reference's embedding script does), batched and length-bucketed with the plain
     forward, and timecma's precompute path (batched, bucketed, last block at the last
     position only)."""
-    from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm
+    from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm, recorded_layers
     from timecma.core.prompts import PromptRenderer, get_template
     from timecma.core.tokens import plan_llm_batches
 
@@ -177,7 +177,7 @@ def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompt
     prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
     from timecma.runtime.backends.eager import llm_source
 
-    fast = load_llm(llm_source(bundle, manifest, ckpt))
+    fast = load_llm(llm_source(bundle, manifest, ckpt), layers=recorded_layers(manifest.llm.info))
     plain = LoadedLLM(LastTokenEncoder(fast.encoder.model, last_position_only=False), fast.tokenizer, fast.info)
     ids = encode_prompts(fast.backend, prompts)
     tokens = int(sum(len(i) for i in ids))

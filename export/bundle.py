@@ -9,9 +9,11 @@ that is renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -27,9 +29,10 @@ from timecma.runtime.compile.tensorrt import PARITY_FILE, EngineProfile, build_e
 from timecma.runtime.engines.trt_flavour import installed, load_flavour
 
 from .cpu_variants import batch1_forecaster, gate_inputs, llm_cpu_variants, openvino_variants
-from .graphs import ForecasterPart, LLMPart, check_forecaster, export_forecaster_graph, fp16_twin, llm_graph
+from .graphs import (ForecasterPart, LLMPart, check_forecaster, export_forecaster_graph, forecaster_fp16, llm_fp16,
+                     llm_graph)
 from .onnx_export import OPSET
-from .options import FORECASTER_ONNX, ExportError, ExportOptions, errors, report_norm
+from .options import FORECASTER_ONNX, ExportError, ExportOptions
 from .source import Source, check_llm, portable_data, portable_llm, real_windows
 
 log = logging.getLogger(__name__)
@@ -51,14 +54,18 @@ def export_bundle(src: Source, llm: LoadedLLM | None, opts: ExportOptions) -> Ma
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".bundle-{name}-{os.getpid()}-", dir=parent)
+    steps = _Steps()
     try:
-        raw = _build(src, llm, opts, tmp)
+        raw = _build(src, llm, opts, tmp, steps)
         raw["files"] = {k: v.to_dict() for k, v in list_bundle_files(tmp).items()}
         manifest = Manifest.from_dict({"manifest_version": MANIFEST_VERSION, **raw})  # the schema checks the writer too
         write_manifest(tmp, manifest)
-        manifest = _engines(opts, tmp, manifest)
-        manifest = openvino_variants(opts, tmp, manifest)
+        with steps("TensorRT engines"):
+            manifest = _engines(opts, tmp, manifest)
+        with steps("OpenVINO gate"):
+            manifest = openvino_variants(opts, tmp, manifest)
         manifest.info["export_seconds"] = round(time.time() - t0, 1)
+        manifest.info["export_steps"] = steps.rows
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         _put_in_place(tmp, out_dir)
@@ -93,33 +100,60 @@ def recover_bundle(out_dir: str) -> None:
     remove_dead_temporaries(parent, f".bundle-{name}-", "an unfinished bundle")
 
 
-def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str) -> dict:
+class _Steps:
+    """Seconds of each export step and the process's peak RSS when it ended (the peak so far: it only
+    rises, so the step that raised it is the one to look at)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.time()
+        yield
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+        self.rows.append({"step": name, "seconds": round(time.time() - t, 1), "peak_rss_gb": round(peak_gb, 2)})
+        log.info("export step %s: %.1f s, peak RSS %.2f GB", name, time.time() - t, peak_gb)
+
+
+def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, step: _Steps) -> dict:
     """The bundle's files in ``tmp`` and its manifest as a dict. Models without the LLM branch
     (``timecma-no-llm``, ``dlinear``) get a forecaster graph that takes the window alone and no
     LLM graph, tokenizer or prompt template."""
     cfg = src.cfg
-    fc = export_forecaster_graph(src, tmp)
+    with step("forecaster graph"):
+        fc = export_forecaster_graph(src, tmp)
     series, starts = real_windows(src, opts.data_path, opts.parity_windows)
     x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
-    part = llm_graph(src, llm, opts, tmp, series, starts) if cfg.uses_llm else None
-    std = report_norm(series, src.data, cfg)[1].astype(np.float32)  # errors in standard-normalised units
-    check_forecaster(fc, tmp, x, part.emb if part else None, std, opts.tolerance)
-    fc_batch1 = batch1_forecaster(fc, tmp, opts.tolerance)
-    _save_parity_inputs(tmp, fc, part)
-    gate_inputs(src, opts, tmp, series, part)
+    with step("LLM graph and its parity"):
+        part = llm_graph(src, llm, opts, tmp, series, starts) if cfg.uses_llm else None
+    with step("forecaster parity and batch-1 graph"):
+        check_forecaster(fc, tmp, x, part.emb if part else None, opts.tolerance)
+        fc_batch1 = batch1_forecaster(fc, tmp, opts.tolerance)
+        _save_parity_inputs(tmp, fc, part)
+        gate_inputs(src, opts, tmp, series, part)
     if part:
-        llm_cpu_variants(src, llm, opts, tmp, series, part, fc.session)
-        n = cfg.num_nodes
-        part.files["fp16"] = fp16_twin(tmp, part.files["fp32"]["file"],
-                                       lambda s: errors(part.run(s, part.ids[:n]), part.torch_emb[:n]))
-    fc_files = {"fp32": {"file": FORECASTER_ONNX},
-                "fp16": fp16_twin(tmp, FORECASTER_ONNX,
-                                  lambda s: errors(s.run(None, fc.feeds(slice(None)))[0] / std, fc.y_torch / std))}
+        with step("LLM CPU variants"):
+            llm_cpu_variants(src, llm, opts, tmp, series, part, fc.session)
+        with step("LLM fp16 graph and its CPU check"):
+            _keep_fp16(part.files, part.graph, *llm_fp16(tmp, part, fc, opts.fp16_gate))
+    fc_files = {"fp32": {"file": FORECASTER_ONNX}}
+    fc_rejected: dict = {}
+    with step("forecaster fp16 graph and its CPU check"):
+        _keep_fp16(fc_files, fc_rejected, *forecaster_fp16(tmp, fc, opts.fp16_gate))
     for files in [fc_files] + ([part.files] if part else []):
         for v in files.values():
             v.update(file_record(tmp, v["file"]).to_dict())  # hashed once: the manifest's `files` reuses it
     fc_batch1["sha256"] = file_record(tmp, fc_batch1["file"]).sha256
-    return _manifest_dict(src, llm, opts, fc, fc_files, fc_batch1, part, series, starts)
+    return _manifest_dict(src, llm, opts, fc, fc_files, fc_batch1, part, series, starts, fc_rejected)
+
+
+def _keep_fp16(files: dict, graph_info: dict, entry: dict | None, record: dict) -> None:
+    """An accepted fp16 twin joins the graph's files; a refused one is recorded with its figure."""
+    if entry:
+        files["fp16"] = entry
+    else:
+        graph_info["fp16_rejected"] = record
 
 
 def _save_parity_inputs(tmp: str, fc: ForecasterPart, part: LLMPart | None) -> None:
@@ -129,7 +163,7 @@ def _save_parity_inputs(tmp: str, fc: ForecasterPart, part: LLMPart | None) -> N
              **({"fc_prompt_emb": fc.emb[:1]} if fc.emb is not None else {}), **(part.parity if part else {}))
 
 
-def _forecaster_record(src: Source, fc: ForecasterPart, fc_files: dict, fc_batch1: dict) -> dict:
+def _forecaster_record(src: Source, fc: ForecasterPart, fc_files: dict, fc_batch1: dict, extra: dict) -> dict:
     cfg = src.cfg
     inputs = {"x": {"shape": ["B", cfg.seq_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}}
     if cfg.uses_llm:
@@ -138,15 +172,15 @@ def _forecaster_record(src: Source, fc: ForecasterPart, fc_files: dict, fc_batch
         "inputs": inputs,
         "outputs": {"y": {"shape": ["B", cfg.pred_len, cfg.num_nodes], "dtype": "float32", "units": "raw"}},
         "scaler": "in_graph", "files": fc_files, "cpu_preferred": "fp32", "cpu_batch1": fc_batch1,
-        "parity_vs_torch": {"units": "normalized", "ort_cpu_fp32": fc.parity},
-        "export_seconds": round(fc.export_s, 1),
+        "parity_vs_torch": {"units": fc.unit_name, "ort_cpu_fp32": fc.parity},
+        "export_seconds": round(fc.export_s, 1), **extra,
     }
 
 
 def _manifest_dict(src: Source, llm: LoadedLLM | None, opts: ExportOptions, fc: ForecasterPart, fc_files: dict,
-                   fc_batch1: dict, part: LLMPart | None, series, starts) -> dict:
+                   fc_batch1: dict, part: LLMPart | None, series, starts, fc_extra: dict) -> dict:
     cfg, data = src.cfg, src.data
-    graphs = {"forecaster": _forecaster_record(src, fc, fc_files, fc_batch1)}
+    graphs = {"forecaster": _forecaster_record(src, fc, fc_files, fc_batch1, fc_extra)}
     if part:
         graphs["llm"] = part.graph
     return {
@@ -192,8 +226,14 @@ def _engines(opts: ExportOptions, tmp: str, manifest: Manifest) -> Manifest:
         return manifest
     d = default_profile(manifest)
     profile = EngineProfile(opts.trt_batch, opts.trt_seq or d.llm_seq, opts.trt_forecast_batch)
+    by_precisions: dict[tuple, list[str]] = {}  # a graph whose fp16 twin was refused gets no fp16 engine
+    for name, g in manifest.graphs.items():
+        by_precisions.setdefault(tuple(p for p in opts.trt_precisions if p in g.files), []).append(name)
     try:
-        build_engines(tmp, opts.trt_precisions, opts.trt_flavour, profile, list(opts.trt_targets) or None)
+        for precisions, graphs in by_precisions.items():
+            if precisions:
+                build_engines(tmp, precisions, opts.trt_flavour, profile, list(opts.trt_targets) or None,
+                              graphs=tuple(graphs))
     except BackendUnavailable as exc:
         if opts.tensorrt == "require":
             raise ExportError(f"--tensorrt require, but {exc}") from exc
@@ -203,5 +243,7 @@ def _engines(opts: ExportOptions, tmp: str, manifest: Manifest) -> Manifest:
     except InputError as exc:
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
     m = read_manifest(tmp, verify=False)
-    m.info["tensorrt_note"] = f"engines built with {', '.join(sorted({f'{e.flavour} {e.version}' for e in m.engines}))}"
+    m.info["tensorrt_note"] = (f"engines built with {', '.join(sorted({f'{e.flavour} {e.version}' for e in m.engines}))}"
+                               if m.engines else f"no graph has a {'/'.join(opts.trt_precisions)} variant that passed "
+                                                 "its CPU check; no engines built")
     return m

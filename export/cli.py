@@ -41,6 +41,9 @@ from timecma.runtime.compile.cli import triple as _triple
                                               "LLM's positions].")
 @click.option("--trt-forecast-batch", default="1,1,64", show_default=True)
 @click.option("--trt-precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
+@click.option("--fp16-gate", default=1e-2, show_default=True, type=click.FloatRange(min=0),
+              help="fp16 graphs are checked on CPU before any engine is built from them: refused when the worst "
+                   "prompt's embedding error (relative L2) or forecast change (model units) exceeds this.")
 @targets_option
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write a dynamic-int8 LLM graph for CPUs; kept (and preferred if faster) only if the "
@@ -52,7 +55,7 @@ from timecma.runtime.compile.cli import triple as _triple
 @click.option("-v", "--verbose", is_flag=True)
 def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col, split, seq_len, pred_len, channel,
                e_layer, d_layer, d_ff, head, tolerance, parity_windows, tensorrt, trt_flavour, trt_batch, trt_seq,
-               trt_forecast_batch, trt_precision, targets, quantize, quantize_windows, openvino, verbose):
+               trt_forecast_batch, trt_precision, fp16_gate, targets, quantize, quantize_windows, openvino, verbose):
     """Export a checkpoint to a bundle: two ONNX graphs (parity-checked), tokenizer, TensorRT
     engines where TensorRT exists, and a JSON manifest."""
     from timecma.cli import _setup_logging
@@ -64,7 +67,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
     _setup_logging(verbose)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "bundle")
     opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance, quantize=quantize,
-                         quantize_windows=quantize_windows, openvino=openvino,
+                         quantize_windows=quantize_windows, openvino=openvino, fp16_gate=fp16_gate,
                          parity_windows=parity_windows, tensorrt=tensorrt, trt_flavour=trt_flavour,
                          trt_batch=_triple(trt_batch), trt_seq=_triple(trt_seq) if trt_seq else None,
                          trt_forecast_batch=_triple(trt_forecast_batch),
@@ -73,7 +76,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
     try:
         if os.path.exists(out_dir) and not force:
             raise ExportError(f"{out_dir} exists; pass --force to replace it")
-        from timecma.llm import load_llm
+        from timecma.llm import load_llm, recorded_layers
 
         if from_reference:
             if not data_path or not llm_id:
@@ -83,7 +86,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
                                         channel=channel, e_layer=e_layer, d_layer=d_layer, d_ff=d_ff, head=head)
         else:
             src = source_from_checkpoint(ckpt)
-            llm = load_llm(llm_id or src.llm["id"]) if src.cfg.uses_llm else None
+            llm = load_llm(llm_id or src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm else None
         manifest = export_bundle(src, llm, opts)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-export", exc)
@@ -95,10 +98,23 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
         if llm_graph else None,
         "forecaster_parity_max_abs_normalized": g["forecaster"]["parity_vs_torch"]["ort_cpu_fp32"]["batch_1"]["max_abs"],
         "llm_cpu_preferred": llm_graph.cpu_preferred if llm_graph else None,
+        "fp16_checked_on_cpu": {name: _fp16_verdict(g) for name, g in manifest.graphs.items()},
         "engines": [e.file for e in manifest.engines],
         "tensorrt": manifest.info["tensorrt_note"],
         "openvino": {f"{v.graph} {v.precision}": f"{'accepted' if v.accepted else 'refused'} "
                                                  f"(validation MSE {100 * v.mse_rel_change:+.2f}%, {v.ms:.2f} ms)"
                      for v in manifest.openvino} or "not gated (openvino not installed or --openvino skip)",
         "export_seconds": manifest.info["export_seconds"],
+        "export_steps": {r["step"]: f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB"
+                         for r in manifest.info["export_steps"]},
     }, indent=2))
+
+
+def _fp16_verdict(graph) -> str:
+    """The fp16 graph's CPU check in one line: accepted or refused, with the figure the gate took."""
+    if "fp16" in graph.files:
+        rec = graph.files["fp16"].info.get("parity_vs_torch_ort_cpu", {})
+        return f"accepted ({rec.get('gate_figure', float('nan')):.2e} <= {rec.get('gate')})"
+    rec = graph.info.get("fp16_rejected", {})
+    return f"REFUSED ({rec.get('gate_figure', float('nan')):.2e} > {rec.get('gate')}): no fp16 engine"
+

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from timecma.core.accuracy import EMBEDDING_GATE, embedding_errors
 from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.manifest import Manifest, read_manifest, write_manifest
 from timecma.core.timing import time_calls
@@ -51,7 +52,7 @@ def batch1_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
             cands[(file, threads)] = _median_ms(sess, feeds)
     b1 = ort_session(os.path.join(tmp, FORECASTER_B1_ONNX))
     y = np.concatenate([b1.run(None, fc.feeds(slice(i, i + 1)))[0] for i in range(len(fc.y_torch))])
-    err = errors(y / fc.std, fc.y_torch / fc.std)
+    err = errors(fc.units(y), fc.units(fc.y_torch))
     if err["max_abs"] > tolerance:
         raise ExportError(f"batch-1 forecaster graph parity {err['max_abs']:.2e} exceeds tolerance {tolerance:.0e}")
     file, threads = min(cands, key=cands.get)
@@ -123,7 +124,7 @@ def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, part: LLMP
     starts = spread_starts(src, series, "test", opts.quantize_windows)
     mean, std = report_norm(series, data, cfg)
     sq = {"fp32": [], "int8": []}
-    hidden_rel = []
+    hidden_rel, pairs = [], []
     for s0 in starts:
         ids = encode_prompts(part.tokenizer, part.renderer.render_series(series.values, series.timestamps, [s0],
                                                                          cfg.seq_len))
@@ -135,11 +136,14 @@ def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, part: LLMP
             y = fc_sess.run(None, {"x": x, "prompt_emb": embs[name][None]})[0][0]
             sq[name].append(np.mean(((y - mean) / std - truth) ** 2))
         hidden_rel.append(np.abs(embs["int8"] - embs["fp32"]).max() / np.abs(embs["fp32"]).max())
+        pairs.append((embs["int8"], embs["fp32"]))
     mse = {k: float(np.mean(v)) for k, v in sq.items()}
     change = abs(mse["int8"] - mse["fp32"]) / mse["fp32"]
+    emb = embedding_errors(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
     entry = {"file": q_file, "test_mse_fp32": mse["fp32"], "test_mse_int8": mse["int8"], "mse_rel_change": change,
-             "hidden_max_rel_err": float(np.max(hidden_rel)), "windows": len(starts),
-             "ort_cpu_ms": timings["int8"], "ort_cpu_ms_fp32": timings["fp32"], "accepted": change < 0.01}
+             "hidden_max_rel_err": float(np.max(hidden_rel)), "embedding": {**emb, "gate": EMBEDDING_GATE},
+             "windows": len(starts), "ort_cpu_ms": timings["int8"], "ort_cpu_ms_fp32": timings["fp32"],
+             "accepted": change < 0.01 and emb["prompt_rel_l2_max"] < EMBEDDING_GATE}
     log.info("int8 LLM graph: test MSE %.5f vs fp32 %.5f (%.2f%%), %.1f ms vs %.1f ms: %s", mse["int8"], mse["fp32"],
              100 * change, timings["int8"], timings["fp32"], "kept" if entry["accepted"] else "rejected")
     if not entry["accepted"]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from timecma.checkpoint import build_model
+from timecma.core.accuracy import embedding_errors
 from timecma.core.prompts import PromptRenderer, get_template
 from timecma.core.scaling import Scaler
 from timecma.core.tokens import encode_prompts, pad_right, tokenizer_digest
@@ -74,9 +75,9 @@ class ForecasterPart:
 
     graph: ForecasterGraph
     export_s: float
+    scaler: Scaler
     x: np.ndarray | None = None  # [W, seq_len, N] raw parity windows
     emb: np.ndarray | None = None  # [W, N, d_llm] or None without the LLM branch
-    std: np.ndarray | None = None  # training std: errors in standard-normalised units
     y_torch: np.ndarray | None = None
     y_ort: np.ndarray | None = None  # ORT fp32, one window per call
     session: object = None
@@ -85,30 +86,40 @@ class ForecasterPart:
     def feeds(self, i: slice) -> dict:
         return forecaster_feeds(self.x[i], None if self.emb is None else self.emb[i])
 
+    def units(self, y: np.ndarray) -> np.ndarray:
+        """Forecasts in the units the model computes in: standard-normalised (the paper's scale), or for
+        the log scaler in log space, where float32 rounding is not amplified by the exponential inverse."""
+        return self.scaler.transform(y.astype(np.float64))
+
+    @property
+    def unit_name(self) -> str:
+        return "log-normalized" if self.scaler.kind == "log" else "normalized"
+
 
 def export_forecaster_graph(src: Source, tmp: str) -> ForecasterPart:
     """The forecaster (dataset scaling inside) as ``forecaster.onnx``."""
-    graph = ForecasterGraph(build_model(src.cfg, src.state_dict), Scaler.from_contract(src.data)).eval()
+    scaler = Scaler.from_contract(src.data)
+    graph = ForecasterGraph(build_model(src.cfg, src.state_dict), scaler).eval()
     log.info("exporting %s", FORECASTER_ONNX)
     t = time.time()
     export_forecaster(graph, os.path.join(tmp, FORECASTER_ONNX))
-    return ForecasterPart(graph, time.time() - t)
+    return ForecasterPart(graph, time.time() - t, scaler)
 
 
-def check_forecaster(fc: ForecasterPart, tmp: str, x: np.ndarray, emb: np.ndarray | None, std: np.ndarray,
-                     tolerance: float) -> None:
+def check_forecaster(fc: ForecasterPart, tmp: str, x: np.ndarray, emb: np.ndarray | None, tolerance: float) -> None:
     """ORT fp32 against PyTorch, one window per call and all in one batch; fills ``fc``."""
-    fc.x, fc.emb, fc.std = x, emb, std
+    fc.x, fc.emb = x, emb
     with torch.no_grad():
         fc.y_torch = fc.graph(torch.from_numpy(x), None if emb is None else torch.from_numpy(emb)).numpy()
     fc.session = ort_session(os.path.join(tmp, FORECASTER_ONNX))
     fc.y_ort = np.concatenate([fc.session.run(None, fc.feeds(slice(i, i + 1)))[0] for i in range(len(x))])
-    one = errors(fc.y_ort / std, fc.y_torch / std)  # normalized units
-    batched = errors(fc.session.run(None, fc.feeds(slice(None)))[0] / std, fc.y_torch / std)
+    one = errors(fc.units(fc.y_ort), fc.units(fc.y_torch))
+    batched = errors(fc.units(fc.session.run(None, fc.feeds(slice(None)))[0]), fc.units(fc.y_torch))
     worst = max(one["max_abs"], batched["max_abs"])
     if worst > tolerance:
-        raise ExportError(f"forecaster graph parity {worst:.2e} (normalized units) exceeds tolerance {tolerance:.0e}")
-    log.info("parity: forecaster max abs %.2e (normalized)", worst)
+        raise ExportError(f"forecaster graph parity {worst:.2e} ({fc.unit_name} units) exceeds tolerance "
+                          f"{tolerance:.0e}")
+    log.info("parity: forecaster max abs %.2e (%s)", worst, fc.unit_name)
     fc.parity = {"batch_1": one, "batched": batched}
 
 
@@ -167,13 +178,50 @@ def llm_graph(src: Source, llm: LoadedLLM, opts, tmp: str, series, starts) -> LL
     return part
 
 
-def fp16_twin(tmp: str, file: str, measure: Callable[[object], dict]) -> dict:
-    """``file`` converted to fp16 (LayerNorm, Softmax and I/O kept fp32), with ``measure(session)``'s
-    parity on ORT CPU where its kernels allow: recorded, not enforced."""
+def fp16_twin(tmp: str, file: str, measure: Callable[[object], tuple[float, dict]], gate: float,
+              calibration: list[dict] | None = None) -> tuple[dict | None, dict]:
+    """``file`` converted to fp16 (``convert_fp16``: weight matmuls in fp16, the rest fp32) and checked
+    on ORT CPU before any engine is built from it: ``measure(session)`` gives the gate's figure and
+    what to record. Returns (the ``files`` entry or None when refused, the check's record)."""
     f16 = file.replace(".onnx", ".fp16.onnx")
-    convert_fp16(os.path.join(tmp, file), os.path.join(tmp, f16))
+    conversion = convert_fp16(os.path.join(tmp, file), os.path.join(tmp, f16), calibration)
     try:
-        p16 = measure(ort_session(os.path.join(tmp, f16)))
-    except Exception as exc:
-        p16 = {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
-    return {"file": f16, "parity_vs_torch_ort_cpu": p16}
+        figure, record = measure(ort_session(os.path.join(tmp, f16)))
+    except Exception as exc:  # a graph that cannot be checked is not vouched for
+        figure, record = float("inf"), {"not_measured": f"ONNX Runtime CPU cannot run it: {exc}"[:200]}
+    record.update(conversion=conversion, gate=gate, gate_figure=figure, accepted=bool(figure <= gate))
+    if record["accepted"]:
+        return {"file": f16, "parity_vs_torch_ort_cpu": record}, record
+    os.unlink(os.path.join(tmp, f16))
+    log.warning("fp16 graph of %s refused: %.3g over its gate %.0e (%s); no fp16 engine is built from it", file,
+                figure, gate, record.get("not_measured", "ORT CPU against PyTorch fp32"))
+    return None, record
+
+
+def forecaster_fp16(tmp: str, fc: ForecasterPart, gate: float) -> tuple[dict | None, dict]:
+    """Judged by the forecast itself: the largest change in the model's units (``ForecasterPart.units``)."""
+    def measure(sess):
+        err = errors(fc.units(sess.run(None, fc.feeds(slice(None)))[0]), fc.units(fc.y_torch))
+        return err["max_abs"], err
+
+    return fp16_twin(tmp, FORECASTER_ONNX, measure, gate)
+
+
+def llm_fp16(tmp: str, part: LLMPart, fc: ForecasterPart, gate: float) -> tuple[dict | None, dict]:
+    """Judged on the parity windows' real prompts by the embedding each prompt gets (relative L2 error
+    against PyTorch fp32, the worst prompt) and by the forecast made from those embeddings (the
+    largest change in the model's units): the gate takes the larger. The first window's
+    prompts, one at a time, calibrate which matmuls must stay fp32."""
+    n = len(part.ids) // part.n_windows
+    calibration = [dict(zip(("input_ids", "attention_mask"), pad_right([ids], part.pad_id))) for ids in part.ids[:n]]
+
+    def measure(sess):
+        emb = part.run_windows(sess)
+        y = fc.session.run(None, forecaster_feeds(fc.x, emb.reshape(part.n_windows, n, -1)))[0]
+        y32 = fc.session.run(None, fc.feeds(slice(None)))[0]
+        change = float(np.abs(fc.units(y) - fc.units(y32)).max())
+        record = {**errors(emb, part.torch_emb), **embedding_errors(emb, part.torch_emb),
+                  "forecast_max_abs_change_normalized": change}
+        return max(record["prompt_rel_l2_max"], change), record
+
+    return fp16_twin(tmp, LLM_ONNX, measure, gate, calibration)

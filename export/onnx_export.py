@@ -97,23 +97,103 @@ def export_forecaster(graph: ForecasterGraph, path: str, batch_one: bool = False
     _export(graph, args, path, names, ["y"], {name: {0: batch} for name in names})
 
 
-def convert_fp16(src: str, dst: str) -> None:
-    """fp16 weights and math for TensorRT's strongly typed networks; numerically sensitive ops
-    (LayerNorm, Softmax, Pow/ReduceMean, Gather of the last token) and graph I/O stay fp32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+FP16_HEADROOM = 65504 / 2  # a weight matmul whose input or output reaches this on real inputs stays fp32
 
+
+def convert_fp16(src: str, dst: str, calibration: list[dict] | None = None) -> dict:
+    """fp16 for TensorRT's strongly typed networks, the way mixed-precision recipes for Llama-class
+    decoders do it: only the matmuls with a weight operand (the linear layers, nearly all the
+    FLOPs) compute in fp16; norms with their squares and reductions, residual adds, softmax,
+    attention scores, rotary angles (a position x frequency matmul: fp16 cannot hold angles of
+    hundreds of radians) and graph I/O stay fp32. With ``calibration`` feeds, a weight matmul whose
+    input or output exceeds half of fp16's range on them (the massive activations of real decoders)
+    stays fp32 too. Returns what was converted, for the manifest."""
     model = onnx.load(src)
-    fp16 = convert_float_to_float16(
-        model, keep_io_types=True,
-        op_block_list=["LayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Div", "Erf",
-                       "GatherElements", "Range", "CumSum", "ReduceSum"],
-    )
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    wrapped = OnnxModel(fp16)
-    wrapped.topological_sort()  # the converter appends Cast nodes out of order
-    onnx.save(wrapped.model, dst)
+    weights = _constant_tensors(model)
+    linear = [n for n in model.graph.node
+              if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+    large = _large_activations(src, linear, weights, calibration) if calibration else set()
+    converted = _matmuls_to_fp16(model, [n for n in linear if n.name not in large])
+    onnx.save(model, dst)
     onnx.checker.check_model(dst)
+    return {"recipe": "weight-matmuls-fp16", "fp16_matmuls": converted, "matmuls": len(linear),
+            "kept_fp32_large_activations": sorted(large)}
+
+
+def _constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and what nodes compute from them alone (a weight sliced or transposed in the graph)."""
+    const = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:  # the exporter writes nodes in topological order
+        if n.op_type != "Shape" and n.input and all(t in const for t in n.input if t):
+            const.update(n.output)
+    return const
+
+
+def _matmuls_to_fp16(model: onnx.ModelProto, nodes: list) -> int:
+    """Each node computes in fp16 on an fp16 copy of its weights, between a Cast of its activation
+    input and a Cast of its output back to fp32; every other tensor keeps its type. (onnxruntime's
+    float16 converter stores even the tensors between two blocked nodes in fp16, which rounds a
+    rotary angle of 400 radians to the nearest 0.25.)"""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    order = list(model.graph.node)
+    position = {id(n): i for i, n in enumerate(order)}
+    before: dict[int, list] = {}
+    after: dict[int, list] = {}
+    made: set[str] = set()  # weights computed in the graph, already cast once
+    for n in nodes:
+        x, w, *bias = n.input
+        out = n.output[0]
+        casts = before.setdefault(position[id(n)], [])
+        for name in [w, *bias]:
+            if f"{name}_fp16" in inits or f"{name}_fp16" in made:
+                continue
+            if name in inits:  # stored in fp16: the fp16 graph file is half the size
+                half = numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), f"{name}_fp16")
+                model.graph.initializer.append(half)
+                inits[half.name] = half
+            else:  # computed from weights in the graph: a Cast that TensorRT folds into the constant
+                casts.append(onnx.helper.make_node("Cast", [name], [f"{name}_fp16"], to=onnx.TensorProto.FLOAT16,
+                                                   name=f"{name}_to_fp16"))
+                made.add(f"{name}_fp16")
+        casts.append(
+            onnx.helper.make_node("Cast", [x], [f"{out}_in_fp16"], to=onnx.TensorProto.FLOAT16, name=f"{n.name}_in_fp16"))
+        after.setdefault(position[id(n)], []).append(
+            onnx.helper.make_node("Cast", [f"{out}_fp16"], [out], to=onnx.TensorProto.FLOAT, name=f"{n.name}_out_fp32"))
+        n.input[:] = [f"{out}_in_fp16", f"{w}_fp16", *[f"{b}_fp16" for b in bias]]
+        n.output[0] = f"{out}_fp16"
+    rebuilt = []
+    for i, n in enumerate(order):
+        rebuilt += before.get(i, []) + [n] + after.get(i, [])
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
+    # fp32 weights no longer read by any node are dropped (the fp16 copies replaced them)
+    read = {t for n in model.graph.node for t in n.input}
+    keep = [i for i in model.graph.initializer if i.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return len(nodes)
+
+
+def _large_activations(src: str, nodes: list, weights: set[str], calibration: list[dict]) -> set[str]:
+    """Names of ``nodes`` whose activation input or output exceeds ``FP16_HEADROOM`` on the feeds."""
+    import numpy as np
+    import onnxruntime as ort
+
+    probe = onnx.load(src)
+    tensors = sorted({t for n in nodes for t in (*n.input, *n.output) if t not in weights})
+    known = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in known:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    peak = dict.fromkeys(tensors, 0.0)
+    for feeds in calibration:  # one call at a time: every matmul's activations at once is large
+        for t, v in zip(tensors, sess.run(tensors, feeds)):
+            peak[t] = max(peak[t], float(np.abs(v).max()) if v.size else 0.0)
+    return {n.name for n in nodes if any(peak.get(t, 0.0) > FP16_HEADROOM for t in (*n.input, *n.output))}
 
 
 def optimize_llm_for_cpu(src: str, dst: str, num_heads: int, hidden_size: int, model_type: str) -> list[str]:

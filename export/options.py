@@ -42,6 +42,7 @@ class ExportOptions:
     quantize_windows: int = 64
     openvino: str = "auto"  # auto: gate OpenVINO variants where openvino is installed | build: require it | skip
     gate_windows: int = 32  # validation windows stored for the accuracy gate of lower precisions
+    fp16_gate: float = 1e-2  # fp16 graphs: worst per-prompt embedding error (relative) / forecast change (normalised)
     extra: dict = field(default_factory=dict)
 
 

@@ -80,3 +80,24 @@ def test_llama_llm_trains_exports_and_serves_like_gpt2(tiny, tmp_path):
     again = Forecaster.load(str(out / "bundle"), backend="ort-cpu", store=str(store))
     np.testing.assert_array_equal(again.predict(window), y)
     assert again.stats.hits == 3 and again.stats.llm_calls == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", *ARCHES])
+def test_llm_layers_is_the_state_after_k_layers_and_the_final_norm(tiny, tiny_llm_dir, arch):
+    """--llm-layers 1 of 2: the embedding equals the unmodified model's hidden state after layer 1, through
+    the final norm, at the last token; the wrapper holds one layer and records it."""
+    from transformers import AutoModel
+
+    from timecma.llm import encode_last_token, load_llm
+
+    path = tiny_llm_dir if arch == "gpt2" else tiny[arch]
+    llm = load_llm(path, layers=1)
+    assert llm.info.extra["layers"] == 1 and llm.info.extra["model_layers"] == 2
+    assert llm.info.namespace != load_llm(path).info.namespace
+    ids = [np.asarray(llm.backend.encode("From 01/01/2020 00:00 to 02/01/2020 00:00, the values were 5, 7, 9").ids)]
+    got = encode_last_token(llm, ids)
+    full = AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        hidden = full(torch.from_numpy(ids[0])[None], output_hidden_states=True).hidden_states[1][:, -1]
+        want = (full.ln_f if arch == "gpt2" else full.norm)(hidden).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_frame
+from conftest import make_frame, run_cli
 from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.manifest import FileRecord, read_manifest, verify_files
 from timecma.runtime.engines import cuda
@@ -70,7 +70,8 @@ def _check_engine_against_graph(bundle, m, e):
         assert mn <= opt <= mx and set(e.profile) == set(graph.inputs)
     dts = net["layer_output_dtypes"]
     if e.precision == "fp16":
-        assert set(dts["matmul"]) == {"float16"}  # the matmuls really run in fp16 ...
+        conversion = graph.files["fp16"].info["parity_vs_torch_ort_cpu"]["conversion"]
+        assert dts["matmul"]["float16"] == conversion["fp16_matmuls"] > 0  # the weight matmuls really run in fp16 ...
         assert set(dts["normalization"]) <= {"float32"}  # ... LayerNorm stays fp32
     else:
         assert "float16" not in dts["all"]
@@ -121,6 +122,25 @@ def test_engines_build_adds_fp32_beside_fp16_without_torch(small_bundle, tmp_pat
     assert listing.returncode == 0 and listing.stdout.count("tensorrt_rtx") == 4
 
 
+def test_a_refused_fp16_graph_gets_no_engine_and_the_figure_that_refused_it(small_run, tmp_path):
+    """An fp16 graph is checked on CPU before any engine is built from it; refused, it leaves no graph
+    file and no engine, its figure is in the manifest, and asking for its engine says why."""
+    _, run = small_run
+    out = tmp_path / "bundle"
+    r = run_cli("timecma.export.cli:export_cmd", "--ckpt", str(run / "best.pt"), "--out", str(out),
+                "--parity-windows", "2", "--openvino", "skip", "--fp16-gate", "1e-9")
+    assert r.returncode == 0, r.stderr
+    assert "fp16 graph of llm_last_token.onnx refused" in r.stderr
+    m = read_manifest(out)
+    for graph in ("llm", "forecaster"):
+        refused = m.graphs[graph].info["fp16_rejected"]
+        assert "fp16" not in m.graphs[graph].files and not refused["accepted"]
+        assert 1e-9 < refused["gate_figure"] < 1e-2 and refused["gate"] == 1e-9  # a real, small figure
+    assert not [e for e in m.engines if e.precision == "fp16"] and not list(out.glob("*.fp16.onnx"))
+    r = engines_cli("build", str(out), "--precision", "fp16", "--graph", "llm")
+    assert r.returncode == 3 and "refused at export" in r.stderr and "--precision fp32" in r.stderr
+
+
 def test_gpt2_architecture_llm_graph_builds_fp32_and_fp16(tmp_path):
     """GPT-2 blocks at full width (2 layers x 768, 12 heads): the real model's attention pattern parses
     and compiles, strongly typed, in both precisions."""
@@ -134,7 +154,9 @@ def test_gpt2_architecture_llm_graph_builds_fp32_and_fp16(tmp_path):
     model = GPT2Model(GPT2Config(vocab_size=512, n_positions=1024, n_embd=768, n_layer=2, n_head=12)).eval()
     f32, f16 = str(tmp_path / "llm.onnx"), str(tmp_path / "llm.fp16.onnx")
     export_llm(LastTokenEncoder(model, last_position_only=True), f32, 1024)
-    convert_fp16(f32, f16)
+    conversion = convert_fp16(f32, f16)
+    # block 1: q|k|v, out, fc, proj; the last block, at the last position only, computes q and k|v apart
+    assert conversion["fp16_matmuls"] == conversion["matmuls"] == 4 + 5
     fl = load_flavour("rtx")
     shapes = EngineProfile(llm_seq=(1, 256, 512)).shapes("llm", {})
     for path, precision in ((f32, "fp32"), (f16, "fp16")):
@@ -142,9 +164,9 @@ def test_gpt2_architecture_llm_graph_builds_fp32_and_fp16(tmp_path):
         assert len(plan) > 20_000_000  # 2 x 7M block weights + 0.4M embeddings, at least in fp16
         assert report["parser_errors"] == 0 and report["inputs"]["input_ids"] == {"dtype": "int64", "shape": [-1, -1]}
         assert report["outputs"]["last_hidden"] == {"dtype": "float32", "shape": [-1, 768]}
-        assert report["layer_output_dtypes"]["matmul"] == (
-            {"float16": report["layer_output_dtypes"]["matmul"]["float16"]} if precision == "fp16"
-            else {"float32": report["layer_output_dtypes"]["matmul"]["float32"]})
+        matmuls = report["layer_output_dtypes"]["matmul"]
+        # fp16: the weight matmuls; attention's activation products stay fp32 (the recipe of convert_fp16)
+        assert matmuls.get("float16", 0) == (conversion["fp16_matmuls"] if precision == "fp16" else 0)
         assert set(report["layer_output_dtypes"]["softmax"]) == {"float32"}
 
 

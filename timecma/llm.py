@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .core.config import LLMInfo
+from .core.errors import InputError
 from .core.store import make_namespace
 from .core.tokens import tokenizer_digest
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the wrapper's computation changes: it is part of the store namespace.
 WRAPPER_VERSION = "last-token-v1"
+GGUF_RECORD = "timecma-gguf.json"  # beside a model imported from GGUF (llm_import.py): the file it came from
 
 
 class LastTokenEncoder(nn.Module):
@@ -134,7 +137,7 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _quiet_progress() -> None:
+def quiet_progress() -> None:
     """Hugging Face's per-model "Loading weights" / "Writing shards" bars are for terminals, not logs."""
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
@@ -143,15 +146,16 @@ def _quiet_progress() -> None:
 
 
 def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
-             last_position_only: bool = True) -> LoadedLLM:
+             last_position_only: bool = True, layers: int | None = None) -> LoadedLLM:
     """Load a Hugging Face model (hub id or local directory) as a frozen last-token encoder.
 
     ``last_position_only=False`` keeps the plain Hugging Face forward (the eager baseline
-    benchmarks compare against); both compute the same embeddings.
+    benchmarks compare against); both compute the same embeddings. ``layers=K`` keeps the first
+    K decoder layers and the final norm (None: all of them).
     """
     from transformers import AutoModel, AutoTokenizer
 
-    _quiet_progress()
+    quiet_progress()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
         model = AutoModel.from_pretrained(
@@ -165,6 +169,7 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"LLM {name_or_dir!r} has no fast tokenizer; timecma needs tokenizer.json")
     model.eval().requires_grad_(False)
+    total = keep_first_layers(model, layers)
     cfg = model.config
     max_positions = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
     d_llm = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
@@ -173,20 +178,72 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     w = weights_digest(model)
     t = tokenizer_digest(tokenizer.backend_tokenizer)
+    used = layers or total
+    # all layers: the wrapper as it always was (stores made before the knob stay valid)
+    wrapper = WRAPPER_VERSION if used == total else f"{WRAPPER_VERSION}|layers={used}/{total}"
+    extra = {"model_type": cfg.model_type, "tokenizer": _special_tokens(tokenizer), "layers": used,
+             "model_layers": total}
+    gguf = read_gguf_record(name_or_dir) if os.path.isdir(name_or_dir) else None
+    if gguf:
+        extra["gguf"] = gguf
     info = LLMInfo(
         id=str(name_or_dir),
         weights_digest=w,
         tokenizer_digest=t,
-        wrapper_version=WRAPPER_VERSION,
-        namespace=make_namespace(w, t, WRAPPER_VERSION),
+        wrapper_version=wrapper,
+        namespace=make_namespace(w, t, wrapper),
         d_llm=d_llm,
         max_positions=max_positions,
         pad_id=int(pad_id),
-        extra={"model_type": cfg.model_type, "tokenizer": _special_tokens(tokenizer)},
+        extra=extra,
     )
     encoder = LastTokenEncoder(model, last_position_only).to(device)
-    log.info("loaded LLM %s (d=%d, %d positions, weights %s)", name_or_dir, d_llm, max_positions, w[:12])
+    log.info("loaded LLM %s (d=%d, %d of %d layers, %d positions, weights %s)", name_or_dir, d_llm, used, total,
+             max_positions, w[:12])
     return LoadedLLM(encoder, tokenizer, info)
+
+
+# where each family keeps its decoder layers, and the config key that counts them
+_LAYER_LISTS = (("h", "n_layer"), ("layers", "num_hidden_layers"))
+
+
+def keep_first_layers(model: nn.Module, k: int | None) -> int:
+    """Cut a decoder to its first ``k`` layers (its final norm stays); returns the model's own depth.
+
+    The prompt embedding is then the last token's state after layer k and the final norm, as
+    OFA/GPT4TS use the first 6 of GPT-2's 12 layers: serving cost falls about as k / depth."""
+    for attr, count_key in _LAYER_LISTS:
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            break
+    else:
+        raise InputError(f"cannot find the decoder layers of a {type(model).__name__}: --llm-layers supports "
+                         "GPT-2 and the Llama, Mistral and Qwen2 families")
+    total = len(blocks)
+    if k is None or k == total:
+        return total
+    if not 1 <= k <= total:
+        raise InputError(f"--llm-layers {k} is out of range: this {model.config.model_type} model has {total} "
+                         f"decoder layers (choose 1..{total})")
+    setattr(model, attr, nn.ModuleList(list(blocks)[:k]))
+    setattr(model.config, count_key, k)
+    if isinstance(getattr(model.config, "layer_types", None), list):  # per-layer attention kinds (sliding, full)
+        model.config.layer_types = model.config.layer_types[:k]
+    return total
+
+
+def recorded_layers(record: dict | None) -> int | None:
+    """The decoder depth an LLM record (``LLMInfo.to_dict()``, as in checkpoints and manifests) embedded with."""
+    return ((record or {}).get("extra") or {}).get("layers")
+
+
+def read_gguf_record(model_dir: str) -> dict | None:
+    """The GGUF file a directory was imported from (name, sha256, quantisation); None for other models."""
+    path = os.path.join(model_dir, GGUF_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _special_tokens(tokenizer) -> dict:
@@ -271,7 +328,7 @@ def build_tiny_llm(
 
     if arch not in ARCHES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHES}")
-    _quiet_progress()
+    quiet_progress()
     out_dir = os.fspath(out_dir)
     specials = ["<|endoftext|>"] if arch in ("gpt2", "qwen2") else ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE())

@@ -107,12 +107,12 @@ def precompute(
 class LLMWorker:
     """A Ray actor's callable: the LLM loaded once; one planned batch per call -> (positions, vectors)."""
 
-    def __init__(self, llm_id: str, namespace: str, device: str, threads: int):
+    def __init__(self, llm_id: str, namespace: str, device: str, threads: int, layers: int | None = None):
         from .llm import load_llm
 
         torch.set_num_threads(threads)
         self.device = device
-        self.llm = load_llm(llm_id, device)
+        self.llm = load_llm(llm_id, device, layers=layers)
         if self.llm.info.namespace != namespace:  # another model under the same name on this node
             raise InputError(f"LLM {llm_id!r} on this worker is not the driver's (store namespace "
                              f"{self.llm.info.namespace[:12]} != {namespace[:12]})")
@@ -142,6 +142,7 @@ def _encode_on_ray(pool: RayPool, llm: LoadedLLM, ids: list[list[np.ndarray]], p
     out = ds.map_batches(
         LLMWorker, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(llm_id=_where(llm.info.id), namespace=llm.info.namespace, device=str(device),
+                                   layers=llm.info.extra.get("layers"),
                                    threads=max(1, int(round(cpus)))),
         compute=ray.data.ActorPoolStrategy(size=pool.num_workers), num_cpus=cpus,
         num_gpus=pool.gpus_per_worker or None)  # Ray Data restarts dead actors and retries their calls

@@ -139,6 +139,7 @@ def train(
     residual: str = "none",
     store_dtype: str = "float32",
     ray: RayPool | None = None,
+    llm_layers: int | None = None,
 ) -> dict:
     """Full training run; writes best.pt and metrics.json into ``out_dir``. Returns the metrics."""
     t0 = time.time()
@@ -148,7 +149,7 @@ def train(
     split = resolve_split(split, data_path)
     seq_len, pred_len = model_cfg_overrides["seq_len"], model_cfg_overrides["pred_len"]
     borders = split_borders(len(series.values), seq_len, split, series.frequency)
-    windows = make_windows(borders, seq_len, pred_len, train_cfg.train_stride)
+    windows = make_windows(borders, seq_len, pred_len, train_cfg.train_stride, train_cfg.eval_stride)
     b_train = borders["train"]
     scaler = Scaler.fit(series.values[b_train[0] : b_train[1]], series.variables, scaler_kind)
     scaled = scaler.transform(series.values)
@@ -173,7 +174,7 @@ def train(
     store, llm_info, d_llm = None, None, 0
     if MODELS[model_name]:
         renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if tmpl.needs_periods else None)
-        llm = load_llm(llm_id, device)
+        llm = load_llm(llm_id, device, layers=llm_layers)
         store_dir = store_dir or os.path.join(out_dir, "store")
         store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, store_dtype, describe=f"LLM {llm_id}")
         sets = {name: build_prompt_set(series, w, renderer, llm, store) for name, w in windows.items()}
@@ -247,6 +248,8 @@ def train(
         "naive": {name: naive_metrics(reported, splits[name].starts, seq_len, pred_len,
                                       NATURAL_PERIOD.get(series.frequency)) for name in ("val", "test")},
         "scale": "normalized (train-split StandardScaler), as in the paper",
+        "windows": {name: len(w.starts) for name, w in windows.items()},
+        "eval_stride": train_cfg.eval_stride,
         "scaler": scaler.kind,
         "history": history,
         "embedding_seconds": emb_seconds,

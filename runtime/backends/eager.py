@@ -59,7 +59,7 @@ class TorchBackend:
 
         from timecma.checkpoint import build_model, load_checkpoint
         from timecma.core.config import ModelConfig
-        from timecma.llm import load_llm
+        from timecma.llm import load_llm, recorded_layers
 
         self.name = "torch" if dtype == "float32" else f"torch-{dtype}"
         self.torch = torch
@@ -69,7 +69,8 @@ class TorchBackend:
         self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
         self.scaler = Scaler.from_contract(c["data"])  # the same scaling the exported graph applies
         # the plain Hugging Face forward: the eager baseline users run today
-        self.llm = (load_llm(c["llm"]["id"], self.device, last_position_only=False).encoder.to(self.dtype)
+        self.llm = (load_llm(c["llm"]["id"], self.device, last_position_only=False,
+                             layers=recorded_layers(c["llm"])).encoder.to(self.dtype)
                     if c["llm"] else None)  # models without the LLM branch
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

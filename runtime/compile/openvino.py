@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from timecma.core.accuracy import EMBEDDING_GATE, embedding_errors
 from timecma.core.errors import BundleError
 from timecma.core.machine import cpu_info, has_native_bf16
 from timecma.core.manifest import OVVariant, file_record, read_manifest, write_manifest
@@ -132,8 +133,10 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
             req.infer(feeds)
             return np.array(req.get_output_tensor(0).data, dtype=np.float32)
 
+        emb_err = {}
         if g == "llm":
             emb = ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))
+            emb_err = embedding_errors(emb, ref.emb_ref)
             y = ref.forecast(lambda x, e: ref.fc_ref.run(None, forecaster_feeds(x, e))[0], emb)
             n = ref.n
             feeds = {"input_ids": ref.ids[:n], "attention_mask": ref.mask[:n]}
@@ -144,13 +147,18 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
             ms, _ = time_calls(lambda k: run(feeds), 200, warmup=5, budget_s=3)
         mse = ref.mse(y)
         change = abs(mse - ref.mse_ref) / ref.mse_ref
-        v = OVVariant(g, label, rel, change, bool(change < gate), float(np.median(ms)),
+        # the LLM stage is judged by its embeddings too: the forecast MSE alone hides their damage
+        emb_ok = not emb_err or emb_err["prompt_rel_l2_max"] < EMBEDDING_GATE
+        v = OVVariant(g, label, rel, change, bool(change < gate and emb_ok), float(np.median(ms)),
                       {"val_mse": mse, "val_mse_fp32": ref.mse_ref, "windows": int(len(ref.x)), "gate": gate,
+                       **({"embedding": {**emb_err, "gate": EMBEDDING_GATE}} if emb_err else {}),
                        "max_abs_change_normalized": float(np.max(np.abs((y - ref.y_ref) / ref.std))),
                        "computes_in": compute_precision(prec), **cpu,
                        "openvino": ov_module().__version__})
-        log.info("openvino %s %s: validation MSE %.5f vs fp32 %.5f (%+.3f%%), %.3f ms: %s", g, label, mse,
-                 ref.mse_ref, 100 * (mse - ref.mse_ref) / ref.mse_ref, v.ms, "accepted" if v.accepted else "REFUSED")
+        log.info("openvino %s %s: validation MSE %.5f vs fp32 %.5f (%+.3f%%)%s, %.3f ms: %s", g, label, mse,
+                 ref.mse_ref, 100 * (mse - ref.mse_ref) / ref.mse_ref,
+                 f", worst prompt embedding {emb_err['prompt_rel_l2_max']:.2e}" if emb_err else "", v.ms,
+                 "accepted" if v.accepted else "REFUSED")
         out.append(v)
 
     keep = [v for v in manifest.openvino if (v.graph, v.precision) not in {(n.graph, n.precision) for n in out}]

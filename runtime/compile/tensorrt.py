@@ -213,6 +213,11 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
     for graph in graphs:
         files = manifest.graphs[graph].files
         for p in precisions:
+            refused = manifest.graphs[graph].info.get(f"{p}_rejected")
+            if p not in files and refused:
+                raise BundleError(f"the {p} {graph} graph was refused at export: {refused.get('gate_figure', 0):.3g} "
+                                  f"over its gate {refused.get('gate')} on CPU, so no engine is built from it; "
+                                  f"build {graph} with --precision fp32")
             if p not in files:
                 raise BundleError(f"the bundle has no {p} graph for {graph} (it has {sorted(files)}); precisions "
                                   "come from the ONNX graphs export wrote")

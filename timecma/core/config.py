@@ -94,6 +94,7 @@ class TrainConfig:
     device: str = "auto"
     shuffle: bool = True  # the reference does not shuffle; we do by default
     train_stride: int = 1  # every k-th training window (1 = all, as the reference)
+    eval_stride: int = 1  # every k-th validation and test window (1 = all; metrics say which)
 
     def to_dict(self) -> dict:
         return asdict(self)

