@@ -101,9 +101,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
         "fp16_checked_on_cpu": {name: _fp16_verdict(g) for name, g in manifest.graphs.items()},
         "engines": [e.file for e in manifest.engines],
         "tensorrt": manifest.info["tensorrt_note"],
-        "openvino": {f"{v.graph} {v.precision}": f"{'accepted' if v.accepted else 'refused'} "
-                                                 f"(validation MSE {100 * v.mse_rel_change:+.2f}%, {v.ms:.2f} ms)"
-                     for v in manifest.openvino} or "not gated (openvino not installed or --openvino skip)",
+        "openvino": {f"{v.graph} {v.precision}": v.verdict for v in manifest.openvino} or "not gated (openvino not installed or --openvino skip)",
         "export_seconds": manifest.info["export_seconds"],
         "export_steps": {r["step"]: f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB"
                          for r in manifest.info["export_steps"]},

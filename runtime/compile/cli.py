@@ -121,8 +121,7 @@ def openvino_cmd(bundle, ov_precisions, threads):
     except (InputError, BundleError, BackendUnavailable) as exc:
         fail(PROG, exc)
     for v in out:
-        click.echo(f"{v.graph:10s} {v.precision:5s} MSE {100 * v.mse_rel_change:6.3f}% vs fp32  {v.ms:8.3f} ms  "
-                   f"{'accepted' if v.accepted else 'REFUSED (over the 1% gate)'}")
+        click.echo(f"{v.graph:10s} {v.precision:5s} {v.verdict}")
 
 
 @engines_cmd.command("list", epilog=EPILOG)

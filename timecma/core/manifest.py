@@ -154,13 +154,13 @@ class Engine:
 
 @dataclass
 class OVVariant:
-    """One OpenVINO precision of one graph, with the accuracy gate's verdict (runtime/openvino_build.py)."""
+    """One OpenVINO precision of one graph, with the accuracy gate's verdict (runtime/compile/openvino.py)."""
 
     graph: str  # "llm" | "forecaster"
     precision: str  # "f32" | "bf16" | "int8" (or a name the user gave a variant under test)
     file: str | None  # IR in the bundle (int8 weights); None: the fp32 ONNX graph compiled with this precision
     mse_rel_change: float  # |forecast MSE - fp32 forecast MSE| / fp32 forecast MSE on validation windows
-    accepted: bool  # mse_rel_change < the gate (1%)
+    accepted: bool  # mse_rel_change < the gate (1%) and, for the LLM, its worst prompt's embedding error < 5%
     ms: float  # median latency here at gate time: the forecaster at batch 1, the LLM on one window's prompts
     info: dict = field(default_factory=dict)  # MSEs, max abs change, CPU and ISA the gate ran on
 
@@ -178,6 +178,14 @@ class OVVariant:
     def to_dict(self) -> dict:
         return {"graph": self.graph, "precision": self.precision, "file": self.file,
                 "mse_rel_change": self.mse_rel_change, "accepted": self.accepted, "ms": self.ms, **self.info}
+
+    @property
+    def verdict(self) -> str:
+        """The gate's decision with the figures it took, in one line (export's and timecma-engines' output)."""
+        emb = self.info.get("embedding")
+        figures = f"validation MSE {100 * self.mse_rel_change:+.2f}%" + (
+            f", worst prompt embedding {emb['prompt_rel_l2_max']:.1e} (gate {emb['gate']})" if emb else "")
+        return f"{'accepted' if self.accepted else 'REFUSED'} ({figures}, {self.ms:.2f} ms)"
 
 
 @dataclass
