@@ -110,11 +110,13 @@ def _ort_optimised(llm, opts: ExportOptions, tmp: str, part: LLMPart, feeds: dic
 
 def _int8_variant(src: Source, opts: ExportOptions, tmp: str, series, part: LLMPart, fc_sess, feeds: dict,
                   timings: dict) -> dict:
-    """Dynamic-int8 LLM graph, judged the way a user would: forecast MSE on the test split.
+    """Dynamic-int8 LLM graph, judged the way a user would: forecast MSE on the test split, and the
+    embeddings themselves.
 
-    Hidden states move by a few percent under int8, far beyond the fp32 parity tolerance,
-    so the graph is accepted only if the forecast test MSE (normalized units, the paper's
-    convention) over ``quantize_windows`` test windows changes by less than 1% relative.
+    Hidden states move under int8, beyond the fp32 parity tolerance, so the graph is accepted
+    only if the forecast test MSE (normalized units, the paper's convention) over
+    ``quantize_windows`` test windows changes by less than 1% relative and the worst prompt's
+    embedding error stays under ``EMBEDDING_GATE`` (on SmolLM2's real weights it is 46%).
     """
     cfg, data = src.cfg, src.data
     q_file = "llm_last_token.int8.onnx"
