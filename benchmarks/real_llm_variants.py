@@ -63,7 +63,7 @@ def _prompts(llm, data: str, windows: int):
 def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) -> None:
     import torch
 
-    from timecma.core.tokens import pad_right
+    from timecma.core.tokens import llm_feeds
     from timecma.export.onnx_export import convert_fp16, export_llm, quantize_int8
     from timecma.llm import encode_last_token, load_llm
     from timecma.runtime.backends.openvino import compile_graph
@@ -77,7 +77,7 @@ def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) ->
     ids = _prompts(llm, data, windows)
     n = 7
     windows_ids = [ids[i * n:(i + 1) * n] for i in range(len(ids) // n)]
-    feeds = [dict(zip(("input_ids", "attention_mask"), pad_right(w, llm.info.pad_id))) for w in windows_ids]
+    feeds = [llm_feeds(w, llm.info.pad_id) for w in windows_ids]
     ref = np.concatenate([encode_last_token(llm, w) for w in windows_ids])
     rows: dict[str, dict] = {}
 
@@ -113,7 +113,7 @@ def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) ->
     record("fp16, onnxruntime converter (before)", lambda f, s=ort_session(old16): s.run(None, f)[0],
            "the graph bundles held before this change; ORT CPU")
     new16 = os.path.join(work, "llm.fp16.onnx")
-    calibration = [dict(zip(("input_ids", "attention_mask"), pad_right([i], llm.info.pad_id))) for i in ids[:n]]
+    calibration = [llm_feeds([i], llm.info.pad_id) for i in ids[:n]]
     conversion = convert_fp16(f32, new16, calibration)
     record("fp16, timecma recipe (now)", lambda f, s=ort_session(new16): s.run(None, f)[0],
            f"weight matmuls fp16 ({conversion['fp16_matmuls']}/{conversion['matmuls']}); ORT CPU")

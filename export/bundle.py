@@ -111,9 +111,10 @@ class _Steps:
     def __call__(self, name: str):
         t = time.time()
         yield
+        seconds = time.time() - t
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-        self.rows.append({"step": name, "seconds": round(time.time() - t, 1), "peak_rss_gb": round(peak_gb, 2)})
-        log.info("export step %s: %.1f s, peak RSS %.2f GB", name, time.time() - t, peak_gb)
+        self.rows.append({"step": name, "seconds": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2)})
+        log.info("export step %s: %.1f s, peak RSS %.2f GB", name, seconds, peak_gb)
 
 
 def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, step: _Steps) -> dict:

@@ -15,7 +15,7 @@ from timecma.core.accuracy import EMBEDDING_GATE, embedding_errors
 from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.manifest import Manifest, read_manifest, write_manifest
 from timecma.core.timing import time_calls
-from timecma.core.tokens import encode_prompts, pad_right
+from timecma.core.tokens import encode_prompts, llm_feeds, pad_right
 from timecma.runtime.backends.ort import ort_session
 from timecma.runtime.compile.openvino import GATE_FILE, build_openvino
 
@@ -67,7 +67,7 @@ def batch1_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
 def llm_cpu_variants(src: Source, llm, opts: ExportOptions, tmp: str, series, part: LLMPart, fc_sess) -> None:
     """CPU-optimised and opt-in int8 LLM graphs, each kept on its own evidence; updates ``part``."""
     n = src.cfg.num_nodes
-    feeds = dict(zip(("input_ids", "attention_mask"), pad_right(part.ids[:n], part.pad_id)))
+    feeds = llm_feeds(part.ids[:n], part.pad_id)
     timings = {"fp32": _time_session(part.session, feeds)}
     cpu_preferred = "fp32"
     if _ort_optimised(llm, opts, tmp, part, feeds, timings):

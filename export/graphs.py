@@ -21,7 +21,7 @@ from timecma.checkpoint import build_model
 from timecma.core.accuracy import embedding_errors
 from timecma.core.prompts import PromptRenderer, get_template
 from timecma.core.scaling import Scaler
-from timecma.core.tokens import encode_prompts, pad_right, tokenizer_digest
+from timecma.core.tokens import encode_prompts, llm_feeds, pad_right, tokenizer_digest
 from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
 from timecma.runtime.backends.base import forecaster_feeds
 from timecma.runtime.backends.ort import ort_session
@@ -51,8 +51,7 @@ class LLMPart:
 
     def run(self, sess, chunk: list) -> np.ndarray:
         """Embeddings of some prompts through an ORT session of one of the LLM graphs."""
-        a, m = pad_right(chunk, self.pad_id)
-        return sess.run(None, {"input_ids": a, "attention_mask": m})[0]
+        return sess.run(None, llm_feeds(chunk, self.pad_id))[0]
 
     def run_windows(self, sess) -> np.ndarray:
         """All parity prompts, one window's prompts per call (the serving batch)."""
@@ -213,7 +212,7 @@ def llm_fp16(tmp: str, part: LLMPart, fc: ForecasterPart, gate: float) -> tuple[
     largest change in the model's units): the gate takes the larger. The first window's
     prompts, one at a time, calibrate which matmuls must stay fp32."""
     n = len(part.ids) // part.n_windows
-    calibration = [dict(zip(("input_ids", "attention_mask"), pad_right([ids], part.pad_id))) for ids in part.ids[:n]]
+    calibration = [llm_feeds([ids], part.pad_id) for ids in part.ids[:n]]
 
     def measure(sess):
         emb = part.run_windows(sess)

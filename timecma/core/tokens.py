@@ -68,6 +68,12 @@ def pad_right(
     return ids, mask
 
 
+def llm_feeds(token_ids: Sequence[np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """The LLM graph's inputs for some prompts: right-padded ids and their attention mask."""
+    ids, mask = pad_right(token_ids, pad_id)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def plan_llm_batches(lengths: Sequence[int], max_batch: int, call_cost_tokens: int = 32) -> list[np.ndarray]:
     """Split prompts into right-padded LLM calls that waste the least compute on padding.
 
