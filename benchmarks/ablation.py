@@ -21,12 +21,13 @@ from timecma.core.config import TrainConfig
 from timecma.core.manifest import read_manifest
 from timecma.runtime import make_backend
 
-from .harness import BenchConfig, bench_bundle, machine_info, real_windows
+from .harness import BenchConfig, bench_bundle, real_windows
+from .machine import machine_info
 
 log = logging.getLogger(__name__)
 
-# (row name, train keyword arguments)
-VARIANTS = [
+# (row name, train keyword arguments); "llm": "random" is the --llm architecture with random weights
+TINY = [
     ("timecma (reference template, standard scaler)", {"model_name": "timecma"}),
     ("timecma, log scaler", {"model_name": "timecma", "scaler_kind": "log"}),
     ("timecma, `lags` template", {"model_name": "timecma", "template": "lags"}),
@@ -34,16 +35,41 @@ VARIANTS = [
     ("timecma-no-llm", {"model_name": "timecma-no-llm"}),
     ("dlinear", {"model_name": "dlinear"}),
 ]
-NOT_YET: list[str] = []
+# A real pretrained LLM (--llm runs/llm/smollm2): does pretraining, and how much of the LLM, earn its cost?
+REAL = [
+    ("timecma + SmolLM2, all 30 layers (pretrained)", {"model_name": "timecma"}),
+    ("timecma + SmolLM2, first 12 layers", {"model_name": "timecma", "llm_layers": 12}),
+    ("timecma + SmolLM2, first 6 layers", {"model_name": "timecma", "llm_layers": 6}),
+    ("timecma + SmolLM2's architecture, random weights, first 6 layers",
+     {"model_name": "timecma", "llm_layers": 6, "llm": "random"}),
+    ("timecma-no-llm", {"model_name": "timecma-no-llm"}),
+    ("dlinear", {"model_name": "dlinear"}),
+]
+SUITES = {"tiny": TINY, "real": REAL}
 
 
-def _latency(bundle: str, data: str, iters: int) -> dict:
-    """Batch-1 end-to-end p50 on ONNX Runtime CPU: store miss (LLM runs) and hit."""
+def random_twin(llm_dir: str, dest: str, seed: int = 0) -> str:
+    """The same architecture and tokenizer as ``llm_dir`` with freshly initialised weights (saved once)."""
+    if os.path.exists(os.path.join(dest, "config.json")):
+        return dest
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    AutoModel.from_config(AutoConfig.from_pretrained(llm_dir)).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(dest)
+    return dest
+
+
+def _latency(bundle: str, data: str, iters: int, backend: str) -> dict:
+    """Batch-1 end-to-end p50 on ``backend``: store miss (LLM runs) and hit."""
     m = read_manifest(bundle)
-    cfg = BenchConfig(bundle=bundle, backends=["ort-cpu"], hit_iters=iters, miss_iters=min(iters, 10), budget_s=20)
+    cfg = BenchConfig(bundle=bundle, backends=[backend], hit_iters=iters, miss_iters=min(iters, 10), budget_s=20)
     values, ts = real_windows(m, cfg.miss_iters + 1, data)
-    r, _ = bench_bundle(m, make_backend("ort-cpu", bundle, m), values, ts, cfg)
-    return {k: r[k]["end_to_end_ms"]["p50"] for k in ("miss", "hit")}
+    be = make_backend(backend, bundle, m)
+    r, _ = bench_bundle(m, be, values, ts, cfg)
+    return {**{k: r[k]["end_to_end_ms"]["p50"] for k in ("miss", "hit")}, "backend": be.name,
+            **({"precision": be.precision} if hasattr(be, "precision") else {})}
 
 
 @click.command()
@@ -52,23 +78,35 @@ def _latency(bundle: str, data: str, iters: int) -> dict:
 @click.option("--out", default="benchmarks/results/ablation-etth1", show_default=True)
 @click.option("--work", default="runs/ablation", show_default=True, help="Checkpoints and bundles go here.")
 @click.option("--epochs", default=10, show_default=True)
-@click.option("--train-stride", default=4, show_default=True, help="Every k-th training window (val/test: all).")
+@click.option("--suite", type=click.Choice(sorted(SUITES)), default="tiny", show_default=True,
+              help="tiny: the variants on the offline random-weight LLM; real: a pretrained LLM at several depths, "
+                   "its architecture with random weights, and the baselines.")
+@click.option("--train-stride", default=4, show_default=True, help="Every k-th training window.")
+@click.option("--eval-stride", default=1, show_default=True,
+              help="Every k-th validation and test window (1 = all): one deterministic subsample, the same for "
+                   "every row, for LLMs too slow to embed every window.")
+@click.option("--precompute-backend", default="torch", show_default=True,
+              help="Engine that embeds the prompts (timecma-train --precompute-backend).")
+@click.option("--latency-backend", default="ort-cpu", show_default=True,
+              help="Backend of the batch-1 latency columns (auto: the fastest available here).")
 @click.option("--latency-iters", default=50, show_default=True)
+@click.option("--llm-batch-size", default=64, show_default=True)
 @click.option("--rows", default=None, help="Comma-separated row numbers (1-based) to (re)run; the others are kept "
                                           "from an existing results.json.")
-def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride: int, latency_iters: int,
+def main(data: str, llm_id: str, out: str, work: str, epochs: int, suite: str, train_stride: int, eval_stride: int,
+         precompute_backend: str, latency_backend: str, latency_iters: int, llm_batch_size: int,
          rows: str | None) -> None:
-    from timecma.cli import _setup_logging
+    from timecma.core.logs import setup_logging
     from timecma.export.bundle import export_bundle
     from timecma.export.options import ExportOptions
     from timecma.export.source import source_from_checkpoint
     from timecma.llm import load_llm, recorded_layers
     from timecma.train import train
 
-    _setup_logging(False)
+    setup_logging(False)
     overrides = dict(seq_len=96, pred_len=96, channel=32, e_layer=2, d_layer=2, head=8, d_ff=32, dropout=0.2)
-    tcfg = TrainConfig(epochs=epochs, patience=3, train_stride=train_stride, llm_batch_size=64, device="cpu")
-    store = os.path.join(work, "store")  # one store: the LLM rows embed every prompt once
+    tcfg = TrainConfig(epochs=epochs, patience=3, train_stride=train_stride, eval_stride=eval_stride,
+                       llm_batch_size=llm_batch_size, device="cpu", precompute_backend=precompute_backend)
     keep: dict = {}
     naive = None
     only = {int(r) for r in rows.split(",")} if rows else None
@@ -77,26 +115,34 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride:
             old = json.load(f)
         keep, naive = {r["row"]: r for r in old["rows"]}, old["naive_test"]
     rows = []
-    for i, (name, kw) in enumerate(VARIANTS, 1):
+    for i, (name, kw) in enumerate(SUITES[suite], 1):
         if only and i not in only and name in keep:
             rows.append(keep[name])
             continue
         run = os.path.join(work, "-".join([kw["model_name"], *(str(v) for k, v in kw.items() if k != "model_name")]))
         click.echo(f"== {name}", err=True)
-        metrics = train(data, run, llm_id, overrides, tcfg, store_dir=store, **kw)
+        kw = dict(kw)
+        llm = random_twin(llm_id, os.path.join(work, "random-llm")) if kw.pop("llm", None) == "random" else llm_id
+        # one store per LLM and depth (a store holds one namespace): rows sharing an LLM embed each prompt once
+        store = os.path.join(work, "stores", f"{os.path.basename(os.path.normpath(llm))}-{kw.get('llm_layers', 'all')}")
+        metrics = train(data, run, llm, overrides, tcfg, store_dir=store, **kw)
         src = source_from_checkpoint(os.path.join(run, "best.pt"))
         llm = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm else None
         export_bundle(src, llm, ExportOptions(out_dir=os.path.join(run, "bundle"), force=True, tensorrt="skip",
-                                              parity_windows=4))
-        lat = _latency(os.path.join(run, "bundle"), data, latency_iters)
+                                              parity_windows=4, openvino="skip" if suite == "real" else "auto"))
+        del llm
+        lat = _latency(os.path.join(run, "bundle"), data, latency_iters, latency_backend)
         naive = metrics["naive"]["test"]
         rows.append({"row": name, "test_mse": metrics["test"]["mse"], "test_mae": metrics["test"]["mae"],
                      "val_mse": metrics["val"]["mse"], "best_epoch": metrics["best_epoch"],
-                     "ort_cpu_batch1_ms": lat, "params": sum(v.numel() for v in src.state_dict.values())})
+                     "batch1_ms": lat, "params": sum(v.numel() for v in src.state_dict.values()),
+                     "windows": metrics["windows"], "embedding_seconds": metrics["embedding_seconds"],
+                     "embeddings_computed": metrics["embeddings_computed"]})
     res = {"machine": machine_info(), "data": os.path.basename(data), "seq_len": 96, "pred_len": 96,
-           "llm": os.path.basename(os.path.normpath(llm_id)), "epochs": epochs, "train_stride": train_stride,
+           "llm": os.path.basename(os.path.normpath(llm_id)), "suite": suite, "epochs": epochs,
+           "train_stride": train_stride, "eval_stride": eval_stride, "precompute_backend": precompute_backend,
            "selection": "validation MSE only; test evaluated once on the selected checkpoint",
-           "rows": rows, "naive_test": naive, "not_run": NOT_YET}
+           "rows": rows, "naive_test": naive}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
@@ -107,22 +153,33 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, train_stride:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
+    if res.get("suite", "tiny") == "tiny":
+        llm = (f"LLM: `{res['llm']}` (**random weights, offline**: the LLM rows measure the architecture, not "
+               "GPT-2's knowledge).")
+    else:
+        llm = (f"LLM: `{res['llm']}`, **pretrained** (real weights), at several depths, and its architecture with "
+               f"random weights; prompts embedded with `--precompute-backend {res['precompute_backend']}`.")
+    windows = next((r["windows"] for r in res["rows"] if "windows" in r), None)
+    counted = (f" Windows (train/val/test): {windows['train']}/{windows['val']}/{windows['test']}, the same for every "
+               "row." if windows else "")
+    lat = res["rows"][0]["batch1_ms"]
+    evals = f"every {res['eval_stride']}th" if res.get("eval_stride", 1) > 1 else "every"
+    backend = lat["backend"] + (f" ({', '.join(f'{g} {p}' for g, p in lat['precision'].items())})"
+                                if "precision" in lat else "")
     lines = [f"# Ablation on {res['data']} (seq {res['seq_len']}, pred {res['pred_len']}), {m['date']}", "",
-             f"Machine: {m.get('cpu')}, {m['cores']} cores, ISA {', '.join(m.get('isa', []))}. LLM: `{res['llm']}` "
-             "(**random weights, offline**: the LLM rows measure the architecture, not GPT-2's knowledge). "
-             f"{res['epochs']} epochs max, every {res['train_stride']}th training window; {res['selection']}. "
-             "MSE/MAE in train-split standard-normalised units (the paper's). Latency: ONNX Runtime CPU, batch 1, "
-             "end to end p50 (miss: the LLM runs; hit: embeddings from the store).", "",
+             f"Machine: {m.get('cpu')}, {m['cores']} cores, ISA {', '.join(m.get('isa', []))}. {llm} "
+             f"{res['epochs']} epochs max, every {res['train_stride']}th training window, "
+             f"{evals} validation/test window; {res['selection']}.{counted} "
+             "MSE/MAE in train-split standard-normalised units (the paper's). "
+             f"Latency: {backend}, batch 1, end to end p50 (miss: the LLM runs; hit: embeddings from the store).", "",
              "| model | test MSE | test MAE | val MSE | params | batch-1 ms (miss) | batch-1 ms (hit) |",
              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lat = r["ort_cpu_batch1_ms"]
+        lat = r["batch1_ms"]
         lines.append(f"| {r['row']} | {r['test_mse']:.4f} | {r['test_mae']:.4f} | {r['val_mse']:.4f} | "
                      f"{r['params']:,} | {lat['miss']:.2f} | {lat['hit']:.2f} |")
     for k, v in res["naive_test"].items():
         lines.append(f"| naive: {k.replace('_', '-')} | {v['mse']:.4f} | {v['mae']:.4f} | | 0 | | |")
-    for k in res["not_run"]:
-        lines.append(f"| {k} | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

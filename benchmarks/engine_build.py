@@ -16,7 +16,7 @@ import click
 
 from timecma.runtime.compile.tensorrt import build_engines
 
-from .harness import machine_info
+from .machine import machine_info
 
 
 @click.command()

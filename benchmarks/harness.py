@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from timecma.core.machine import cpu_info
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.timing import summarize, time_calls
 from timecma.runtime import Forecaster, make_backend
+
+from .machine import machine_info
 from timecma.core.store import EmbeddingStore
 from timecma.core.tokens import encode_prompts, pad_right
 
@@ -45,24 +44,6 @@ class BenchConfig:
     ckpt: str | None = None  # the checkpoint for the torch rows; default: its file name next to the bundle
     precompute_prompts: int = 0  # >0: embedding precompute throughput over this many real prompts
     precompute_batch: int = 32
-
-
-def machine_info() -> dict:
-    """CPU, cores, ISA flags that matter here, library versions and thread counts."""
-    info: dict = {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_info()}
-    import numpy
-    import onnxruntime
-
-    info["numpy"], info["onnxruntime"] = numpy.__version__, onnxruntime.__version__
-    info["ort_providers"] = onnxruntime.get_available_providers()
-    try:
-        import torch
-
-        info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
-    except ImportError:
-        info["torch"] = None
-    return info
 
 
 def parse_backend(spec: str) -> tuple[str, dict]:
@@ -161,45 +142,22 @@ def sweep_inputs(f: Forecaster, values: np.ndarray, ts: np.ndarray, n: int, toke
 
 def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompts: int, batch_size: int,
                      progress=None, ckpt: str | None = None) -> dict:
-    """Embedding precompute throughput (eager PyTorch, the training side), three ways on the
-    same real prompts: one prompt at a time through the plain Hugging Face forward (as the
-    public reference's embedding script does), batched and length-bucketed with the plain
-    forward, and timecma's precompute path (batched, bucketed, last block at the last
-    position only)."""
-    from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token, load_llm, recorded_layers
+    """Embedding precompute throughput on the bundle's LLM and real prompts, every way training can embed
+    (``benchmarks.precompute_speed``): the reference's one-at-a-time loop, eager fp32/bf16 batched, and the
+    exported graph on the runtime's engines, each with its embedding error against eager fp32."""
+    from timecma.llm import load_llm, recorded_layers
     from timecma.core.prompts import PromptRenderer, get_template
-    from timecma.core.tokens import plan_llm_batches
+    from timecma.runtime.backends.eager import llm_source
+
+    from .precompute_speed import precompute_modes
 
     n_vars = manifest.model_config.num_nodes
     values, ts = real_windows(manifest, n_prompts // n_vars + 1, data)
     renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
                               manifest.data.frequency, manifest.prompt.get("periods"))
     prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
-    from timecma.runtime.backends.eager import llm_source
-
     fast = load_llm(llm_source(bundle, manifest, ckpt), layers=recorded_layers(manifest.llm.info))
-    plain = LoadedLLM(LastTokenEncoder(fast.encoder.model, last_position_only=False), fast.tokenizer, fast.info)
-    ids = encode_prompts(fast.backend, prompts)
-    tokens = int(sum(len(i) for i in ids))
-    one = [np.array([i]) for i in range(len(ids))]
-    bucketed = plan_llm_batches([len(i) for i in ids], batch_size)
-    out: dict = {"prompts": len(ids), "tokens": tokens, "batch_size": batch_size, "modes": {}}
-    for name, llm, batches in (("one at a time, plain forward (reference)", plain, one),
-                               (f"batched {batch_size}, length-bucketed, plain forward", plain, bucketed),
-                               (f"batched {batch_size}, length-bucketed, last position only (timecma)", fast, bucketed)):
-        encode_last_token(llm, [ids[i] for i in batches[0]])  # warm-up
-        t = time.perf_counter()
-        for b in batches:
-            encode_last_token(llm, [ids[i] for i in b])
-        sec = time.perf_counter() - t
-        out["modes"][name] = {"seconds": sec, "prompts_per_s": len(ids) / sec, "tokens_per_s": tokens / sec,
-                              "llm_calls": len(batches)}
-        if progress:
-            progress(f"precompute {name}: {len(ids) / sec:.1f} prompts/s")
-    first = next(iter(out["modes"].values()))["prompts_per_s"]
-    for m in out["modes"].values():
-        m["speedup_vs_reference"] = m["prompts_per_s"] / first
-    return out
+    return precompute_modes(fast, encode_prompts(fast.backend, prompts), batch_size, progress=progress)
 
 
 def run(cfg: BenchConfig, progress=None) -> dict:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from timecma.core.manifest import read_manifest
 from timecma.core.ray_setup import LOCAL, RayPool, connect
 
-from .harness import machine_info
+from .machine import machine_info
 
 
 def make_fleet(data: str, out_dir: str, series: int, files: int, start_row: int, time_col: str,

@@ -24,7 +24,7 @@ import numpy as np
 from timecma.core.accuracy import EMBEDDING_GATE, embedding_errors
 from timecma.core.timing import time_calls
 
-from .harness import machine_info
+from .machine import machine_info
 
 
 def _onnxruntime_fp16(src: str, dst: str) -> None:
@@ -66,9 +66,9 @@ def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) ->
     from timecma.core.tokens import llm_feeds
     from timecma.export.onnx_export import convert_fp16, export_llm, quantize_int8
     from timecma.llm import encode_last_token, load_llm
-    from timecma.runtime.backends.openvino import compile_graph
+    from timecma.runtime.backends.openvino import graph_runner
     from timecma.runtime.backends.ort import ort_session
-    from timecma.runtime.compile.openvino import _compress_int8
+    from timecma.runtime.compile.openvino import compress_int8
 
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, "work")
@@ -118,19 +118,14 @@ def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) ->
     record("fp16, timecma recipe (now)", lambda f, s=ort_session(new16): s.run(None, f)[0],
            f"weight matmuls fp16 ({conversion['fp16_matmuls']}/{conversion['matmuls']}); ORT CPU")
     ov_int8 = os.path.join(work, "llm.int8.xml")
-    _compress_int8(f32, ov_int8)
+    compress_int8(f32, ov_int8)
     for label, path, prec in (("OpenVINO f32", f32, "f32"), ("OpenVINO bf16", f32, "bf16"),
                               ("OpenVINO int8 weights", ov_int8, "int8")):
         try:
-            req = compile_graph(path, prec, None).create_infer_request()
+            run = graph_runner(path, prec, None)
         except Exception as exc:  # bf16 on a CPU without it, for one
             rows[label] = {"not_measured": str(exc)[:200]}
             continue
-
-        def run(f, req=req):
-            req.infer(f)
-            return np.array(req.get_output_tensor(0).data, dtype=np.float32)
-
         record(label, run)
     res = {"llm": os.path.basename(os.path.normpath(llm_dir)), "gguf": llm.info.extra.get("gguf"),
            "layers": llm.info.extra["layers"], "model_layers": llm.info.extra["model_layers"],

@@ -6,6 +6,7 @@ import json
 import os
 
 from .harness import STAGES
+from .precompute_speed import markdown_rows
 
 
 def _ms(x: float) -> str:
@@ -48,12 +49,8 @@ def markdown(res: dict) -> str:
                          f"{_ms(s['llm_ms']['p90'])} | {s['parity_rel_to_max']:.1e} |")
     pc = res.get("precompute")
     if pc:
-        lines += ["", f"## Embedding precompute throughput (eager PyTorch, {pc['prompts']} real prompts, "
-                      f"{pc['tokens']} tokens)", "", "| mode | prompts/s | tokens/s | LLM calls | speed-up |",
-                  "|---|---|---|---|---|"]
-        for name, v in pc["modes"].items():
-            lines.append(f"| {name} | {v['prompts_per_s']:.1f} | {v['tokens_per_s']:.0f} | {v['llm_calls']} | "
-                         f"{v['speedup_vs_reference']:.2f}x |")
+        lines += ["", f"## Embedding precompute throughput ({pc['prompts']} real prompts, {pc['tokens']} tokens)", "",
+                  *markdown_rows(pc)]
     return "\n".join(lines) + "\n"
 
 

@@ -190,7 +190,7 @@ def _manifest_dict(src: Source, llm: LoadedLLM | None, opts: ExportOptions, fc: 
         "model_config": cfg.to_dict(),
         "data": portable_data(data, opts.data_path or data.source, len(series.values)),
         "prompt": src.prompt if cfg.uses_llm else None,
-        "llm": {**portable_llm(llm.info.to_dict()), "digest_verified": src.llm is not None} if part else None,
+        "llm": {**portable_llm(llm.info.to_dict(), src.llm), "digest_verified": src.llm is not None} if part else None,
         "tokenizer": part.tokenizer_record if part else None,
         "opset": OPSET,
         "graphs": graphs,

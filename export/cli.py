@@ -58,13 +58,13 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
                trt_forecast_batch, trt_precision, fp16_gate, targets, quantize, quantize_windows, openvino, verbose):
     """Export a checkpoint to a bundle: two ONNX graphs (parity-checked), tokenizer, TensorRT
     engines where TensorRT exists, and a JSON manifest."""
-    from timecma.cli import _setup_logging
+    from timecma.core.logs import setup_logging
 
     from .bundle import export_bundle
     from .options import ExportError, ExportOptions
     from .source import source_from_checkpoint, source_from_reference
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "bundle")
     opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance, quantize=quantize,
                          quantize_windows=quantize_windows, openvino=openvino, fp16_gate=fp16_gate,

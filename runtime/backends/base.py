@@ -17,6 +17,7 @@ BACKENDS = ("tensorrt", "ort-cuda", "openvino", "ort-cpu", "torch")
 class Backend(Protocol):
     name: str
     limits: dict[str, int]  # largest llm_batch / llm_seq / forecast_batch it accepts; {} = unbounded
+    llm_precision: str  # the LLM stage's precision class (core.store.precision_tag): the store keys its vectors by it
 
     def close(self) -> None:
         """Free what the backend holds (device memory, sessions)."""

@@ -15,6 +15,7 @@ from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.files import file_sha256
 from timecma.core.manifest import Manifest
 from timecma.core.scaling import Scaler
+from timecma.core.store import precision_tag
 
 
 def find_checkpoint(bundle_dir: str, manifest: Manifest, ckpt: str | None = None) -> str:
@@ -66,6 +67,7 @@ class TorchBackend:
         c = load_checkpoint(find_checkpoint(bundle_dir, manifest, ckpt))
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
+        self.llm_precision = precision_tag("torch", {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
         self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
         self.scaler = Scaler.from_contract(c["data"])  # the same scaling the exported graph applies
         # the plain Hugging Face forward: the eager baseline users run today

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.files import user_cache_dir
 from timecma.core.machine import has_native_bf16
 from timecma.core.manifest import Manifest, OVVariant
+from timecma.core.store import precision_tag
 
 from .base import forecaster_feeds
 
@@ -58,6 +60,17 @@ def compile_graph(path: str, precision: str, threads: int | None = None):
     return _core().compile_model(path, "CPU", cfg)
 
 
+def graph_runner(path: str, precision: str, threads: int | None = None) -> Callable[[dict], np.ndarray]:
+    """A compiled graph as a function: feeds -> its first output as float32 (one infer request, reused)."""
+    req = compile_graph(path, precision, threads).create_infer_request()
+
+    def run(feeds: dict) -> np.ndarray:
+        req.infer(feeds)
+        return np.array(req.get_output_tensor(0).data, dtype=np.float32)
+
+    return run
+
+
 def choose(manifest: Manifest, graph: str, precision: str) -> tuple[str, OVVariant | None]:
     """The precision to run ``graph`` in, and its gate record (None: f32 without one)."""
     variants = {v.precision: v for v in manifest.openvino if v.graph == graph}
@@ -89,26 +102,23 @@ class OpenVinoBackend:
         ov_module()
         per = precision if isinstance(precision, dict) else {g: precision for g in ("llm", "forecaster")}
         self.precision: dict[str, str] = {}
-        self._req = {}
+        self._run: dict[str, Callable[[dict], np.ndarray]] = {}
         for g in ("llm", "forecaster"):
             graph = manifest.graphs.get(g)
             if graph is None:  # models without the LLM branch
                 continue
             prec, v = choose(manifest, g, per.get(g, "auto"))
             path = os.path.join(bundle_dir, v.file if v is not None and v.file else graph.files["fp32"].file)
-            self._req[g] = compile_graph(path, prec, threads).create_infer_request()
+            self._run[g] = graph_runner(path, prec, threads)
             self.precision[g] = prec
+        self.llm_precision = precision_tag(self.name, self.precision.get("llm", "f32"))
         log.info("openvino: %s", ", ".join(f"{g} {p}" for g, p in self.precision.items()))
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        req = self._req["llm"]
-        req.infer({"input_ids": input_ids, "attention_mask": attention_mask})
-        return np.array(req.get_output_tensor(0).data, dtype=np.float32)
+        return self._run["llm"]({"input_ids": input_ids, "attention_mask": attention_mask})
 
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
-        req = self._req["forecaster"]
-        req.infer(forecaster_feeds(x, prompt_emb))
-        return np.array(req.get_output_tensor(0).data, dtype=np.float32)
+        return self._run["forecaster"](forecaster_feeds(x, prompt_emb))
 
     def close(self) -> None:
-        self._req.clear()
+        self._run.clear()

@@ -9,6 +9,7 @@ import numpy as np
 
 from timecma.core.errors import BundleError
 from timecma.core.manifest import Manifest
+from timecma.core.store import FP32, precision_tag
 
 from .base import forecaster_feeds
 
@@ -45,11 +46,13 @@ class OrtBackend:
         self.device = device
         llm, fc = manifest.graphs.get("llm"), manifest.graphs["forecaster"]
         self.llm = self.llm_variant = None
+        self.llm_precision = FP32
         if llm is not None:  # models without the LLM branch have no LLM graph
             variant = llm_variant or (llm.cpu_preferred if device == "cpu" else "fp32")
             if variant not in llm.files:
                 raise BundleError(f"bundle has no LLM graph variant {variant!r}; it has {sorted(llm.files)}")
             self.llm_variant = variant
+            self.llm_precision = precision_tag(self.name, variant)
             self.llm = ort_session(os.path.join(bundle_dir, llm.files[variant].file), device, threads)
         self.fc = ort_session(os.path.join(bundle_dir, fc.files["fp32"].file), device, threads,
                               cuda_graph=cuda_graph)

@@ -14,6 +14,7 @@ import numpy as np
 
 from timecma.core.errors import BackendUnavailable
 from timecma.core.manifest import Engine, Manifest
+from timecma.core.store import FP32, precision_tag
 
 from ..engines.cuda import CudaRuntime
 from ..engines.trt_flavour import LABELS, RTX_EXPLICIT, RTX_PORTABLE, flavour_named, installed
@@ -86,6 +87,7 @@ class TensorRTBackend:
             self.close()
             raise
         self.engines = chosen
+        self.llm_precision = precision_tag(self.name, chosen["llm"].precision) if "llm" in chosen else FP32
         self.limits = {"forecast_batch": self.runners["forecaster"].limits["x"][0]}
         if "llm" in self.runners:
             llm = self.runners["llm"].limits

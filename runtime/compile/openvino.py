@@ -26,7 +26,7 @@ from timecma.core.timing import time_calls
 
 from ..backends.base import forecaster_feeds
 from ..backends.ort import ort_session
-from ..backends.openvino import compile_graph, compute_precision, ov_module
+from ..backends.openvino import compute_precision, graph_runner, ov_module
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class _Gate:
         return float(np.mean(((y - self.mean) / self.std - self.truth) ** 2))
 
 
-def _compress_int8(src: str, dest: str) -> None:
+def compress_int8(src: str, dest: str) -> None:
     """NNCF int8 weight compression of a graph, saved as OpenVINO IR (``dest`` .xml + .bin)."""
     try:
         import nncf
@@ -118,7 +118,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
             if p == "int8":
                 rel = f"openvino/{g}.int8.xml"
                 os.makedirs(os.path.join(bundle_dir, "openvino"), exist_ok=True)
-                _compress_int8(os.path.join(bundle_dir, manifest.graphs[g].files["fp32"].file),
+                compress_int8(os.path.join(bundle_dir, manifest.graphs[g].files["fp32"].file),
                                os.path.join(bundle_dir, rel))
             jobs.append((g, p, rel, p))
     for (g, name), rel in (candidates or {}).items():
@@ -127,12 +127,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
     out = []
     for g, label, rel, prec in jobs:
         path = os.path.join(bundle_dir, rel or manifest.graphs[g].files["fp32"].file)
-        req = compile_graph(path, prec, threads).create_infer_request()
-
-        def run(feeds, req=req):
-            req.infer(feeds)
-            return np.array(req.get_output_tensor(0).data, dtype=np.float32)
-
+        run = graph_runner(path, prec, threads)
         emb_err = {}
         if g == "llm":
             emb = ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))

@@ -150,7 +150,9 @@ class Forecaster:
             log.info("%s has no LLM branch (%s): the store is not used", bundle_dir, manifest.model_config.model)
         elif store:
             llm = manifest.llm
-            st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}")
+            # keyed by the precision the backend's LLM stage computes in: other precisions' vectors are never read
+            st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
+                                precision=be.llm_precision)
         log.info("loaded bundle %s on %s%s", bundle_dir, be.name, f" with store {store}" if store else "")
         return cls(bundle_dir, manifest, be, st)
 

@@ -95,9 +95,14 @@ class TrainConfig:
     shuffle: bool = True  # the reference does not shuffle; we do by default
     train_stride: int = 1  # every k-th training window (1 = all, as the reference)
     eval_stride: int = 1  # every k-th validation and test window (1 = all; metrics say which)
+    precompute_backend: str = "torch"  # engine that embeds the prompts (timecma.encoders): torch[:bf16], ort-cpu, openvino[:bf16|:int8], auto
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# what `timecma-train --precompute-backend` accepts; `torch` is eager PyTorch (the default, as before)
+PRECOMPUTE_BACKENDS = ("torch", "torch:bf16", "auto", "ort-cpu", "openvino", "openvino:bf16", "openvino:int8")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Key = sha256(namespace + prompt token ids); the namespace digests the LLM weights, the
 tokenizer and the wrapper version, so an embedding is only ever reused for the exact
-same model and prompt. A second table maps sha256(namespace + prompt text) to that key:
+same model and prompt. Vectors computed at a reduced precision (OpenVINO bf16, TensorRT fp16, int8)
+are keyed under the namespace plus a precision tag (``precision_tag``), so one store may hold
+several precisions side by side, they never mix, and serving at the precision that filled the
+store is a hit; fp32 from any backend is one precision (they agree within 1e-5). A second table maps sha256(namespace + prompt text) to that key:
 the namespace fixes the tokenizer, so text -> ids is a pure function under it, and a
 store hit can skip tokenization (the largest cost of a hit) without changing the key. LMDB gives atomic, durable commits (a writer killed at any
 instant loses only its uncommitted batch) and many concurrent reader processes.
@@ -23,6 +26,7 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+FP32 = "fp32"
 _META_KEY = b"__timecma_store_meta__"
 # Virtual address space reserved for the map; the file grows only as data is written.
 DEFAULT_MAP_SIZE = 1 << 38
@@ -46,11 +50,15 @@ class EmbeddingStore:
         describe: str = "",
         readonly: bool = False,
         map_size: int = DEFAULT_MAP_SIZE,
+        precision: str = FP32,
     ):
         self.path = os.fspath(path)
         self.namespace = namespace
         self.dim = int(dim)
+        self.precision = precision
         self._ns = bytes.fromhex(namespace) if _is_hex(namespace) else namespace.encode()
+        if precision != FP32:  # fp32 keys stay as they always were: existing stores keep their hits
+            self._ns += f"|precision={precision}".encode()
         if readonly and not os.path.isdir(self.path):
             raise FileNotFoundError(f"embedding store {self.path} does not exist")
         os.makedirs(self.path, exist_ok=True)
@@ -201,6 +209,17 @@ def _is_hex(s: str) -> bool:
         return len(s) % 2 == 0
     except ValueError:
         return False
+
+
+def precision_tag(backend: str, precision: str) -> str:
+    """The precision class that produced a vector: ``fp32`` for full precision on any backend (eager,
+    ONNX Runtime, OpenVINO f32, a TensorRT fp32 engine agree within 1e-5), else ``backend:precision``
+    (``openvino:bf16``, ``tensorrt:fp16``, ``ort:int8``): two backends' bf16 or int8 differ by far more
+    than their fp32 runs, so a reduced precision is only ever reused by the kind that made it."""
+    if precision in ("fp32", "f32", "float32", "fp32-ort-opt"):
+        return FP32
+    kind = "ort" if backend.startswith("ort") else backend  # ORT's int8 graph is the same on CPU and CUDA
+    return f"{kind}:{precision}"
 
 
 def make_namespace(weights_digest: str, tokenizer_digest: str, wrapper_version: str) -> str:

@@ -1,0 +1,27 @@
+"""What every benchmark result records of the machine it ran on: CPU and ISA flags, cores, versions, threads."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+from timecma.core.machine import cpu_info
+
+
+def machine_info() -> dict:
+    """CPU, cores, ISA flags that matter here, library versions and thread counts."""
+    info: dict = {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform(),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_info()}
+    import numpy
+    import onnxruntime
+
+    info["numpy"], info["onnxruntime"] = numpy.__version__, onnxruntime.__version__
+    info["ort_providers"] = onnxruntime.get_available_providers()
+    try:
+        import torch
+
+        info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
