@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .harness import STAGES
+from .harness import ANCHORS, STAGES
 from .precompute_speed import markdown_rows
 
 
@@ -15,6 +15,7 @@ def _ms(x: float) -> str:
 
 def markdown(res: dict) -> str:
     m, b = res["machine"], res["bundle"]
+    anchors = [a for a in ANCHORS if any(a in r.get("speedup_vs", {}) for r in res["backends"].values())]
     lines = [
         f"# timecma-bench: batch-1 latency ({m['date']})", "",
         f"Machine: {m.get('cpu')}, {m['cores']} cores, ISA {', '.join(m.get('isa', [])) or 'n/a'}; "
@@ -26,19 +27,20 @@ def markdown(res: dict) -> str:
         f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows.", "",
         "## End to end (one window, N prompts), milliseconds", "",
         "| backend | store | p50 | p90 | p99 | " + " | ".join(f"{s} p50" for s in STAGES)
-        + " | speed-up vs torch | parity | gate (val MSE change) |",
-        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|---|",
+        + "".join(f" | speed-up vs {a}" for a in anchors) + " | parity | gate (val MSE change) |",
+        "|---|---|---|---|---|" + "---|" * (len(STAGES) + len(anchors)) + "---|---|",
     ]
     for spec, r in res["backends"].items():
         if "skipped" in r:
-            lines.append(f"| {spec} | - | skipped: {r['skipped']} |" + " |" * (len(STAGES) + 5))
+            lines.append(f"| {spec} | - | skipped: {r['skipped']} |" + " |" * (len(STAGES) + len(anchors) + 4))
             continue
         for kind in ("miss", "hit"):
             e, st = r[kind]["end_to_end_ms"], r[kind]["stages_ms"]
-            sp = r.get("speedup_vs_torch", {}).get(kind)
+            sp = [r.get("speedup_vs", {}).get(a, {}).get(kind) for a in anchors]
             lines.append(f"| {spec} | {kind} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | "
                          + " | ".join(_ms(st[s]["p50"]) for s in STAGES)
-                         + f" | {f'{sp:.2f}x' if sp else '-'} | {r['parity_vs_reference']['max_abs_over_series_std']:.1e} | "
+                         + "".join(f" | {x:.2f}x" if x else " | -" for x in sp)
+                         + f" | {r['parity_vs_reference']['max_abs_over_series_std']:.1e} | "
                          + (", ".join(f"{g} {r['precision'][g]} {100 * c:+.2f}%"
                                       for g, c in r.get("gate_mse_rel_change", {}).items()) or "-") + " |")
     if res["sweep"]:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -26,7 +28,7 @@ def test_bench_runs_and_parity_is_computed(small_bundle, small_run, tmp_path):
     assert fp16["llm_graph"] == "fp16"
     sweep = {(s["backend"], s["n_vars"]) for s in res["sweep"]}
     assert {("torch", 2), ("torch", 5), ("ort-cpu", 2), ("ort-cpu", 5)} <= sweep
-    assert "speedup_vs_torch" in cpu
+    assert set(cpu["speedup_vs"]) == {"torch"}  # the anchors measured in this run
     pc = res["precompute"]
     # reference loop, eager fp32 plain and last-position, eager bf16, then ORT and OpenVINO f32/bf16/int8 graphs
     assert pc["prompts"] == 12 and len(pc["modes"]) == 8
@@ -60,3 +62,36 @@ def test_bench_takes_the_checkpoint_from_the_command_line(small_bundle, small_ru
     res = json.loads((tmp_path / "with" / "results.json").read_text())
     assert "skipped" not in res["backends"]["torch"] and res["reference"] == "torch"
     assert res["backends"]["ort-cpu"]["parity_vs_reference"]["max_abs_over_series_std"] < 1e-4
+
+
+def test_torch_anchor_specs():
+    from timecma.benchmarks.harness import parse_backend
+
+    assert parse_backend("torch-bf16") == ("torch", {"dtype": "bfloat16"})
+    assert parse_backend("torch-compile") == ("torch", {"dtype": "float32", "compile": True})
+    assert parse_backend("torch-compile-bf16") == ("torch", {"dtype": "bfloat16", "compile": True})
+    with pytest.raises(ValueError, match="unknown torch backend 'torch-fp8'"):
+        parse_backend("torch-fp8")
+
+
+def test_torch_compile_backend_matches_eager(small_bundle):
+    """The torch.compile anchor computes what eager fp32 computes (fp32 tolerance: 1e-4 of the output's scale)."""
+    import numpy as np
+
+    from timecma.core.manifest import read_manifest
+    from timecma.runtime import make_backend
+
+    m = read_manifest(str(small_bundle))
+    eager = make_backend("torch", str(small_bundle), m)
+    compiled = make_backend("torch", str(small_bundle), m, compile=True)
+    assert compiled.name == "torch-compile" and compiled.llm_precision == "fp32"
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 200, (3, 17)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 12:] = 0
+    ref = eager.run_llm(ids, mask)
+    np.testing.assert_allclose(compiled.run_llm(ids, mask), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    x = rng.normal(size=(2, m.model_config.seq_len, m.model_config.num_nodes)).astype(np.float32)
+    emb = rng.normal(size=(2, m.model_config.num_nodes, m.model_config.d_llm)).astype(np.float32)
+    y = eager.run_forecaster(x, emb)
+    np.testing.assert_allclose(compiled.run_forecaster(x, emb), y, atol=1e-4 * np.abs(y).max(), rtol=0)

@@ -52,7 +52,9 @@ class TorchBackend:
     limits: dict[str, int] = {}
 
     def __init__(self, bundle_dir: str, manifest: Manifest, ckpt: str | None = None, device: str = "cpu",
-                 dtype: str = "float32"):
+                 dtype: str = "float32", compile: bool = False):
+        """``compile``: both models through ``torch.compile`` (inductor, dynamic shapes), what a CPU user tries
+        after eager bf16; compiled on the first calls, so measure after a warm-up."""
         try:
             import torch
         except ImportError as exc:
@@ -62,7 +64,7 @@ class TorchBackend:
         from timecma.core.config import ModelConfig
         from timecma.llm import load_llm, recorded_layers
 
-        self.name = "torch" if dtype == "float32" else f"torch-{dtype}"
+        self.name = ("torch-compile" if compile else "torch") + ("" if dtype == "float32" else f"-{dtype}")
         self.torch = torch
         c = load_checkpoint(find_checkpoint(bundle_dir, manifest, ckpt))
         self.device = torch.device(device)
@@ -74,6 +76,9 @@ class TorchBackend:
         self.llm = (load_llm(c["llm"]["id"], self.device, last_position_only=False,
                              layers=recorded_layers(c["llm"])).encoder.to(self.dtype)
                     if c["llm"] else None)  # models without the LLM branch
+        if compile:
+            self.model = torch.compile(self.model, dynamic=True)
+            self.llm = torch.compile(self.llm, dynamic=True) if self.llm is not None else None
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         t = self.torch
