@@ -23,9 +23,9 @@ import numpy as np
 from timecma import __version__
 from timecma.core.errors import BackendUnavailable, InputError
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
-from timecma.core.manifest import MANIFEST_VERSION, Manifest, file_record, list_bundle_files, read_manifest, write_manifest
+from timecma.core.manifest import MANIFEST_VERSION, PARITY_FILE, Manifest, file_record, list_bundle_files, read_manifest, write_manifest
 from timecma.llm import LoadedLLM
-from timecma.runtime.compile.tensorrt import PARITY_FILE, EngineProfile, build_engines, default_profile
+from timecma.runtime.compile.tensorrt import EngineProfile, build_engines, default_profile
 from timecma.runtime.engines.trt_flavour import installed, load_flavour
 
 from .cpu_variants import batch1_forecaster, gate_inputs, llm_cpu_variants, openvino_variants

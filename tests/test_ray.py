@@ -308,15 +308,16 @@ def test_endpoint_contract_without_a_cluster(small_bundle):
     """The request contract itself, on a plain endpoint object (what each replica runs)."""
     from timecma.runtime.serving.online import ForecastEndpoint
 
-    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu")
+    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up=False)
+    ep.warm_up()
     win = make_frame(24, seed=5)
     doc = [{"date": str(t), **{v: float(x) for v, x in zip(VARS, row)}} for t, row in zip(win.date, win[VARS].values)]
-    status, out = ep.handle("POST", "/forecast", json.dumps(doc).encode())
+    status, out, _ = ep.handle("POST", "/forecast", json.dumps(doc).encode())
     assert status == 200 and np.array(out["forecast"]).shape == (12, 3)
     doc[3]["v1"] = "12"
     assert ep.handle("POST", "/forecast", json.dumps(doc).encode()) == (
-        400, {"error": "record 3 'v1' is '12'; a number is needed"})
+        400, {"error": "record 3 'v1' is '12'; a number is needed"}, {})
     doc[3]["v1"] = float("nan")
-    status, err = ep.handle("POST", "/forecast", json.dumps(doc).encode())
+    status, err, _ = ep.handle("POST", "/forecast", json.dumps(doc).encode())
     assert status == 400 and "v1" in err["error"]
-    assert ep.handle("POST", "/forecast", b"[1, 2]") == (400, {"error": "record 0 is not an object"})
+    assert ep.handle("POST", "/forecast", b"[1, 2]") == (400, {"error": "record 0 is not an object"}, {})

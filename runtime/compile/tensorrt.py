@@ -29,7 +29,7 @@ import numpy as np
 from timecma.core.errors import BackendUnavailable, BundleError, InputError
 from timecma.core.leftovers import remove_dead_temporaries
 from timecma.core.config import ModelConfig
-from timecma.core.manifest import GRAPHS, Engine, Manifest, file_record, read_manifest, write_manifest
+from timecma.core.manifest import PARITY_FILE, GRAPHS, Engine, Manifest, file_record, read_manifest, write_manifest
 
 from ..engines import cuda as _cuda
 from ..engines.trt_flavour import FLAVOURS, Flavour, load_flavour
@@ -37,7 +37,6 @@ from ..engines.trt_flavour import FLAVOURS, Flavour, load_flavour
 log = logging.getLogger(__name__)
 
 
-PARITY_FILE = "parity/inputs.npz"
 
 
 @dataclass

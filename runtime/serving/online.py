@@ -1,36 +1,44 @@
-"""`timecma-serve --bundle DIR`: an online forecast endpoint on Ray Serve (DESIGN §13).
+"""`timecma-serve --bundle DIR`: an online forecast endpoint on Ray Serve (DESIGN §13, §15).
 
 ``POST /forecast`` takes one window as JSON, either
 ``{"timestamps": [...seq_len ISO strings], "values": [[...N numbers] x seq_len]}`` (columns in
 the order ``GET /metadata`` lists) or ``{"records": [{"<time_col>": ..., "<var>": ..., ...}]}``
 (a bare list of records works too), and answers
 ``{"timestamps": [...pred_len], "variables": [...], "forecast": [[...N] x pred_len]}`` in
-original units. ``GET /health`` and ``GET /metadata`` describe the replica. A bad request gets
-HTTP 400 with the ``InputError`` message; the replica keeps serving.
+original units. ``GET /health`` (open to probes; "starting" until warmed up), ``/metadata``,
+``/info`` and ``/metrics`` (Prometheus text) describe the replica. Refusals are fast and counted:
+400 bad input, 401 without the bearer key, 413 too large, 429 too many in flight (Retry-After),
+503 while starting, 504 past the deadline.
 
-``ForecastEndpoint.handle`` is plain Python (method, path, body -> status, JSON), so the
-request contract is tested without a cluster; Ray Serve only wraps it. Torch-free.
+``ForecastEndpoint.handle`` is plain Python (method, path, body, headers -> status, document,
+headers), so the request contract is tested without a cluster; Ray Serve only wraps it. Torch-free.
 """
 
 from __future__ import annotations
 
+import copy
+import hmac
 import json
 import logging
 import numbers
 import os
 import signal
 import threading
+import time
+from dataclasses import asdict, dataclass
 
 import click
 import numpy as np
 
+from timecma import __version__
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
+from timecma.core.manifest import PARITY_FILE
 
 from ..backends.base import BACKENDS, threads_option
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 8 << 20  # a window of a few hundred variables is far below this
+MAX_BODY = 8 << 20  # default --max-body-bytes: a window of a few hundred variables is far below this
 
 
 def _number(x, where: str) -> float:
@@ -41,8 +49,6 @@ def _number(x, where: str) -> float:
 
 def parse_window(body: bytes, time_col: str, variables: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """A request body -> (values [L, N] float64, timestamps [L]); shape and values are checked by predict."""
-    if len(body) > MAX_BODY:
-        raise InputError(f"request body is {len(body)} bytes; at most {MAX_BODY} are accepted")
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -85,61 +91,185 @@ def parse_window(body: bytes, time_col: str, variables: list[str]) -> tuple[np.n
     return np.asarray(values, dtype=np.float64).reshape(len(values), len(variables)), stamps
 
 
-class ForecastEndpoint:
-    """One replica: the bundle loaded once; ``handle`` answers a request, ``__call__`` adapts Ray Serve's."""
+@dataclass
+class Limits:
+    """What one replica admits; in ``/info``. One window per request, so the body bound is the size bound."""
 
-    def __init__(self, bundle: str, backend: str = "auto", store: str | None = None, threads: int | None = None):
+    max_concurrent: int = 4  # forecast requests in flight (running or waiting for their turn); beyond: 429
+    max_body_bytes: int = MAX_BODY  # larger bodies: 413, unread
+    deadline_s: float = 30.0  # a request that cannot start within this: 504
+
+    def __post_init__(self):
+        if self.max_concurrent < 1 or self.max_body_bytes < 1 or self.deadline_s <= 0:
+            raise InputError(f"endpoint limits must be positive: {self}")
+
+
+Reply = tuple[int, "dict | str", dict]  # HTTP status, JSON document (or text for /metrics), extra headers
+ROUTES = {"/health": "GET", "/metadata": "GET", "/info": "GET", "/metrics": "GET", "/forecast": "POST"}
+
+
+class ForecastEndpoint:
+    """One replica: the bundle loaded once; ``handle`` answers a request, ``__call__`` adapts Ray Serve's.
+
+    Admission, in this order: the route; the bearer key (every route but ``/health``, compared in
+    constant time, never logged); readiness (``starting`` until the warm-up call on the bundle's parity
+    inputs has run: 503); the body size (413); a free slot among ``max_concurrent`` (else 429 at once,
+    with Retry-After); the turn within ``deadline_s`` (else 504). Every refusal is counted in ``/metrics``.
+    """
+
+    def __init__(self, bundle: str, backend: str = "auto", store: str | None = None, threads: int | None = None,
+                 limits: Limits | None = None, api_key: str | None = None, warm_up: bool = True):
         from .forecaster import Forecaster
+        from .metrics import EndpointMetrics
 
         kwargs = threads_option(backend, threads)
         self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
+        self.limits = limits or Limits()
+        self._key = api_key.encode() if api_key else None
+        self.metrics = EndpointMetrics()
+        self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
+        self._turn = threading.Lock()  # one forecast at a time per replica (the Forecaster serialises anyway)
+        self.ready = threading.Event()
         cfg = self.f.manifest.model_config
         self.metadata = {"variables": self.f.variables, "time_col": self.f.time_col, "seq_len": self.f.seq_len,
                          "pred_len": self.f.pred_len, "frequency": self.f.frequency, "backend": self.f.backend.name,
                          "model": cfg.model, "llm": self.f.manifest.llm.id if self.f.manifest.llm else None}
+        if warm_up:  # the replica answers /health ("starting") while its engines warm up
+            threading.Thread(target=self.warm_up, name="timecma-warm-up", daemon=True).start()
 
-    def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
-        """(HTTP status, JSON body) for a request; never raises on bad input."""
-        path = "/" + path.strip("/")
-        routes = {"/health": "GET", "/metadata": "GET", "/forecast": "POST"}
-        if path not in routes:
-            return 404, {"error": f"no route {path}; try POST /forecast, GET /metadata, GET /health"}
-        if method != routes[path]:
-            return 405, {"error": f"{path} takes {routes[path]}, not {method}"}
-        if path == "/health":
-            return 200, {"status": "ok"}
-        if path == "/metadata":
-            return 200, self.metadata
+    def warm_up(self) -> None:
+        """One call of each graph on the bundle's parity inputs (engines allocate and JIT on first use), then ready."""
+        path = os.path.join(self.f.bundle_dir, PARITY_FILE)
         try:
+            if os.path.exists(path):
+                with np.load(path) as p, self._turn:
+                    if "llm_input_ids" in p:
+                        self.f.backend.run_llm(p["llm_input_ids"], p["llm_attention_mask"])
+                    self.f.backend.run_forecaster(p["fc_x"], p["fc_prompt_emb"] if "fc_prompt_emb" in p else None)
+        except Exception:  # a warm-up failure must not keep the replica from serving: the first request will tell
+            log.exception("warm-up failed")
+        self.ready.set()
+
+    def info(self) -> dict:
+        """Model, LLM, backend and precision per graph, engines, versions, limits (never the key)."""
+        be, m = self.f.backend, self.f.manifest
+        precision = (be.precision if isinstance(getattr(be, "precision", None), dict)
+                     else {g: e.precision for g, e in getattr(be, "engines", {}).items()}
+                     or {"llm": getattr(be, "llm_variant", None) or "fp32", "forecaster": "fp32"})
+        llm = m.llm
+        return {**self.metadata, "backend": {"name": be.name, "precision": precision,
+                                             "llm_store_precision": be.llm_precision},
+                "llm": None if llm is None else {"id": llm.id, "d_llm": llm.d_llm, "layers": llm.info.get("extra", {})
+                                                 .get("layers"), "gguf": llm.info.get("extra", {}).get("gguf")},
+                "engines": [e.file for e in m.engines], "versions": {**m.versions, "timecma_runtime": __version__},
+                "limits": asdict(self.limits), "api_key_required": self._key is not None,
+                "ready": self.ready.is_set()}
+
+    def handle(self, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> Reply:
+        """(HTTP status, document, extra headers) for a request; never raises on bad input."""
+        path = "/" + path.strip("/")
+        t = time.perf_counter()
+        status, doc, extra = self._route(method, path, body, {k.lower(): v for k, v in (headers or {}).items()})
+        route = path if path in ROUTES else "other"
+        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - t)
+        return status, doc, extra
+
+    def _refuse(self, status: int, reason: str, message: str, headers: dict | None = None) -> Reply:
+        self.metrics.refusals.labels(reason).inc()
+        return status, {"error": message}, headers or {}
+
+    def _route(self, method: str, path: str, body: bytes, headers: dict) -> Reply:
+        if path not in ROUTES:
+            return 404, {"error": f"no route {path}; try POST /forecast, GET /metadata, /info, /metrics, /health"}, {}
+        if method != ROUTES[path]:
+            return 405, {"error": f"{path} takes {ROUTES[path]}, not {method}"}, {}
+        if path == "/health":
+            return (200, {"status": "ok"}, {}) if self.ready.is_set() else (503, {"status": "starting"},
+                                                                             {"Retry-After": "1"})
+        if self._key is not None:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._key):
+                return self._refuse(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is needed",
+                                    {"WWW-Authenticate": "Bearer"})
+        if path == "/metadata":
+            return 200, self.metadata, {}
+        if path == "/info":
+            return 200, self.info(), {}
+        if path == "/metrics":
+            return 200, self.metrics.text(), {}
+        if not self.ready.is_set():
+            return self._refuse(503, "starting", "the replica is warming up", {"Retry-After": "1"})
+        if len(body) > self.limits.max_body_bytes:
+            return self._refuse(413, "too_large", f"request body is {len(body)} bytes; at most "
+                                                  f"{self.limits.max_body_bytes} are accepted")
+        if not self._slots.acquire(blocking=False):
+            return self._refuse(429, "overloaded", f"{self.limits.max_concurrent} requests are in flight on this "
+                                                   "replica; retry later", {"Retry-After": "1"})
+        self.metrics.in_flight.inc()
+        try:
+            return self._forecast(body)
+        finally:
+            self.metrics.in_flight.dec()
+            self._slots.release()
+
+    def _forecast(self, body: bytes) -> Reply:
+        if not self._turn.acquire(timeout=self.limits.deadline_s):
+            return self._refuse(504, "deadline", f"the request could not start within {self.limits.deadline_s} s")
+        try:
+            before = copy.deepcopy(self.f.stats)
             values, ts = parse_window(body, self.f.time_col, self.f.variables)
             y = self.f.predict(values, ts)
+            self.metrics.observe_forecast(before, self.f.stats)
         except InputError as exc:
-            return 400, {"error": str(exc)}
+            return self._refuse(400, "bad_request", str(exc))
+        finally:
+            self._turn.release()
         steps = self.f.forecast_timestamps(ts[-1])
         return 200, {"timestamps": [str(t) for t in np.datetime_as_string(steps, unit="s")],
-                     "variables": self.f.variables, "forecast": y.astype(float).tolist()}
+                     "variables": self.f.variables, "forecast": y.astype(float).tolist()}, {}
 
     async def __call__(self, request):
-        from starlette.responses import JSONResponse
+        import asyncio
 
-        body = await request.body() if request.method == "POST" else b""
-        status, doc = self.handle(request.method, request.url.path, body)
-        return JSONResponse(doc, status_code=status)
+        from starlette.responses import JSONResponse, PlainTextResponse
+
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:  # refused unread
+            status, doc, extra = self._refuse(413, "too_large", f"request body is {declared} bytes; at most "
+                                                                f"{self.limits.max_body_bytes} are accepted")
+        else:
+            body = await request.body() if request.method == "POST" else b""
+            # in a worker thread: the event loop keeps accepting (and refusing) while a forecast runs
+            status, doc, extra = await asyncio.to_thread(self.handle, request.method, request.url.path, body,
+                                                         dict(request.headers))
+        if isinstance(doc, str):
+            return PlainTextResponse(doc, status_code=status, headers=extra,
+                                     media_type="text/plain; version=0.0.4; charset=utf-8")
+        return JSONResponse(doc, status_code=status, headers=extra)
 
 
 def build_app(bundle: str, *, replicas: int = 1, backend: str = "auto", store: str | None = None,
-              cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0):
-    """The Ray Serve application: ``replicas`` copies of the endpoint, each with its own threads."""
+              cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0, limits: Limits | None = None,
+              api_key: str | None = None):
+    """The Ray Serve application: ``replicas`` copies of the endpoint, each with its own threads.
+
+    Ray Serve hands a replica at most ``2 x max_concurrent`` requests at once (the excess reaches the
+    replica, which answers 429 at once) and queues at most ``max_concurrent`` more in its router, which
+    answers 503 beyond that: no queue is unbounded and no client waits forever."""
     from ray import serve
 
+    limits = limits or Limits()
     threads = max(1, int(round(cpus_per_replica)))
     dep = serve.deployment(ForecastEndpoint, name="timecma").options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica})
-    return dep.bind(os.path.abspath(bundle), backend, store, threads)
+        num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        max_ongoing_requests=2 * limits.max_concurrent, max_queued_requests=limits.max_concurrent)
+    return dep.bind(os.path.abspath(bundle), backend, store, threads, limits, api_key)
 
 
 def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, backend: str = "auto",
-          store: str | None = None, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0) -> str:
+          store: str | None = None, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
+          limits: Limits | None = None, api_key: str | None = None) -> str:
     """Deploy on the connected cluster; returns the base URL once every replica is up."""
     from ray import serve
 
@@ -152,8 +282,29 @@ def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: i
         store = node_store_dir(manifest.llm.namespace)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(bundle, replicas=replicas, backend=backend, store=store, cpus_per_replica=cpus_per_replica,
-                        gpus_per_replica=gpus_per_replica), name="timecma", route_prefix="/")
-    return f"http://{host}:{port}"
+                        gpus_per_replica=gpus_per_replica, limits=limits, api_key=api_key),
+              name="timecma", route_prefix="/")
+    url = f"http://{host}:{port}"
+    _wait_ready("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
+    return url
+
+
+def _wait_ready(host: str, port: int, timeout_s: float = 120.0) -> None:
+    """Until ``/health`` says ok (the replicas have warmed up), at most ``timeout_s``."""
+    import http.client
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BundleError(f"the endpoint at {host}:{port} did not become ready within {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -167,8 +318,18 @@ def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: i
 @click.option("--gpus-per-replica", default=0.0, show_default=True, type=float)
 @click.option("--ray", "ray_address", default="local", show_default=True, metavar="ADDRESS",
               help="'local' starts a cluster here; 'auto', host:port or ray://host:10001 joins one.")
-def serve_cmd(bundle, replicas, host, port, backend, store, cpus_per_replica, gpus_per_replica, ray_address):
-    """Serve a timecma bundle over HTTP: POST /forecast, GET /metadata, GET /health (Ray Serve)."""
+@click.option("--max-concurrent", default=Limits.max_concurrent, show_default=True, type=click.IntRange(min=1),
+              help="Forecast requests in flight per replica; more get 429 with Retry-After at once.")
+@click.option("--max-body-bytes", default=Limits.max_body_bytes, show_default=True, type=click.IntRange(min=1),
+              help="Larger request bodies get 413.")
+@click.option("--deadline-s", default=Limits.deadline_s, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="A request that cannot start within this many seconds gets 504.")
+@click.option("--api-key", envvar="TIMECMA_API_KEY", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every route but /health (prefer the environment variable: "
+                   "a command line is visible to other users).")
+def serve_cmd(bundle, replicas, host, port, backend, store, cpus_per_replica, gpus_per_replica, ray_address,
+              max_concurrent, max_body_bytes, deadline_s, api_key):
+    """Serve a timecma bundle over HTTP: POST /forecast, GET /metadata, /info, /metrics, /health (Ray Serve)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timecma").setLevel(logging.INFO)
     from timecma.core.ray_setup import connect, unwrap
@@ -177,15 +338,16 @@ def serve_cmd(bundle, replicas, host, port, backend, store, cpus_per_replica, gp
     try:
         connect(ray_address, progress=False)
         url = start(bundle, host=host, port=port, replicas=replicas, backend=backend, store=store,
-                    cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica)
+                    cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
+                    limits=Limits(max_concurrent, max_body_bytes, deadline_s), api_key=api_key)
     except (InputError, BundleError, BackendUnavailable) as exc:
         fail(prog, exc)
     except Exception as exc:  # a replica's constructor error arrives wrapped by Ray
         if unwrap(exc) is exc:
             raise
         fail(prog, unwrap(exc))
-    click.echo(f"timecma-serve: {replicas} replica(s) of {bundle} at {url} (POST /forecast, GET /metadata, "
-               f"GET /health); Ctrl-C stops")
+    click.echo(f"timecma-serve: {replicas} replica(s) of {bundle} at {url} (POST /forecast, GET /metadata, /info, "
+               f"/metrics, /health){'; bearer key required' if api_key else ''}; Ctrl-C stops")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+PARITY_FILE = "parity/inputs.npz"  # real inputs and ORT fp32 outputs: engine parity, serving warm-up
 GRAPHS = ("llm", "forecaster")
 
 

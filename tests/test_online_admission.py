@@ -1,0 +1,99 @@
+"""The endpoint's admission rules on a plain replica object (what each Ray Serve replica runs): bearer key,
+readiness, body size, concurrency, deadline, and the Prometheus metrics that count them."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_frame
+
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from timecma.runtime.serving.online import ForecastEndpoint, Limits  # noqa: E402
+
+VARS = ["v0", "v1", "v2"]
+KEY = "s3cret-key"
+
+
+def _body(seed: int = 5) -> bytes:
+    win = make_frame(24, seed=seed)
+    return json.dumps({"timestamps": [str(t) for t in win.date], "values": win[VARS].to_numpy().tolist()}).encode()
+
+
+def _samples(ep: ForecastEndpoint) -> dict:
+    status, text, _ = ep.handle("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+@pytest.fixture()
+def endpoint(small_bundle, tmp_path):
+    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"), warm_up=False,
+                          api_key=KEY,
+                          limits=Limits(max_concurrent=1, max_body_bytes=20_000, deadline_s=0.3))
+    return ep
+
+
+def test_key_readiness_and_size(endpoint):
+    ep, auth = endpoint, {"Authorization": f"Bearer {KEY}"}
+    assert ep.handle("GET", "/health") == (503, {"status": "starting"}, {"Retry-After": "1"})  # open, not ready
+    status, _, headers = ep.handle("POST", "/forecast", _body(), auth)
+    assert status == 503 and headers["Retry-After"] == "1"
+    ep.warm_up()
+    assert ep.handle("GET", "/health")[:2] == (200, {"status": "ok"})  # /health needs no key
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"authorization": f"Basic {KEY}"}):
+        status, doc, extra = ep.handle("POST", "/forecast", _body(), headers)
+        assert status == 401 and extra == {"WWW-Authenticate": "Bearer"} and KEY not in json.dumps(doc)
+    assert ep.handle("GET", "/info")[0] == 401 and ep.handle("GET", "/metrics")[0] == 401
+    status, out, _ = ep.handle("POST", "/forecast", _body(), {"authorization": f"bearer {KEY}"})
+    assert status == 200 and np.array(out["forecast"]).shape == (12, 3)
+    assert ep.handle("POST", "/forecast", _body(), auth)[1] == out  # the same window again: a store hit
+    status, doc, _ = ep.handle("POST", "/forecast", b"x" * 20_001, auth)
+    assert status == 413 and "20001 bytes" in doc["error"]
+    status, info, _ = ep.handle("GET", "/info", headers=auth)
+    assert status == 200 and KEY not in json.dumps(info)
+    assert info["limits"] == {"max_concurrent": 1, "max_body_bytes": 20_000, "deadline_s": 0.3}
+    assert info["backend"]["name"] == "ort-cpu" and info["backend"]["llm_store_precision"] == "fp32"
+    assert info["api_key_required"] and info["ready"] and info["llm"]["d_llm"] > 0
+    m = _samples(ep)
+    assert m[("timecma_refusals_total", (("reason", "unauthorized"),))] == 6
+    assert m[("timecma_refusals_total", (("reason", "starting"),))] == 1
+    assert m[("timecma_refusals_total", (("reason", "too_large"),))] == 1
+    assert m[("timecma_requests_total", (("route", "/forecast"), ("status", "200")))] == 2
+    assert m[("timecma_store_lookups_total", (("result", "miss"),))] == 3  # one prompt per variable, then hits
+    assert m[("timecma_store_lookups_total", (("result", "hit"),))] == 3
+    assert m[("timecma_llm_calls_total", ())] >= 1
+    assert m[("timecma_stage_seconds_count", (("stage", "llm"),))] == 2
+
+
+def test_overload_is_refused_at_once_and_a_late_start_times_out(endpoint):
+    ep, auth = endpoint, {"Authorization": f"Bearer {KEY}"}
+    ep.warm_up()
+    results = {}
+    ep._turn.acquire()  # the replica is busy with a forecast that takes longer than the deadline
+    try:
+        first = threading.Thread(target=lambda: results.update(first=ep.handle("POST", "/forecast", _body(), auth)))
+        first.start()
+        deadline = time.time() + 5
+        while ep.metrics.in_flight._value.get() < 1 and time.time() < deadline:  # the first holds the only slot
+            time.sleep(0.01)
+        t = time.perf_counter()
+        status, doc, headers = ep.handle("POST", "/forecast", _body(), auth)
+        assert status == 429 and headers == {"Retry-After": "1"} and time.perf_counter() - t < 0.1  # at once
+        first.join(5)
+    finally:
+        ep._turn.release()
+    assert results["first"][0] == 504 and "0.3 s" in results["first"][1]["error"]
+    assert ep.handle("POST", "/forecast", _body(), auth)[0] == 200  # the slot and the turn are free again
+    m = _samples(ep)
+    assert m[("timecma_refusals_total", (("reason", "overloaded"),))] == 1
+    assert m[("timecma_refusals_total", (("reason", "deadline"),))] == 1
+    assert m[("timecma_in_flight_requests", ())] == 0
+    assert m[("timecma_requests_total", (("route", "/forecast"), ("status", "429")))] == 1
