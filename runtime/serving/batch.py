@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from timecma.core.errors import InputError
+from timecma.core.errors import InputError, WriteError
 from timecma.core.manifest import DataRecord
 
 from .forecaster import Forecaster, timestamp_problem
@@ -68,19 +68,31 @@ class _Writer:
         self.writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.writer.write_table(table)
+        try:
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            self.writer.write_table(table)
+        except OSError as exc:
+            raise self._failed(exc) from exc
 
     def commit(self) -> None:
-        if self.writer is None:  # nothing to write still yields a valid, empty file
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.writer.close()
-        os.replace(self.tmp, self.out)
+        try:
+            if self.writer is None:  # nothing to write still yields a valid, empty file
+                self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            self.writer.close()
+            os.replace(self.tmp, self.out)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: OSError) -> WriteError:
+        return WriteError(f"cannot write the output {self.out}: {exc.strerror or exc}")
 
     def abort(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError:  # a full disk fails the close too; the temporary goes either way
+                pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 

@@ -11,7 +11,7 @@ import os
 
 import click
 
-from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
+from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, WriteError, fail
 from timecma.core.leftovers import remove_dead_temporaries
 
 from ..backends.base import BACKENDS, threads_option
@@ -82,7 +82,7 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
         fail(PROG, exc)
     try:
         summary = BatchServer(f, series_col, mode, stride, batch_windows).run(input_path, out, progress=not quiet)
-    except (InputError, BundleError, BackendUnavailable) as exc:
+    except (InputError, BundleError, BackendUnavailable, WriteError) as exc:
         fail(PROG, exc, " (no output written)")
     finally:
         f.close()
@@ -91,7 +91,9 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
                f"-> {out}; store hits {s.hits} / misses {s.misses}; backend {f.backend.name}; "
                f"{summary.seconds:.2f} s ({summary.windows / max(summary.seconds, 1e-9):.1f} windows/s)"
                + (f"; {s.clamped} input values clamped at the log scaler's floor (column {CLAMPED_COL})"
-                  if f.scaler.kind == "log" else ""))
+                  if f.scaler.kind == "log" else "")
+               + (f"; the store could not be written {s.store_write_failures} time(s): served uncached"
+                  if s.store_write_failures else ""))
 
 
 def _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,

@@ -17,7 +17,7 @@ from timecma.core.errors import BundleError, InputError
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.scaling import Scaler
 from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
-from timecma.core.store import EmbeddingStore
+from timecma.core.store import EmbeddingStore, StoreWriteError
 from timecma.core.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
 
 from ..backends.base import Backend
@@ -35,6 +35,7 @@ class Stats:
     hits: int = 0
     misses: int = 0
     llm_calls: int = 0
+    store_write_failures: int = 0  # batches of new vectors the store could not take (served uncached)
     seconds: dict = field(default_factory=lambda: {"render": 0.0, "tokenize": 0.0, "store": 0.0, "llm": 0.0,
                                                    "forecaster": 0.0})
 
@@ -151,8 +152,11 @@ class Forecaster:
         elif store:
             llm = manifest.llm
             # keyed by the precision the backend's LLM stage computes in: other precisions' vectors are never read
-            st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
-                                precision=be.llm_precision)
+            try:
+                st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
+                                    precision=be.llm_precision)
+            except StoreWriteError as exc:  # the store is a cache: forecasting goes on without it
+                log.warning("%s; serving goes on uncached", exc)
         log.info("loaded bundle %s on %s%s", bundle_dir, be.name, f" with store {store}" if store else "")
         return cls(bundle_dir, manifest, be, st)
 
@@ -267,7 +271,12 @@ class Forecaster:
         emb[need] = sub
         if self.store is not None:  # new vectors, and text entries for keys found by their ids
             t = time.perf_counter()
-            self.store.put_many(keys, sub, texts)
+            try:
+                self.store.put_many(keys, sub, texts)
+            except StoreWriteError as exc:  # the store is a cache: forecasting goes on without it
+                if not self.stats.store_write_failures:
+                    log.warning("%s; serving goes on uncached (counted in stats.store_write_failures)", exc)
+                self.stats.store_write_failures += 1
             s["store"] += time.perf_counter() - t
         return emb
 

@@ -29,6 +29,9 @@ class EndpointMetrics:
         self.llm_calls = Counter("timecma_llm_calls", "LLM engine calls (one per planned batch of misses)", registry=r)
         self.in_flight = Gauge("timecma_in_flight_requests", "Forecast requests admitted and not yet answered "
                                "(running or waiting for their turn)", registry=r)
+        self.store_write_failures = Counter("timecma_store_write_failures", "Batches of new vectors the store "
+                                            "could not take (disk full, read-only, map full): served uncached",
+                                            registry=r)
         self.refusals = Counter("timecma_refusals", "Requests refused, by reason", ["reason"], registry=r)
 
     def observe_forecast(self, before: Stats, after: Stats) -> None:
@@ -38,6 +41,7 @@ class EndpointMetrics:
         self.store.labels("hit").inc(after.hits - before.hits)
         self.store.labels("miss").inc(after.misses - before.misses)
         self.llm_calls.inc(after.llm_calls - before.llm_calls)
+        self.store_write_failures.inc(after.store_write_failures - before.store_write_failures)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

@@ -1,4 +1,4 @@
-"""What can go wrong, in three kinds, and the exit code each maps to in every CLI.
+"""What can go wrong, in four kinds, and the exit code each maps to in every CLI.
 
 * ``InputError`` (exit 2): the user's data or arguments are wrong (a window, a parquet
   file, a checkpoint, a flag). The message names the row, column, series or file.
@@ -7,6 +7,9 @@
 * ``BackendUnavailable`` (exit 4): a backend cannot run on this machine (library missing,
   no GPU, engines for another GPU or TensorRT version). ``--backend auto`` falls back on
   this one, and only this one.
+* ``WriteError`` (exit 5): an output or the embedding store cannot be written (disk full,
+  read-only, LMDB map full). The message names the path and the cause; no partial output is
+  left. Serving treats the store as a cache and goes on uncached instead.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-EXIT_INPUT, EXIT_BUNDLE, EXIT_UNAVAILABLE = 2, 3, 4
+EXIT_INPUT, EXIT_BUNDLE, EXIT_UNAVAILABLE, EXIT_WRITE = 2, 3, 4, 5
 EXIT_CODES_HELP = ("Exit status: 0 success; 2 bad input (data, arguments or checkpoint: the message names it; "
                    "nothing is written); 3 the bundle is wrong (missing, corrupt or another version: re-export or "
-                   "rebuild); 4 a backend cannot run here (library, GPU or engine missing).")
+                   "rebuild); 4 a backend cannot run here (library, GPU or engine missing); 5 an output or the "
+                   "store cannot be written (disk full, read-only: the path and cause are named).")
 
 
 class InputError(ValueError):
@@ -32,8 +36,14 @@ class BackendUnavailable(RuntimeError):
     """A backend cannot run on this machine (library missing, no GPU, engines for another GPU)."""
 
 
+class WriteError(OSError):
+    """An output or the embedding store cannot be written; the message names the path and the cause."""
+
+
 def exit_code(exc: BaseException) -> int:
-    """The documented exit code for an error of one of the three kinds (InputError otherwise)."""
+    """The documented exit code for an error of one of the four kinds (InputError otherwise)."""
+    if isinstance(exc, WriteError):
+        return EXIT_WRITE
     if isinstance(exc, BackendUnavailable):
         return EXIT_UNAVAILABLE
     if isinstance(exc, BundleError):

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import lmdb
 import numpy as np
-from .errors import InputError
+from .errors import InputError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,19 @@ FP32 = "fp32"
 _META_KEY = b"__timecma_store_meta__"
 # Virtual address space reserved for the map; the file grows only as data is written.
 DEFAULT_MAP_SIZE = 1 << 38
+# A store is not opened for writing on a filesystem with less free space than this: LMDB creating its
+# file on a full tmpfs dies of SIGBUS instead of reporting ENOSPC (seen here), so the check comes first.
+MIN_FREE_BYTES = 256 << 10
 _TEXT_DB = b"prompt-text"
 
 
 class StoreMismatchError(InputError):
     """The store on disk was built by another LLM/tokenizer/wrapper or vector shape."""
+
+
+class StoreWriteError(WriteError):
+    """The store cannot take new vectors (disk full, read-only, LMDB map full): a cache miss for serving,
+    a stop for training."""
 
 
 class EmbeddingStore:
@@ -61,7 +69,15 @@ class EmbeddingStore:
             self._ns += f"|precision={precision}".encode()
         if readonly and not os.path.isdir(self.path):
             raise FileNotFoundError(f"embedding store {self.path} does not exist")
-        os.makedirs(self.path, exist_ok=True)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as exc:
+            raise StoreWriteError(f"embedding store {self.path} cannot be created: {exc.strerror or exc}") from exc
+        if not readonly:
+            st = os.statvfs(self.path)
+            if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+                raise StoreWriteError(f"embedding store {self.path}: only {st.f_bavail * st.f_frsize} bytes free on "
+                                      "its filesystem; free disk space, or use another --store")
         self.env = lmdb.open(
             self.path,
             map_size=map_size,
@@ -181,13 +197,17 @@ class EmbeddingStore:
                 raise ValueError(f"expected vectors of shape {(len(keys), self.dim)}, got {vectors.shape}")
         if prompts is not None and len(prompts) != len(keys):
             raise ValueError(f"{len(prompts)} prompt texts for {len(keys)} keys")
-        with self.env.begin(write=True) as txn:
-            if vectors is not None:
-                for k, v in zip(keys, vectors):
-                    txn.put(k, v.tobytes(), overwrite=False)
-            if prompts is not None and self._text_db is not None:
-                for k, p in zip(keys, prompts):
-                    txn.put(self.text_key(p), k, db=self._text_db)
+        try:
+            with self.env.begin(write=True) as txn:
+                if vectors is not None:
+                    for k, v in zip(keys, vectors):
+                        txn.put(k, v.tobytes(), overwrite=False)
+                if prompts is not None and self._text_db is not None:
+                    for k, p in zip(keys, prompts):
+                        txn.put(self.text_key(p), k, db=self._text_db)
+        except lmdb.Error as exc:  # the transaction is aborted: the store holds what it held before
+            raise StoreWriteError(f"embedding store {self.path} cannot be written ({type(exc).__name__}: {exc}); "
+                                  "free disk space, or use another --store") from exc
 
     def __len__(self) -> int:
         with self.env.begin() as txn:  # minus the metadata record and the text index's name
