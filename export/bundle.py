@@ -24,7 +24,7 @@ from timecma import __version__
 from timecma.core.errors import BackendUnavailable, InputError
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
 from timecma.core.manifest import MANIFEST_VERSION, PARITY_FILE, Manifest, file_record, list_bundle_files, read_manifest, write_manifest
-from timecma.llm import LoadedLLM
+from timecma.llm import LoadedLLM, release_weights
 from timecma.runtime.compile.tensorrt import EngineProfile, build_engines, default_profile
 from timecma.runtime.engines.trt_flavour import installed, load_flavour
 
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 def export_bundle(src: Source, llm: LoadedLLM | None, opts: ExportOptions) -> Manifest:
-    """Write the bundle; returns its manifest. Nothing is left at ``out_dir`` on failure."""
+    """Write the bundle; returns its manifest. Nothing is left at ``out_dir`` on failure. ``llm`` is spent:
+    its weights are released once the LLM graph has passed its parity check (its ``info`` stays)."""
     t0 = time.time()
     out_dir = os.path.abspath(opts.out_dir)
     recover_bundle(out_dir)
@@ -128,6 +129,8 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, st
     x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
     with step("LLM graph and its parity"):
         part = llm_graph(src, llm, opts, tmp, series, starts) if cfg.uses_llm else None
+        if part:  # past its parity check the graph stands for the LLM: the torch weights go (``llm`` is spent)
+            release_weights(llm)
     with step("forecaster parity and batch-1 graph"):
         check_forecaster(fc, tmp, x, part.emb if part else None, opts.tolerance)
         fc_batch1 = batch1_forecaster(fc, tmp, opts.tolerance)

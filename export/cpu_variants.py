@@ -69,6 +69,7 @@ def llm_cpu_variants(src: Source, llm, opts: ExportOptions, tmp: str, series, pa
     n = src.cfg.num_nodes
     feeds = llm_feeds(part.ids[:n], part.pad_id)
     timings = {"fp32": _time_session(part.session, feeds)}
+    part.session = None  # its last use: the variants below load their own sessions, one at a time
     cpu_preferred = "fp32"
     if _ort_optimised(llm, opts, tmp, part, feeds, timings):
         cpu_preferred = "fp32-ort-opt"

@@ -232,6 +232,15 @@ def keep_first_layers(model: nn.Module, k: int | None) -> int:
     return total
 
 
+def release_weights(llm: LoadedLLM) -> None:
+    """Free the LLM's weights (moved to the meta device), keeping its config and identity (``info``): export's
+    later steps work on the ONNX graph alone, and 0.5 GB (SmolLM2) to GBs of fp32 weights need not stay resident."""
+    import gc
+
+    llm.encoder.to("meta")
+    gc.collect()
+
+
 def recorded_layers(record: dict | None) -> int | None:
     """The decoder depth an LLM record (``LLMInfo.to_dict()``, as in checkpoints and manifests) embedded with."""
     return ((record or {}).get("extra") or {}).get("layers")
