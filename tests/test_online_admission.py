@@ -97,3 +97,18 @@ def test_overload_is_refused_at_once_and_a_late_start_times_out(endpoint):
     assert m[("timecma_refusals_total", (("reason", "deadline"),))] == 1
     assert m[("timecma_in_flight_requests", ())] == 0
     assert m[("timecma_requests_total", (("route", "/forecast"), ("status", "429")))] == 1
+
+
+def test_deployment_bounds_its_queues_and_autoscales_on_depth():
+    pytest.importorskip("ray")
+    from timecma.core.errors import InputError
+    from timecma.runtime.serving.online import deployment
+
+    fixed = deployment(replicas=2, limits=Limits(max_concurrent=6))
+    cfg = fixed._deployment_config
+    assert cfg.num_replicas == 2 and cfg.autoscaling_config is None
+    assert cfg.max_ongoing_requests == 12 and cfg.max_queued_requests == 6
+    auto = deployment(replicas=(1, 4), limits=Limits(max_concurrent=6))._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 3)
+    with pytest.raises(InputError, match="need 1 <= min <= max"):
+        deployment(replicas=(3, 2))

@@ -249,25 +249,44 @@ class ForecastEndpoint:
         return JSONResponse(doc, status_code=status, headers=extra)
 
 
-def build_app(bundle: str, *, replicas: int = 1, backend: str = "auto", store: str | None = None,
-              cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0, limits: Limits | None = None,
-              api_key: str | None = None):
-    """The Ray Serve application: ``replicas`` copies of the endpoint, each with its own threads.
+def deployment(*, replicas: int | tuple[int, int] = 1, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
+               limits: Limits | None = None):
+    """The Ray Serve deployment of the endpoint: ``replicas`` copies, or ``(min, max)`` autoscaled on queue depth.
 
     Ray Serve hands a replica at most ``2 x max_concurrent`` requests at once (the excess reaches the
     replica, which answers 429 at once) and queues at most ``max_concurrent`` more in its router, which
-    answers 503 beyond that: no queue is unbounded and no client waits forever."""
+    answers 503 beyond that: no queue is unbounded and no client waits forever. Autoscaling adds a
+    replica when the requests in flight per replica exceed half of ``max_concurrent`` (Ray Serve's
+    ``target_ongoing_requests``), before refusals start."""
     from ray import serve
 
     limits = limits or Limits()
-    threads = max(1, int(round(cpus_per_replica)))
-    dep = serve.deployment(ForecastEndpoint, name="timecma").options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+    if isinstance(replicas, tuple):
+        lo, hi = replicas
+        if not 1 <= lo <= hi:
+            raise InputError(f"--min-replicas {lo} and --max-replicas {hi}: need 1 <= min <= max")
+        count = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi,
+                                        "target_ongoing_requests": max(1, limits.max_concurrent // 2)}}
+    else:
+        count = {"num_replicas": replicas}
+    return serve.deployment(ForecastEndpoint, name="timecma").options(
+        **count, ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         max_ongoing_requests=2 * limits.max_concurrent, max_queued_requests=limits.max_concurrent)
+
+
+def build_app(bundle: str, *, replicas: int | tuple[int, int] = 1, backend: str = "auto", store: str | None = None,
+              cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0, limits: Limits | None = None,
+              api_key: str | None = None):
+    """The Ray Serve application: the endpoint deployment bound to the bundle, each replica with its own threads."""
+    limits = limits or Limits()
+    threads = max(1, int(round(cpus_per_replica)))
+    dep = deployment(replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
+                     limits=limits)
     return dep.bind(os.path.abspath(bundle), backend, store, threads, limits, api_key)
 
 
-def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, backend: str = "auto",
+def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int | tuple[int, int] = 1,
+          backend: str = "auto",
           store: str | None = None, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
           limits: Limits | None = None, api_key: str | None = None) -> str:
     """Deploy on the connected cluster; returns the base URL once every replica is up."""
@@ -310,6 +329,9 @@ def _wait_ready(host: str, port: int, timeout_s: float = 120.0) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.option("--bundle", required=True, type=click.Path(), help="Bundle directory written by timecma-export.")
 @click.option("--replicas", default=1, show_default=True, help="Copies of the model serving requests.")
+@click.option("--min-replicas", default=None, type=click.IntRange(min=1),
+              help="With --max-replicas: autoscale between the two on requests in flight per replica.")
+@click.option("--max-replicas", default=None, type=click.IntRange(min=1))
 @click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to listen on every interface.")
 @click.option("--port", default=8000, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
@@ -327,7 +349,7 @@ def _wait_ready(host: str, port: int, timeout_s: float = 120.0) -> None:
 @click.option("--api-key", envvar="TIMECMA_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /health (prefer the environment variable: "
                    "a command line is visible to other users).")
-def serve_cmd(bundle, replicas, host, port, backend, store, cpus_per_replica, gpus_per_replica, ray_address,
+def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend, store, cpus_per_replica, gpus_per_replica, ray_address,
               max_concurrent, max_body_bytes, deadline_s, api_key):
     """Serve a timecma bundle over HTTP: POST /forecast, GET /metadata, /info, /metrics, /health (Ray Serve)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -335,6 +357,10 @@ def serve_cmd(bundle, replicas, host, port, backend, store, cpus_per_replica, gp
     from timecma.core.ray_setup import connect, unwrap
 
     prog = "timecma-serve"
+    if (min_replicas is None) != (max_replicas is None):
+        fail(prog, "--min-replicas and --max-replicas go together")
+    if min_replicas is not None:
+        replicas = (min_replicas, max_replicas)
     try:
         connect(ray_address, progress=False)
         url = start(bundle, host=host, port=port, replicas=replicas, backend=backend, store=store,
@@ -346,7 +372,8 @@ def serve_cmd(bundle, replicas, host, port, backend, store, cpus_per_replica, gp
         if unwrap(exc) is exc:
             raise
         fail(prog, unwrap(exc))
-    click.echo(f"timecma-serve: {replicas} replica(s) of {bundle} at {url} (POST /forecast, GET /metadata, /info, "
+    count = f"{replicas[0]}-{replicas[1]} (autoscaled)" if isinstance(replicas, tuple) else replicas
+    click.echo(f"timecma-serve: {count} replica(s) of {bundle} at {url} (POST /forecast, GET /metadata, /info, "
                f"/metrics, /health){'; bearer key required' if api_key else ''}; Ctrl-C stops")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
