@@ -93,9 +93,12 @@ def _latency(bundle: str, data: str, iters: int, backend: str) -> dict:
 @click.option("--llm-batch-size", default=64, show_default=True)
 @click.option("--rows", default=None, help="Comma-separated row numbers (1-based) to (re)run; the others are kept "
                                           "from an existing results.json.")
+@click.option("--latency-only", is_flag=True, help="Measure the latency columns again on the bundles already in "
+                                                   "--work, all rows in one pass (keep the machine quiet), and keep "
+                                                   "the accuracy columns of results.json.")
 def main(data: str, llm_id: str, out: str, work: str, epochs: int, suite: str, train_stride: int, eval_stride: int,
          precompute_backend: str, latency_backend: str, latency_iters: int, llm_batch_size: int,
-         rows: str | None) -> None:
+         rows: str | None, latency_only: bool) -> None:
     from timecma.core.logs import setup_logging
     from timecma.export.bundle import export_bundle
     from timecma.export.options import ExportOptions
@@ -104,6 +107,17 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, suite: str, t
     from timecma.train import train
 
     setup_logging(False)
+    if latency_only:
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+        for (name, kw), row in zip(SUITES[suite], res["rows"]):
+            assert row["row"] == name, f"{out}/results.json is not the {suite} suite's"
+            row["batch1_ms"] = _latency(os.path.join(_run_dir(work, kw), "bundle"), data, latency_iters,
+                                        latency_backend)
+            click.echo(f"{name}: {row['batch1_ms']}", err=True)
+        res["machine"], res["latency_pass"] = machine_info(), "one quiet pass over every row's bundle"
+        _write(res, out)
+        return
     overrides = dict(seq_len=96, pred_len=96, channel=32, e_layer=2, d_layer=2, head=8, d_ff=32, dropout=0.2)
     tcfg = TrainConfig(epochs=epochs, patience=3, train_stride=train_stride, eval_stride=eval_stride,
                        llm_batch_size=llm_batch_size, device="cpu", precompute_backend=precompute_backend)
@@ -119,7 +133,7 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, suite: str, t
         if only and i not in only and name in keep:
             rows.append(keep[name])
             continue
-        run = os.path.join(work, "-".join([kw["model_name"], *(str(v) for k, v in kw.items() if k != "model_name")]))
+        run = _run_dir(work, kw)
         click.echo(f"== {name}", err=True)
         kw = dict(kw)
         llm = random_twin(llm_id, os.path.join(work, "random-llm")) if kw.pop("llm", None) == "random" else llm_id
@@ -143,6 +157,15 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, suite: str, t
            "train_stride": train_stride, "eval_stride": eval_stride, "precompute_backend": precompute_backend,
            "selection": "validation MSE only; test evaluated once on the selected checkpoint",
            "rows": rows, "naive_test": naive}
+    _write(res, out)
+
+
+def _run_dir(work: str, kw: dict) -> str:
+    """Where a row's checkpoint, metrics and bundle go."""
+    return os.path.join(work, "-".join([kw["model_name"], *(str(v) for k, v in kw.items() if k != "model_name")]))
+
+
+def _write(res: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
