@@ -17,6 +17,7 @@ from timecma.core.errors import BundleError, InputError
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.scaling import Scaler
 from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
+from timecma.core.bounded_store import BoundedStore
 from timecma.core.store import EmbeddingStore, StoreWriteError
 from timecma.core.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
 
@@ -109,7 +110,7 @@ class Forecaster:
     preallocated batch-1 arrays, the counters). For parallel throughput use processes
     (several may share one store) or batch windows with ``predict_many``."""
 
-    def __init__(self, bundle_dir: str, manifest: Manifest, backend: Backend, store: EmbeddingStore | None,
+    def __init__(self, bundle_dir: str, manifest: Manifest, backend: Backend, store: EmbeddingStore | BoundedStore | None,
                  llm_batch: int = 64):
         self.bundle_dir, self.manifest, self.backend, self.store = bundle_dir, manifest, backend, store
         cfg, data = manifest.model_config, manifest.data
@@ -143,7 +144,10 @@ class Forecaster:
         self._emb1 = np.empty((1, self.n_vars, self.d_llm), dtype=np.float32)
 
     @classmethod
-    def load(cls, bundle_dir: str, backend: str = "auto", store: str | None = None, **backend_kwargs) -> "Forecaster":
+    def load(cls, bundle_dir: str, backend: str = "auto", store: str | None = None, store_max_gb: float | None = None,
+             **backend_kwargs) -> "Forecaster":
+        """``store_max_gb``: keep the store within this on disk (``core.bounded_store``: two generations, the
+        older evicted when the newer is full), for endpoints that run for months."""
         manifest = read_manifest(bundle_dir)
         be = make_backend(backend, bundle_dir, manifest, **backend_kwargs)
         st = None
@@ -153,8 +157,12 @@ class Forecaster:
             llm = manifest.llm
             # keyed by the precision the backend's LLM stage computes in: other precisions' vectors are never read
             try:
-                st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
-                                    precision=be.llm_precision)
+                if store_max_gb:
+                    st = BoundedStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
+                                      precision=be.llm_precision, max_bytes=int(store_max_gb * (1 << 30)))
+                else:
+                    st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
+                                        precision=be.llm_precision)
             except StoreWriteError as exc:  # the store is a cache: forecasting goes on without it
                 log.warning("%s; serving goes on uncached", exc)
         log.info("loaded bundle %s on %s%s", bundle_dir, be.name, f" with store {store}" if store else "")

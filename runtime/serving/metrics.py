@@ -32,6 +32,9 @@ class EndpointMetrics:
         self.store_write_failures = Counter("timecma_store_write_failures", "Batches of new vectors the store "
                                             "could not take (disk full, read-only, map full): served uncached",
                                             registry=r)
+        self.store_evictions = Gauge("timecma_store_evictions", "Generations the bounded store has evicted "
+                                     "(--store-max-gb)", registry=r)
+        self.store_bytes = Gauge("timecma_store_disk_bytes", "Bytes of the bounded store's files on disk", registry=r)
         self.refusals = Counter("timecma_refusals", "Requests refused, by reason", ["reason"], registry=r)
 
     def observe_forecast(self, before: Stats, after: Stats) -> None:
@@ -43,5 +46,9 @@ class EndpointMetrics:
         self.llm_calls.inc(after.llm_calls - before.llm_calls)
         self.store_write_failures.inc(after.store_write_failures - before.store_write_failures)
 
-    def text(self) -> str:
+    def text(self, store=None) -> str:
+        """The exposition, with the bounded store's gauges read now (``store``: the forecaster's store, if any)."""
+        if hasattr(store, "evictions"):
+            self.store_evictions.set(store.evictions)
+            self.store_bytes.set(store.disk_bytes())
         return generate_latest(self.registry).decode()

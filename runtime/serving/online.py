@@ -118,12 +118,13 @@ class ForecastEndpoint:
     """
 
     def __init__(self, bundle: str, backend: str = "auto", store: str | None = None, threads: int | None = None,
-                 limits: Limits | None = None, api_key: str | None = None, warm_up: bool = True):
+                 limits: Limits | None = None, api_key: str | None = None, warm_up: bool = True,
+                 store_max_gb: float | None = None):
         from .forecaster import Forecaster
         from .metrics import EndpointMetrics
 
         kwargs = threads_option(backend, threads)
-        self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
+        self.f = Forecaster.load(bundle, backend=backend, store=store, store_max_gb=store_max_gb, **kwargs)
         self.limits = limits or Limits()
         self._key = api_key.encode() if api_key else None
         self.metrics = EndpointMetrics()
@@ -197,7 +198,7 @@ class ForecastEndpoint:
         if path == "/info":
             return 200, self.info(), {}
         if path == "/metrics":
-            return 200, self.metrics.text(), {}
+            return 200, self.metrics.text(self.f.store), {}
         if not self.ready.is_set():
             return self._refuse(503, "starting", "the replica is warming up", {"Retry-After": "1"})
         if len(body) > self.limits.max_body_bytes:
@@ -276,19 +277,19 @@ def deployment(*, replicas: int | tuple[int, int] = 1, cpus_per_replica: float =
 
 def build_app(bundle: str, *, replicas: int | tuple[int, int] = 1, backend: str = "auto", store: str | None = None,
               cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0, limits: Limits | None = None,
-              api_key: str | None = None):
+              api_key: str | None = None, store_max_gb: float | None = None):
     """The Ray Serve application: the endpoint deployment bound to the bundle, each replica with its own threads."""
     limits = limits or Limits()
     threads = max(1, int(round(cpus_per_replica)))
     dep = deployment(replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
                      limits=limits)
-    return dep.bind(os.path.abspath(bundle), backend, store, threads, limits, api_key)
+    return dep.bind(os.path.abspath(bundle), backend, store, threads, limits, api_key, True, store_max_gb)
 
 
 def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int | tuple[int, int] = 1,
           backend: str = "auto",
           store: str | None = None, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
-          limits: Limits | None = None, api_key: str | None = None) -> str:
+          limits: Limits | None = None, api_key: str | None = None, store_max_gb: float | None = None) -> str:
     """Deploy on the connected cluster; returns the base URL once every replica is up."""
     from ray import serve
 
@@ -301,7 +302,8 @@ def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: i
         store = node_store_dir(manifest.llm.namespace)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(bundle, replicas=replicas, backend=backend, store=store, cpus_per_replica=cpus_per_replica,
-                        gpus_per_replica=gpus_per_replica, limits=limits, api_key=api_key),
+                        gpus_per_replica=gpus_per_replica, limits=limits, api_key=api_key,
+                        store_max_gb=store_max_gb),
               name="timecma", route_prefix="/")
     url = f"http://{host}:{port}"
     _wait_ready("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
@@ -336,6 +338,9 @@ def _wait_ready(host: str, port: int, timeout_s: float = 120.0) -> None:
 @click.option("--port", default=8000, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True)
 @click.option("--store", default=None, help="Embedding store on each node's LOCAL disk (default: its temp dir).")
+@click.option("--store-max-gb", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Keep each replica's store within this on disk: two generations, the older evicted when the newer "
+                   "is full; hits in the older are promoted (an approximate LRU). Default: unbounded.")
 @click.option("--cpus-per-replica", default=1.0, show_default=True, type=float)
 @click.option("--gpus-per-replica", default=0.0, show_default=True, type=float)
 @click.option("--ray", "ray_address", default="local", show_default=True, metavar="ADDRESS",
@@ -349,7 +354,8 @@ def _wait_ready(host: str, port: int, timeout_s: float = 120.0) -> None:
 @click.option("--api-key", envvar="TIMECMA_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /health (prefer the environment variable: "
                    "a command line is visible to other users).")
-def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend, store, cpus_per_replica, gpus_per_replica, ray_address,
+def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend, store, store_max_gb, cpus_per_replica,
+              gpus_per_replica, ray_address,
               max_concurrent, max_body_bytes, deadline_s, api_key):
     """Serve a timecma bundle over HTTP: POST /forecast, GET /metadata, /info, /metrics, /health (Ray Serve)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -365,7 +371,8 @@ def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend,
         connect(ray_address, progress=False)
         url = start(bundle, host=host, port=port, replicas=replicas, backend=backend, store=store,
                     cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
-                    limits=Limits(max_concurrent, max_body_bytes, deadline_s), api_key=api_key)
+                    limits=Limits(max_concurrent, max_body_bytes, deadline_s), api_key=api_key,
+                    store_max_gb=store_max_gb)
     except (InputError, BundleError, BackendUnavailable) as exc:
         fail(prog, exc)
     except Exception as exc:  # a replica's constructor error arrives wrapped by Ray

@@ -158,6 +158,11 @@ class EmbeddingStore:
 
         return self._read(len(prompts), key_of, out)
 
+    def keys_of_texts(self, prompts: Sequence[str]) -> list[bytes]:
+        """The content addresses the text index holds for ``prompts`` (each must be indexed)."""
+        with self.env.begin() as txn:
+            return [bytes(txn.get(self.text_key(p), db=self._text_db)) for p in prompts]
+
     def get_many(self, keys: Sequence[bytes], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors for ``keys`` as [len(keys), dim] and a boolean found-mask."""
         return self._read(len(keys), lambda txn, i: keys[i], out)

@@ -1,0 +1,64 @@
+"""The bounded store (timecma-serve --store-max-gb): the bound holds on disk, hits stay correct after evictions,
+what is used survives a rotation, and the store reopens as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from timecma.core.bounded_store import BoundedStore
+from timecma.core.errors import InputError
+
+NS, DIM = "ab" * 32, 256  # 1 KiB vectors
+
+
+def _vec(i: int) -> np.ndarray:
+    return np.full(DIM, i, np.float32)
+
+
+def _key(i: int) -> bytes:
+    return b"key-%06d" % i
+
+
+def test_bound_holds_and_hits_stay_correct(tmp_path):
+    bound = 2 << 20
+    st = BoundedStore(tmp_path / "s", NS, DIM, max_bytes=bound)
+    hot = _key(0)
+    st.put_many([hot], _vec(0)[None], ["prompt 0"])
+    for b in range(60):  # 3,000 vectors of 1 KiB through a 2 MiB bound
+        ids = range(1 + 50 * b, 1 + 50 * (b + 1))
+        st.put_many([_key(i) for i in ids], np.stack([_vec(i) for i in ids]), [f"prompt {i}" for i in ids])
+        assert st.disk_bytes() <= bound
+        got, found = st.get_many([hot])  # used all along: promoted on every rotation, never evicted
+        assert found.all() and (got == _vec(0)).all()
+    assert st.evictions >= 2
+    recent = [_key(i) for i in range(2950, 3001)]
+    got, found = st.get_many(recent)
+    assert found.all() and (got[:, 0] == np.arange(2950, 3001)).all()  # hits are the vectors written
+    got, found = st.get_many([_key(1), _key(2)])
+    assert not found.any()  # evicted: a miss, computed again by the caller
+    assert st.missing([_key(1), hot]) == [0]
+    vecs, found = st.get_many_by_text(["prompt 2999", "prompt 3", "prompt 0"])
+    # the hot entry was promoted by its key alone, without its text: serving then finds it by key (after tokenizing)
+    assert found.tolist() == [True, False, False] and vecs[0, 0] == 2999
+    n = len(st)
+    st.close()
+    with BoundedStore(tmp_path / "s", NS, DIM, max_bytes=bound) as again:  # reopened: both generations back
+        assert len(again) == n and again.get_many([_key(3000)])[1].all()
+
+
+def test_bound_too_small_is_refused(tmp_path):
+    with pytest.raises(InputError, match="at least 2 MiB"):
+        BoundedStore(tmp_path / "s", NS, DIM, max_bytes=1 << 20)
+
+
+def test_forecaster_serves_from_a_bounded_store(small_bundle, tmp_path):
+    from conftest import make_frame
+    from timecma.runtime import Forecaster
+
+    f = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "s"), store_max_gb=0.002)
+    assert isinstance(f.store, BoundedStore) and f.store.max_bytes == int(0.002 * (1 << 30))
+    win = make_frame(24, seed=9)
+    y = f.predict(win)
+    np.testing.assert_array_equal(f.predict(win), y)
+    assert (f.stats.misses, f.stats.hits) == (3, 3)

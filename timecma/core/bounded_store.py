@@ -1,0 +1,143 @@
+"""An embedding store with a bound on disk, for long-running endpoints: every live request adds N vectors.
+
+Two generations of ``EmbeddingStore`` live under one folder (``gen-<n>/``), each an LMDB map of at
+most half the bound, so the folder never holds more than the bound. New vectors go into the newer
+generation; when it is full, the older one is deleted, the newer becomes the older, and a new one
+starts (an eviction). A hit in the older generation is copied into the newer one, so what is used
+stays and what was not used for a whole generation goes: an approximate LRU at the cost of one copy
+per promoted vector. Keys are the store's usual content addresses, so a hit is always correct; an
+evicted prompt is a miss and is computed again.
+
+One process owns a bounded store (an endpoint replica's node-local store): a rotation deletes files
+that other processes could still have open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Sequence
+
+import lmdb
+import numpy as np
+
+from .errors import InputError
+from .store import FP32, EmbeddingStore, StoreWriteError
+
+log = logging.getLogger(__name__)
+
+MIN_BYTES = 2 << 20  # two generations of at least 1 MiB (LMDB's meta pages and the text index need room)
+
+
+def _map_full(exc: StoreWriteError) -> bool:
+    return isinstance(exc.__cause__, lmdb.MapFullError)
+
+
+class BoundedStore:
+    """The ``EmbeddingStore`` interface serving uses, within ``max_bytes`` on disk."""
+
+    def __init__(self, path: str | os.PathLike, namespace: str, dim: int, dtype: str | None = None, *,
+                 max_bytes: int, describe: str = "", precision: str = FP32):
+        if max_bytes < MIN_BYTES:
+            raise InputError(f"a bounded store needs at least {MIN_BYTES >> 20} MiB, not {max_bytes} bytes")
+        self.path, self.max_bytes, self.evictions = os.fspath(path), int(max_bytes), 0
+        self._args = (namespace, dim, dtype)
+        self._kw = {"describe": describe, "precision": precision, "map_size": self.max_bytes // 2}
+        os.makedirs(self.path, exist_ok=True)
+        gens = sorted(int(d[4:]) for d in os.listdir(self.path) if d.startswith("gen-") and d[4:].isdigit())
+        self._n = gens[-1] if gens else 0
+        for g in gens[:-2]:  # left by a rotation that was killed halfway
+            shutil.rmtree(self._dir(g), ignore_errors=True)
+        self.old = self._open(self._n - 1) if self._n - 1 in gens else None
+        self.cur = self._open(self._n)
+        self.namespace, self.dim, self.dtype, self.precision = (self.cur.namespace, self.cur.dim, self.cur.dtype,
+                                                                self.cur.precision)
+
+    def _dir(self, n: int) -> str:
+        return os.path.join(self.path, f"gen-{n}")
+
+    def _open(self, n: int) -> EmbeddingStore:
+        return EmbeddingStore(self._dir(n), *self._args, **self._kw)
+
+    def _rotate(self) -> None:
+        """Drop the older generation; the newer one becomes the older; a new one starts."""
+        if self.old is not None:
+            self.old.close()
+            shutil.rmtree(self._dir(self._n - 1), ignore_errors=True)
+        self.old, self._n = self.cur, self._n + 1
+        self.cur = self._open(self._n)
+        self.evictions += 1
+        log.info("bounded store %s: generation %d full, generation %d evicted", self.path, self._n - 1, self._n - 2)
+
+    # -- the EmbeddingStore interface -------------------------------------------------
+    def key(self, token_ids: np.ndarray) -> bytes:
+        return self.cur.key(token_ids)
+
+    def keys(self, token_ids: Sequence[np.ndarray]) -> list[bytes]:
+        return self.cur.keys(token_ids)
+
+    def get_many(self, keys: Sequence[bytes], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        out, found = self.cur.get_many(keys, out)
+        if self.old is not None and not found.all():
+            idx = np.flatnonzero(~found)
+            got, hit = self.old.get_many([keys[i] for i in idx])
+            self._take(out, found, idx[hit], got[hit], [keys[i] for i in idx[hit]], None)
+        return out, found
+
+    def get_many_by_text(self, prompts: Sequence[str], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        out, found = self.cur.get_many_by_text(prompts, out)
+        if self.old is not None and not found.all():
+            idx = np.flatnonzero(~found)
+            got, hit = self.old.get_many_by_text([prompts[i] for i in idx])
+            texts = [prompts[i] for i in idx[hit]]
+            self._take(out, found, idx[hit], got[hit], self.old.keys_of_texts(texts), texts)
+        return out, found
+
+    def _take(self, out: np.ndarray, found: np.ndarray, rows: np.ndarray, vectors: np.ndarray, keys: list[bytes],
+              prompts: list[str] | None) -> None:
+        """Hits of the older generation: into the answer, and promoted into the newer one."""
+        if len(rows):
+            out[rows], found[rows] = vectors, True
+            self._promote(keys, vectors, prompts)
+
+    def _promote(self, keys: list[bytes], vectors: np.ndarray, prompts: list[str] | None) -> None:
+        try:
+            self.put_many(keys, vectors, prompts)
+        except StoreWriteError as exc:  # a cache: a failed promotion only means a later miss
+            log.warning("bounded store %s: promotion failed (%s)", self.path, exc)
+
+    def missing(self, keys: Sequence[bytes]) -> list[int]:
+        idx = self.cur.missing(keys)
+        if self.old is None or not idx:
+            return idx
+        gone = self.old.missing([keys[i] for i in idx])
+        return [idx[j] for j in gone]
+
+    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray | None, prompts: Sequence[str] | None = None) -> None:
+        """Into the newer generation; a full one is rotated once and the batch written to the fresh one."""
+        try:
+            self.cur.put_many(keys, vectors, prompts)
+        except StoreWriteError as exc:
+            if not _map_full(exc):
+                raise
+            self._rotate()
+            self.cur.put_many(keys, vectors, prompts)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the store's files on disk (what the bound is about)."""
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.path) for f in files)
+
+    def __len__(self) -> int:
+        return len(self.cur) + (len(self.old) if self.old is not None else 0)
+
+    def close(self) -> None:
+        self.cur.close()
+        if self.old is not None:
+            self.old.close()
+
+    def __enter__(self) -> "BoundedStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
