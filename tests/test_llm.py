@@ -83,3 +83,15 @@ def test_plan_llm_batches_is_optimal_and_complete():
     # one long outlier gets its own call instead of padding six prompts to its length
     plan = plan_llm_batches([226, 227, 322, 226, 228, 226, 228], 64)
     assert [sorted(g.tolist()) for g in plan] == [[0, 1, 3, 4, 5, 6], [2]]
+
+
+def test_plan_llm_batches_keeps_the_token_budget():
+    from timecma.core.tokens import plan_llm_batches
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(20, 400, 200).tolist() + [900]
+    plan = plan_llm_batches(lengths, 64, max_tokens=1000)
+    assert sorted(int(i) for g in plan for i in g) == list(range(len(lengths)))  # every prompt once
+    for g in plan:
+        assert len(g) * max(lengths[i] for i in g) <= 1000 or len(g) == 1
+    assert any(len(g) > 1 for g in plan)

@@ -59,7 +59,8 @@ def test_key_readiness_and_size(endpoint):
     assert status == 413 and "20001 bytes" in doc["error"]
     status, info, _ = ep.handle("GET", "/info", headers=auth)
     assert status == 200 and KEY not in json.dumps(info)
-    assert info["limits"] == {"max_concurrent": 1, "max_body_bytes": 20_000, "deadline_s": 0.3}
+    assert info["limits"] == {"max_concurrent": 1, "max_body_bytes": 20_000, "deadline_s": 0.3, "max_wait_ms": 2.0,
+                              "max_batch_tokens": 16384}
     assert info["backend"]["name"] == "ort-cpu" and info["backend"]["llm_store_precision"] == "fp32"
     assert info["api_key_required"] and info["ready"] and info["llm"]["d_llm"] > 0
     m = _samples(ep)
@@ -77,7 +78,7 @@ def test_overload_is_refused_at_once_and_a_late_start_times_out(endpoint):
     ep, auth = endpoint, {"Authorization": f"Bearer {KEY}"}
     ep.warm_up()
     results = {}
-    ep._turn.acquire()  # the replica is busy with a forecast that takes longer than the deadline
+    ep.f._lock.acquire()  # the replica is busy with a forecast that takes longer than the deadline
     try:
         first = threading.Thread(target=lambda: results.update(first=ep.handle("POST", "/forecast", _body(), auth)))
         first.start()
@@ -89,7 +90,7 @@ def test_overload_is_refused_at_once_and_a_late_start_times_out(endpoint):
         assert status == 429 and headers == {"Retry-After": "1"} and time.perf_counter() - t < 0.1  # at once
         first.join(5)
     finally:
-        ep._turn.release()
+        ep.f._lock.release()
     assert results["first"][0] == 504 and "0.3 s" in results["first"][1]["error"]
     assert ep.handle("POST", "/forecast", _body(), auth)[0] == 200  # the slot and the turn are free again
     m = _samples(ep)
@@ -112,3 +113,37 @@ def test_deployment_bounds_its_queues_and_autoscales_on_depth():
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 3)
     with pytest.raises(InputError, match="need 1 <= min <= max"):
         deployment(replicas=(3, 2))
+
+
+def test_concurrent_requests_share_forecast_calls_and_get_their_batch_1_answers(small_bundle, tmp_path):
+    """Dynamic batching: 8 clients at once, each a different window; each answer equals the window forecast alone
+    (fp32 tolerance: 1e-5 of the forecast's scale), and some calls held more than one window."""
+    from timecma.runtime import Forecaster
+
+    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up=False,
+                          limits=Limits(max_concurrent=8, max_wait_ms=200, max_batch_tokens=600))
+    ep.warm_up()
+    bodies = [_body(seed) for seed in range(20, 28)]
+    out: dict = {}
+    go = threading.Barrier(8)
+
+    def client(i):
+        go.wait()
+        out[i] = ep.handle("POST", "/forecast", bodies[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    alone = Forecaster.load(str(small_bundle), backend="ort-cpu")
+    for i, body in enumerate(bodies):
+        status, doc, _ = out[i]
+        assert status == 200, doc
+        win = make_frame(24, seed=20 + i)
+        y = alone.predict(win)
+        np.testing.assert_allclose(np.array(doc["forecast"]), y, rtol=0, atol=1e-5 * np.abs(y).max())
+    m = _samples(ep)
+    calls, windows = m[("timecma_batch_windows_count", ())], m[("timecma_batch_windows_sum", ())]
+    assert windows == 8 and calls < 8  # concurrent windows shared forecast calls
+    assert m[("timecma_llm_calls_total", ())] >= 2  # 24 misses of ~230 tokens: the 600-token budget splits them

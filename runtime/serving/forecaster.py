@@ -111,7 +111,7 @@ class Forecaster:
     (several may share one store) or batch windows with ``predict_many``."""
 
     def __init__(self, bundle_dir: str, manifest: Manifest, backend: Backend, store: EmbeddingStore | BoundedStore | None,
-                 llm_batch: int = 64):
+                 llm_batch: int = 64, llm_batch_tokens: int | None = None):
         self.bundle_dir, self.manifest, self.backend, self.store = bundle_dir, manifest, backend, store
         cfg, data = manifest.model_config, manifest.data
         self.seq_len, self.pred_len, self.n_vars = cfg.seq_len, cfg.pred_len, cfg.num_nodes
@@ -138,6 +138,7 @@ class Forecaster:
         self.pad_id = manifest.llm.pad_id
         self.max_positions = manifest.llm.max_positions
         self.llm_batch = min(llm_batch, lim.get("llm_batch", llm_batch))
+        self.llm_batch_tokens = llm_batch_tokens  # padded tokens per LLM call (None: bounded by llm_batch alone)
         self.max_tokens = min(self.max_positions, lim.get("llm_seq", self.max_positions))
         self._token_limit = ("the LLM accepts at most {n} positions" if self.max_tokens == self.max_positions
                              else "the TensorRT engine's profile allows at most {n} tokens")
@@ -145,7 +146,7 @@ class Forecaster:
 
     @classmethod
     def load(cls, bundle_dir: str, backend: str = "auto", store: str | None = None, store_max_gb: float | None = None,
-             **backend_kwargs) -> "Forecaster":
+             llm_batch_tokens: int | None = None, **backend_kwargs) -> "Forecaster":
         """``store_max_gb``: keep the store within this on disk (``core.bounded_store``: two generations, the
         older evicted when the newer is full), for endpoints that run for months."""
         manifest = read_manifest(bundle_dir)
@@ -166,7 +167,7 @@ class Forecaster:
             except StoreWriteError as exc:  # the store is a cache: forecasting goes on without it
                 log.warning("%s; serving goes on uncached", exc)
         log.info("loaded bundle %s on %s%s", bundle_dir, be.name, f" with store {store}" if store else "")
-        return cls(bundle_dir, manifest, be, st)
+        return cls(bundle_dir, manifest, be, st, llm_batch_tokens=llm_batch_tokens)
 
     # -- request path ------------------------------------------------------------------
     def predict(self, window, timestamps=None) -> np.ndarray:
@@ -270,7 +271,8 @@ class Forecaster:
         self.stats.misses += len(missing)
         if len(missing):
             t = time.perf_counter()
-            for chunk in plan_llm_batches([len(ids[i]) for i in missing], self.llm_batch):
+            for chunk in plan_llm_batches([len(ids[i]) for i in missing], self.llm_batch,
+                                          max_tokens=self.llm_batch_tokens):
                 rows = missing[chunk]
                 a, m = pad_right([ids[i] for i in rows], self.pad_id)
                 sub[rows] = self.backend.run_llm(a, m)

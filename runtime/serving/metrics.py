@@ -32,6 +32,8 @@ class EndpointMetrics:
         self.store_write_failures = Counter("timecma_store_write_failures", "Batches of new vectors the store "
                                             "could not take (disk full, read-only, map full): served uncached",
                                             registry=r)
+        self.batch_windows = Histogram("timecma_batch_windows", "Windows per forecast call (dynamic batching of "
+                                       "concurrent requests)", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.store_evictions = Gauge("timecma_store_evictions", "Generations the bounded store has evicted "
                                      "(--store-max-gb)", registry=r)
         self.store_bytes = Gauge("timecma_store_disk_bytes", "Bytes of the bounded store's files on disk", registry=r)

@@ -35,6 +35,7 @@ from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError
 from timecma.core.manifest import PARITY_FILE
 
 from ..backends.base import BACKENDS, threads_option
+from .batcher import DeadlineExceeded, WindowBatcher
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,13 @@ class Limits:
 
     max_concurrent: int = 4  # forecast requests in flight (running or waiting for their turn); beyond: 429
     max_body_bytes: int = MAX_BODY  # larger bodies: 413, unread
-    deadline_s: float = 30.0  # a request that cannot start within this: 504
+    deadline_s: float = 30.0  # a request whose forecast is not ready within this: 504
+    max_wait_ms: float = 2.0  # dynamic batching: how long the first window of a batch waits for company
+    max_batch_tokens: int = 16384  # padded tokens per LLM call when concurrent requests' misses are embedded
 
     def __post_init__(self):
-        if self.max_concurrent < 1 or self.max_body_bytes < 1 or self.deadline_s <= 0:
+        if (self.max_concurrent < 1 or self.max_body_bytes < 1 or self.deadline_s <= 0 or self.max_wait_ms < 0
+                or self.max_batch_tokens < 1):
             raise InputError(f"endpoint limits must be positive: {self}")
 
 
@@ -124,13 +128,17 @@ class ForecastEndpoint:
         from .metrics import EndpointMetrics
 
         kwargs = threads_option(backend, threads)
-        self.f = Forecaster.load(bundle, backend=backend, store=store, store_max_gb=store_max_gb, **kwargs)
         self.limits = limits or Limits()
+        self.f = Forecaster.load(bundle, backend=backend, store=store, store_max_gb=store_max_gb,
+                                 llm_batch_tokens=self.limits.max_batch_tokens, **kwargs)
         self._key = api_key.encode() if api_key else None
         self.metrics = EndpointMetrics()
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
-        self._turn = threading.Lock()  # one forecast at a time per replica (the Forecaster serialises anyway)
+        # the windows of concurrent requests in one forecast call (at most the requests in flight)
+        self.batcher = WindowBatcher(self.f, self.limits.max_concurrent, self.limits.max_wait_ms / 1e3,
+                                     on_batch=self._observe_batch)
         self.ready = threading.Event()
+        self._stats = copy.deepcopy(self.f.stats)  # what the metrics have seen of the forecaster's counters
         cfg = self.f.manifest.model_config
         self.metadata = {"variables": self.f.variables, "time_col": self.f.time_col, "seq_len": self.f.seq_len,
                          "pred_len": self.f.pred_len, "frequency": self.f.frequency, "backend": self.f.backend.name,
@@ -143,7 +151,7 @@ class ForecastEndpoint:
         path = os.path.join(self.f.bundle_dir, PARITY_FILE)
         try:
             if os.path.exists(path):
-                with np.load(path) as p, self._turn:
+                with np.load(path) as p:  # before ready: no forecast runs beside it
                     if "llm_input_ids" in p:
                         self.f.backend.run_llm(p["llm_input_ids"], p["llm_attention_mask"])
                     self.f.backend.run_forecaster(p["fc_x"], p["fc_prompt_emb"] if "fc_prompt_emb" in p else None)
@@ -214,18 +222,23 @@ class ForecastEndpoint:
             self.metrics.in_flight.dec()
             self._slots.release()
 
+    def _observe_batch(self, windows: int, seconds: float) -> None:
+        """After each batch (on the batcher's thread, the only one that forecasts): its size and stage times."""
+        after = copy.deepcopy(self.f.stats)
+        self.metrics.batch_windows.observe(windows)
+        self.metrics.observe_forecast(self._stats, after)
+        self._stats = after
+
     def _forecast(self, body: bytes) -> Reply:
-        if not self._turn.acquire(timeout=self.limits.deadline_s):
-            return self._refuse(504, "deadline", f"the request could not start within {self.limits.deadline_s} s")
         try:
-            before = copy.deepcopy(self.f.stats)
             values, ts = parse_window(body, self.f.time_col, self.f.variables)
-            y = self.f.predict(values, ts)
-            self.metrics.observe_forecast(before, self.f.stats)
+            if values.shape[0] != self.f.seq_len:
+                raise InputError(f"a window needs {self.f.seq_len} rows, got {values.shape[0]}")
+            y = self.batcher.submit(values, ts, self.limits.deadline_s)
         except InputError as exc:
             return self._refuse(400, "bad_request", str(exc))
-        finally:
-            self._turn.release()
+        except DeadlineExceeded as exc:
+            return self._refuse(504, "deadline", str(exc))
         steps = self.f.forecast_timestamps(ts[-1])
         return 200, {"timestamps": [str(t) for t in np.datetime_as_string(steps, unit="s")],
                      "variables": self.f.variables, "forecast": y.astype(float).tolist()}, {}
@@ -350,13 +363,17 @@ def _wait_ready(host: str, port: int, timeout_s: float = 120.0) -> None:
 @click.option("--max-body-bytes", default=Limits.max_body_bytes, show_default=True, type=click.IntRange(min=1),
               help="Larger request bodies get 413.")
 @click.option("--deadline-s", default=Limits.deadline_s, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="A request that cannot start within this many seconds gets 504.")
+              help="A request whose forecast is not ready within this many seconds gets 504.")
+@click.option("--max-wait-ms", default=Limits.max_wait_ms, show_default=True, type=click.FloatRange(min=0),
+              help="Dynamic batching: how long a window waits for concurrent ones to share its forecast call.")
+@click.option("--max-batch-tokens", default=Limits.max_batch_tokens, show_default=True, type=click.IntRange(min=1),
+              help="Padded tokens per LLM call when concurrent requests' store misses are embedded together.")
 @click.option("--api-key", envvar="TIMECMA_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /health (prefer the environment variable: "
                    "a command line is visible to other users).")
 def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend, store, store_max_gb, cpus_per_replica,
               gpus_per_replica, ray_address,
-              max_concurrent, max_body_bytes, deadline_s, api_key):
+              max_concurrent, max_body_bytes, deadline_s, max_wait_ms, max_batch_tokens, api_key):
     """Serve a timecma bundle over HTTP: POST /forecast, GET /metadata, /info, /metrics, /health (Ray Serve)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timecma").setLevel(logging.INFO)
@@ -371,7 +388,8 @@ def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend,
         connect(ray_address, progress=False)
         url = start(bundle, host=host, port=port, replicas=replicas, backend=backend, store=store,
                     cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
-                    limits=Limits(max_concurrent, max_body_bytes, deadline_s), api_key=api_key,
+                    limits=Limits(max_concurrent, max_body_bytes, deadline_s, max_wait_ms, max_batch_tokens),
+                    api_key=api_key,
                     store_max_gb=store_max_gb)
     except (InputError, BundleError, BackendUnavailable) as exc:
         fail(prog, exc)

@@ -74,14 +74,16 @@ def llm_feeds(token_ids: Sequence[np.ndarray], pad_id: int) -> dict[str, np.ndar
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def plan_llm_batches(lengths: Sequence[int], max_batch: int, call_cost_tokens: int = 32) -> list[np.ndarray]:
+def plan_llm_batches(lengths: Sequence[int], max_batch: int, call_cost_tokens: int = 32,
+                     max_tokens: int | None = None) -> list[np.ndarray]:
     """Split prompts into right-padded LLM calls that waste the least compute on padding.
 
     A call over prompts of lengths l costs ``len(l) * max(l)`` padded tokens plus a fixed
     ``call_cost_tokens`` (launch overhead in token equivalents). Prompts sorted by length
     are cut into contiguous groups of at most ``max_batch`` by dynamic programming, which
     is optimal for this cost: one long outlier gets its own call instead of padding the
-    other prompts to its length. Returns index arrays into ``lengths``.
+    other prompts to its length. ``max_tokens`` caps a call's padded tokens (a token budget, as
+    embedding servers batch; a prompt longer than it goes alone). Returns index arrays into ``lengths``.
     """
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
@@ -94,6 +96,8 @@ def plan_llm_batches(lengths: Sequence[int], max_batch: int, call_cost_tokens: i
     cut = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):  # best[j]: cheapest plan for the j shortest prompts
         i = np.arange(max(0, j - max_batch), j)
+        if max_tokens is not None:  # calls within the budget; the last prompt alone always fits
+            i = i[((j - i) * sl[j - 1] <= max_tokens) | (i == j - 1)]
         cost = best[i] + (j - i) * sl[j - 1] + call_cost_tokens
         k = int(np.argmin(cost))
         best[j], cut[j] = cost[k], i[k]
