@@ -80,6 +80,9 @@ ablation-real: $(SMOLLM2)/timecma-gguf.json
 	$(BIN)/python -m benchmarks.ablation --suite real --llm $(SMOLLM2) --out benchmarks/results/ablation-etth1-smollm2 \
 		--work runs/ablation-real --train-stride 96 --eval-stride 96 --llm-batch-size 8 --precompute-backend auto \
 		--latency-backend auto --latency-iters 5
+	@# the latency columns once more, every row in one pass over the finished bundles (nothing else running)
+	$(BIN)/python -m benchmarks.ablation --suite real --llm $(SMOLLM2) --out benchmarks/results/ablation-etth1-smollm2 \
+		--work runs/ablation-real --latency-backend auto --latency-iters 5 --latency-only
 
 # For GPU owners: GPU extras, engines for this GPU, gpu-marked tests, a short GPU benchmark.
 gpu-check: $(STAMP)
