@@ -140,7 +140,18 @@ def convert_fp16(src: str, dst: str, calibration: list[dict] | None = None) -> d
     weights = _constant_tensors(model)
     linear = [n for n in model.graph.node
               if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
-    large = _large_activations(src, linear, weights, calibration) if calibration else set()
+    if calibration:  # the probe holds a second copy of the graph: this one waits on disk meanwhile
+        probes = {n.name: [t for t in (*n.input, *n.output) if t not in weights] for n in linear}
+        n_linear = len(linear)
+        del model, linear
+        large = _large_activations(src, probes, calibration)
+        model = onnx.load(src)
+        weights = _constant_tensors(model)
+        linear = [n for n in model.graph.node if n.name in probes]
+        if len(linear) != n_linear:  # the names identify the nodes across the two loads
+            raise ValueError(f"{src}: weight matmuls without unique node names; cannot convert to fp16")
+    else:
+        large = set()
     converted = _matmuls_to_fp16(model, [n for n in linear if n.name not in large])
     onnx.save(model, dst)
     onnx.checker.check_model(dst)
@@ -205,23 +216,27 @@ def _matmuls_to_fp16(model: onnx.ModelProto, nodes: list) -> int:
     return len(nodes)
 
 
-def _large_activations(src: str, nodes: list, weights: set[str], calibration: list[dict]) -> set[str]:
-    """Names of ``nodes`` whose activation input or output exceeds ``FP16_HEADROOM`` on the feeds."""
+def _large_activations(src: str, probes: dict[str, list[str]], calibration: list[dict]) -> set[str]:
+    """Names of the nodes in ``probes`` (node name -> its activation tensors) whose activations exceed
+    ``FP16_HEADROOM`` on the feeds. One copy of the graph at a time: the proto goes before the session comes."""
     import numpy as np
     import onnxruntime as ort
 
     probe = onnx.load(src)
-    tensors = sorted({t for n in nodes for t in (*n.input, *n.output) if t not in weights})
+    tensors = sorted({t for ts in probes.values() for t in ts})
     known = {o.name for o in probe.graph.output}
     for t in tensors:
         if t not in known:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    blob = probe.SerializeToString()
+    del probe
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    del blob
     peak = dict.fromkeys(tensors, 0.0)
     for feeds in calibration:  # one call at a time: every matmul's activations at once is large
         for t, v in zip(tensors, sess.run(tensors, feeds)):
             peak[t] = max(peak[t], float(np.abs(v).max()) if v.size else 0.0)
-    return {n.name for n in nodes if any(peak.get(t, 0.0) > FP16_HEADROOM for t in (*n.input, *n.output))}
+    return {name for name, ts in probes.items() if any(peak.get(t, 0.0) > FP16_HEADROOM for t in ts)}
 
 
 def optimize_llm_for_cpu(src: str, dst: str, num_heads: int, hidden_size: int, model_type: str) -> list[str]:
