@@ -8,6 +8,7 @@ feeds raw values and gets forecasts in original units.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -71,6 +72,8 @@ def _export(module: nn.Module, args: tuple, path: str, input_names: list[str], o
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
     program.save(path)
+    del program  # the checker loads the saved graph again: one copy at a time
+    gc.collect()
     onnx.checker.check_model(path, full_check=True)
 
 
