@@ -192,7 +192,7 @@ def test_killed_serve_leaves_store_usable_and_no_output(small_bundle, tmp_path):
     inp = _write(make_frame(3000, seed=4), tmp_path / "in.parquet")
     p = subprocess.Popen([sys.executable, "-c", f"from {SERVE.replace(':', ' import ')}; serve_batch_cmd()", inp,
                           "--bundle", str(small_bundle), "--out", str(out), "--store", str(store), "--mode", "rolling",
-                          "--stride", "1", "--batch-windows", "4", "--quiet"],
+                          "--stride", "1", "--batch-windows", "4", "--quiet", "--backend", "ort-cpu"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while _no_leftovers(tmp_path) and time.time() < deadline and p.poll() is None:
@@ -204,7 +204,7 @@ def test_killed_serve_leaves_store_usable_and_no_output(small_bundle, tmp_path):
     assert not out.exists()
     f = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(store))
     frame = make_frame(3000, seed=4)
-    f.predict(frame.iloc[:SEQ])  # the first window was served before the kill: all hits
+    f.predict(frame.iloc[:SEQ])  # the first window was served before the kill (same backend, same precision): hits
     assert f.stats.misses == 0 and f.stats.hits == 3
     r = run_cli(SERVE, _write(frame.iloc[:200], tmp_path / "small.parquet"), "--bundle", str(small_bundle),
                 "--out", str(out), "--store", str(store), "--quiet")
