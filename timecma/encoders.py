@@ -50,11 +50,6 @@ def parse_choice(choice: str) -> tuple[str, str]:
     return kind, prec or ("f32" if kind == "openvino" else "fp32")
 
 
-def store_precision(choice: str) -> str:
-    """The precision tag the store keys this run's vectors under."""
-    return precision_tag(*parse_choice(choice))
-
-
 @dataclass
 class PromptEncoder:
     """Token ids of some prompts -> their [B, d_llm] float32 embeddings, on one engine and precision."""

@@ -21,11 +21,11 @@ from .core.seasonality import NATURAL_PERIOD, detect_periods, primary_periods, s
 from .data import Series, load_series, make_windows, resolve_split, split_borders
 from .llm import load_llm
 from .model import make_model
-from .encoders import GATE_PROMPTS, parse_choice, prompt_encoder, store_precision
+from .encoders import GATE_PROMPTS, parse_choice, prompt_encoder
 from .precompute import PromptSet, build_prompt_set, precompute
 from .core.prompts import PromptRenderer, get_template
 from .core.ray_setup import RayPool
-from .core.store import EmbeddingStore
+from .core.store import EmbeddingStore, precision_tag
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +177,16 @@ def train(
         renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if tmpl.needs_periods else None)
         llm = load_llm(llm_id, device, layers=llm_layers)
         store_dir = store_dir or os.path.join(out_dir, "store")
+        engine = parse_choice(train_cfg.precompute_backend)  # `auto` resolved once, here
         store = EmbeddingStore(store_dir, llm.info.namespace, llm.info.d_llm, store_dtype, describe=f"LLM {llm_id}",
-                               precision=store_precision(train_cfg.precompute_backend))
+                               precision=precision_tag(*engine))
         sets = {name: build_prompt_set(series, w, renderer, llm, store) for name, w in windows.items()}
         all_ids = [t for ps in sets.values() for t in ps.token_ids]
         keys = [k for ps in sets.values() for k in ps.keys]
         encoder = None
         # the precision the store's vectors come from, in the checkpoint and bundle (vectors are keyed by it)
-        llm.info.extra["precompute"] = {"backend": parse_choice(train_cfg.precompute_backend)[0],
-                                        "precision": store.precision}
-        if train_cfg.precompute_backend != "torch" and store.missing(keys):
+        llm.info.extra["precompute"] = {"backend": engine[0], "precision": store.precision}
+        if engine != ("torch", "fp32") and store.missing(keys):  # eager fp32 is the gate's reference: no gate
             spread = np.linspace(0, len(all_ids) - 1, min(GATE_PROMPTS, len(all_ids))).round().astype(int)
             encoder = prompt_encoder(llm, train_cfg.precompute_backend, [all_ids[i] for i in spread])
             llm.info.extra["precompute"] = encoder.record
@@ -196,8 +196,9 @@ def train(
                                 desc="prompt embeddings", prompts=[p for ps in sets.values() for p in ps.prompts],
                                 ray=ray, encoder=encoder)
         if n_computed:
-            log.info("precompute: %d prompts in %.1fs (%.2f prompts/s) on %s", n_computed, time.time() - t_pre,
-                     n_computed / (time.time() - t_pre), encoder.backend if encoder else "eager PyTorch")
+            sec = time.time() - t_pre
+            log.info("precompute: %d prompts in %.1fs (%.2f prompts/s) on %s", n_computed, sec, n_computed / sec,
+                     encoder.backend if encoder else "eager PyTorch")
         splits = {name: SplitData(w.starts, sets[name]) for name, w in windows.items()}
         log.info("embeddings ready: %d computed, store holds %d (%.1fs)", n_computed, len(store), time.time() - t_emb)
         llm_info, d_llm = llm.info.to_dict(), llm.info.d_llm
