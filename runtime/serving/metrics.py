@@ -22,7 +22,7 @@ class EndpointMetrics:
                                 registry=r)
         self.latency = Histogram("timecma_request_seconds", "Request latency, end to end", ["route"],
                                  buckets=_BUCKETS, registry=r)
-        self.stage = Histogram("timecma_stage_seconds", "Seconds per forecast request in each pipeline stage",
+        self.stage = Histogram("timecma_stage_seconds", "Seconds per forecast call (one batch of windows) in each pipeline stage",
                                ["stage"], buckets=_BUCKETS, registry=r)
         self.store = Counter("timecma_store_lookups", "Prompt embeddings found in the store (hit) or computed (miss)",
                              ["result"], registry=r)
@@ -40,7 +40,7 @@ class EndpointMetrics:
         self.refusals = Counter("timecma_refusals", "Requests refused, by reason", ["reason"], registry=r)
 
     def observe_forecast(self, before: Stats, after: Stats) -> None:
-        """What one forecast request added to the forecaster's counters."""
+        """What one forecast call (a batch of concurrent windows) added to the forecaster's counters."""
         for name, sec in after.seconds.items():
             self.stage.labels(name).observe(sec - before.seconds.get(name, 0.0))
         self.store.labels("hit").inc(after.hits - before.hits)
