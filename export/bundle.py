@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from timecma import __version__
+from timecma.core.conformal import FILE as CALIBRATION_FILE, METHOD, Calibration
 from timecma.core.errors import BackendUnavailable, InputError
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
 from timecma.core.manifest import MANIFEST_VERSION, PARITY_FILE, Manifest, file_record, list_bundle_files, read_manifest, write_manifest
@@ -136,6 +137,7 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, st
         fc_batch1 = batch1_forecaster(fc, tmp, opts.tolerance)
         _save_parity_inputs(tmp, fc, part)
         gate_inputs(src, opts, tmp, series, part)
+    calibration = _save_calibration(tmp, src)
     if part:
         with step("LLM CPU variants"):
             llm_cpu_variants(src, llm, opts, tmp, series, part, fc.session)
@@ -149,7 +151,20 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, st
         for v in files.values():
             v.update(file_record(tmp, v["file"]).to_dict())  # hashed once: the manifest's `files` reuses it
     fc_batch1["sha256"] = file_record(tmp, fc_batch1["file"]).sha256
-    return _manifest_dict(src, llm, opts, fc, fc_files, fc_batch1, part, series, starts, fc_rejected)
+    return {**_manifest_dict(src, llm, opts, fc, fc_files, fc_batch1, part, series, starts, fc_rejected),
+            **({"calibration": calibration} if calibration else {})}
+
+
+def _save_calibration(tmp: str, src: Source) -> dict | None:
+    """The checkpoint's conformal calibration as ``calibration.npz``, for prediction intervals at serving time."""
+    if not src.calibration:
+        log.warning("the checkpoint has no conformal calibration (trained by an older timecma): the bundle serves "
+                    "point forecasts only")
+        return None
+    cal = Calibration.from_dict(src.calibration)
+    cal.save(os.path.join(tmp, CALIBRATION_FILE))
+    return {"file": CALIBRATION_FILE, "method": METHOD, "windows": cal.windows, "split": cal.split,
+            "test": (src.metrics.get("intervals") or {}).get("test")}
 
 
 def _keep_fp16(files: dict, graph_info: dict, entry: dict | None, record: dict) -> None:

@@ -32,12 +32,14 @@ class Source:
     llm: dict | None  # recorded LLM identity; None for reference checkpoints
     metrics: dict
     origin: dict  # kind, file name and sha256 of what the bundle came from (no build-machine paths)
+    calibration: dict | None = None  # conformal scores' quantiles from training (None: no intervals)
 
 
 def source_from_checkpoint(path: str) -> Source:
     ckpt = load_checkpoint(path)
     return Source(ModelConfig(**ckpt["model_config"]), ckpt["state_dict"], DataContract(**ckpt["data"]),
-                  ckpt["prompt"], ckpt["llm"], ckpt["metrics"], _origin("timecma checkpoint", path))
+                  ckpt["prompt"], ckpt["llm"], ckpt["metrics"], _origin("timecma checkpoint", path),
+                  ckpt.get("calibration"))
 
 
 def _origin(kind: str, path: str) -> dict:

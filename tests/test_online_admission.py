@@ -35,7 +35,7 @@ def _samples(ep: ForecastEndpoint) -> dict:
 
 @pytest.fixture()
 def endpoint(small_bundle, tmp_path):
-    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"), warm_up=False,
+    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"), warm_up="off",
                           api_key=KEY,
                           limits=Limits(max_concurrent=1, max_body_bytes=20_000, deadline_s=0.3))
     return ep
@@ -120,7 +120,7 @@ def test_concurrent_requests_share_forecast_calls_and_get_their_batch_1_answers(
     (fp32 tolerance: 1e-5 of the forecast's scale), and some calls held more than one window."""
     from timecma.runtime import Forecaster
 
-    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up=False,
+    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up="off",
                           limits=Limits(max_concurrent=8, max_wait_ms=200, max_batch_tokens=600))
     ep.warm_up()
     bodies = [_body(seed) for seed in range(20, 28)]
@@ -147,3 +147,18 @@ def test_concurrent_requests_share_forecast_calls_and_get_their_batch_1_answers(
     calls, windows = m[("timecma_batch_windows_count", ())], m[("timecma_batch_windows_sum", ())]
     assert windows == 8 and calls < 8  # concurrent windows shared forecast calls
     assert m[("timecma_llm_calls_total", ())] >= 2  # 24 misses of ~230 tokens: the 600-token budget splits them
+
+
+def test_intervals_on_request(endpoint):
+    """``"levels"`` in the body adds split-conformal bounds shaped like the forecast; a bad level is a 400."""
+    ep, auth = endpoint, {"Authorization": f"Bearer {KEY}"}
+    ep.warm_up()
+    doc = json.loads(_body())
+    status, out, _ = ep.handle("POST", "/forecast", json.dumps({**doc, "levels": [80, 95]}).encode(), auth)
+    assert status == 200 and set(out["intervals"]) == {"80", "95"}
+    y, lo80, hi95 = (np.array(a) for a in (out["forecast"], out["intervals"]["80"]["lo"], out["intervals"]["95"]["hi"]))
+    assert lo80.shape == y.shape == (12, 3) and (lo80 <= y).all() and (y <= hi95).all()
+    status, err, _ = ep.handle("POST", "/forecast", json.dumps({**doc, "levels": [100]}).encode(), auth)
+    assert status == 400 and "outside 1..99" in err["error"]
+    status, info, _ = ep.handle("GET", "/info", headers=auth)
+    assert info["intervals"]["file"] == "calibration.npz" and "80" in info["intervals"]["test"]

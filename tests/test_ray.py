@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -33,7 +32,7 @@ from timecma.runtime.serving.batch import BatchServer, list_inputs  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 VARS = ["v0", "v1", "v2"]
-KEY = ["window_end", "step"]
+KEY = ["cutoff", "step"]
 
 
 @pytest.fixture(scope="module")
@@ -272,34 +271,58 @@ def test_online_endpoint_answers_and_survives_load_and_bad_requests(cluster, sma
             assert status == 400 and message in err["error"], err
         assert call(conn, "GET", "/forecast")[0] == 405 and call(conn, "GET", "/nope")[0] == 404
 
-        # bounded load test: 2,000 requests from 4 client threads, each on a kept-alive connection
-        lat: list[float] = []
-        failures: list = []
+        # bounded load: 4 closed-loop clients for 6 s, each on a kept-alive connection (benchmarks/load.py's client)
+        from timecma.benchmarks.load import closed_loop
 
-        def client(n):
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            for _ in range(n):
-                t0 = time.perf_counter()
-                try:
-                    st, _ = call(c, "POST", "/forecast", body)
-                    if st != 200:
-                        failures.append(st)
-                except Exception as exc:  # noqa: BLE001 (counted as a failure)
-                    failures.append(repr(exc))
-                lat.append(time.perf_counter() - t0)
-
-        threads = [threading.Thread(target=client, args=(500,)) for _ in range(4)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        p50, p99 = np.percentile(np.array(lat) * 1e3, [50, 99])
-        print(f"\nload test: {len(lat)} requests, 4 threads, {len(lat) / wall:.0f} req/s, p50 {p50:.1f} ms, "
-              f"p99 {p99:.1f} ms, {len(failures)} failed")
-        assert len(lat) == 2000 and failures == []
+        load = closed_loop(port, lambda: body, 4, 6.0)
+        s = load.summary()
+        print(f"\nload test: {s['requests']} requests, 4 clients, {s['throughput_rps']:.0f} req/s, p50 "
+              f"{s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, statuses {s['statuses']}")
+        assert s["requests"] > 40 and s["statuses"] == {"200": s["requests"]}
         assert call(conn, "GET", "/health")[0] == 200  # still serving after all that
+    finally:
+        serve.shutdown()
+
+
+def test_replica_killed_under_load_fails_at_most_its_in_flight_requests(cluster, small_bundle, tmp_path):
+    """Two replicas, closed-loop clients, one replica SIGKILLed: only the requests it held fail (at most one per
+    client, the documented bound), every other request is answered 200, and Ray Serve replaces the replica."""
+    from ray import serve
+
+    from timecma.benchmarks.load import closed_loop, recovery, replica_pids
+    from timecma.runtime.serving.online import Limits, start
+
+    port, clients = _free_port(), 4
+    start(str(small_bundle), port=port, replicas=2, backend="ort-cpu", store=str(tmp_path / "store"),
+          cpus_per_replica=1.0, limits=Limits(max_concurrent=clients))
+    frame = make_frame(3000, seed=6)
+    counter = iter(range(len(frame) - 24))
+
+    def fresh() -> bytes:  # a new window each time: every request misses the store
+        i = next(counter)
+        win = frame.iloc[i:i + 24]
+        return json.dumps({"timestamps": [str(t) for t in win.date], "values": win[VARS].to_numpy().tolist()}).encode()
+
+    try:
+        pids = replica_pids(port, 2)
+        assert len(pids) == 2
+        victim, killed = min(pids), {}
+
+        def kill(t0):
+            time.sleep(max(0.0, t0 + 3.0 - time.perf_counter()))
+            os.kill(victim, signal.SIGKILL)
+            killed["at"] = time.perf_counter() - t0
+
+        load = closed_loop(port, fresh, clients, 12.0, during=kill)
+        r = recovery(load, killed["at"])
+        print(f"\nreplica kill: {len(load.records)} requests, {r['failed']} failed {r['failed_statuses']}, "
+              f"per second {r['rate_per_bin']}")
+        statuses = {rec.status for rec in load.records}
+        assert statuses <= {"200", "500", "502", "503"} | {s for s in statuses if s.startswith("error:")}
+        assert r["failed"] <= clients, r  # the documented bound: the requests in flight on the dead replica
+        assert sum(rec.status == "200" and rec.start > killed["at"] + 1 for rec in load.records) > 0
+        after = replica_pids(port, 2)
+        assert victim not in after and len(after) == 2, (pids, after)  # replaced, and the new one serves
     finally:
         serve.shutdown()
 
@@ -308,7 +331,7 @@ def test_endpoint_contract_without_a_cluster(small_bundle):
     """The request contract itself, on a plain endpoint object (what each replica runs)."""
     from timecma.runtime.serving.online import ForecastEndpoint
 
-    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up=False)
+    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up="off")
     ep.warm_up()
     win = make_frame(24, seed=5)
     doc = [{"date": str(t), **{v: float(x) for v, x in zip(VARS, row)}} for t, row in zip(win.date, win[VARS].values)]

@@ -132,12 +132,12 @@ def test_serve_batch_series_and_rolling_match_predict(small_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     got = pq.read_table(out).to_pandas()
     # series a: windows end at rows 23, 33, 43, 53; series b: 23, 33
-    assert got.groupby("id")["window_end"].nunique().to_dict() == {"a": 4, "b": 2}
+    assert got.groupby("id")["cutoff"].nunique().to_dict() == {"a": 4, "b": 2}
     assert "2 series, 6 windows, 72 forecast rows" in r.stdout
     f = Forecaster.load(str(small_bundle), backend="ort-cpu")
     for sid, frame, end in (("a", a, 53), ("b", b, 33)):
         win = frame.iloc[end - SEQ + 1:end + 1].drop(columns="id")
-        rows = got[(got.id == sid) & (got.window_end == frame.date.iloc[end])].sort_values("step")
+        rows = got[(got.id == sid) & (got.cutoff == frame.date.iloc[end])].sort_values("step")
         np.testing.assert_allclose(rows[["v0", "v1", "v2"]].to_numpy(), f.predict(win), rtol=0, atol=1e-5)
         assert rows.date.iloc[0] == frame.date.iloc[end] + pd.Timedelta(hours=1)
     assert list(rows.step) == list(range(1, PRED + 1))
@@ -183,7 +183,7 @@ def test_concurrent_serves_share_one_store(small_bundle, tmp_path):
     pd.testing.assert_frame_equal(outs[0], outs[2])  # same input, same forecasts, whoever wrote the store
     ref = Forecaster.load(str(small_bundle), backend="ort-cpu")
     win = make_frame(120, seed=1).iloc[4:28]
-    got = outs[1][outs[1].window_end == win.date.iloc[-1]].sort_values("step")
+    got = outs[1][outs[1].cutoff == win.date.iloc[-1]].sort_values("step")
     np.testing.assert_allclose(got[["v0", "v1", "v2"]].to_numpy(), ref.predict(win), rtol=0, atol=1e-5)
 
 

@@ -109,7 +109,7 @@ def test_new_all_time_low_is_clamped_counted_and_reported(log_run, tmp_path):
                 "--out", str(out), "--mode", "rolling", "--stride", "6")
     assert r.returncode == 0, r.stderr
     table = pq.read_table(out).to_pandas()
-    windows = table.drop_duplicates("window_end")
+    windows = table.drop_duplicates("cutoff")
     assert (windows["clamped_inputs"] > 0).sum() >= 1 and np.isfinite(table[["v0", "v1", "v2"]].to_numpy()).all()
     assert "clamped at the log scaler's floor" in r.stdout and "were clamped" in r.stderr
 

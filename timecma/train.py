@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
 from .core.config import MODELS, DataContract, ModelConfig, TrainConfig
+from .core.conformal import METHOD, Calibration, coverage
 from .core.scaling import Scaler
 from .core.seasonality import NATURAL_PERIOD, detect_periods, primary_periods, seasonal_naive_rows
 from .data import Series, load_series, make_windows, resolve_split, split_borders
@@ -28,6 +29,7 @@ from .core.ray_setup import RayPool
 from .core.store import EmbeddingStore, precision_tag
 
 log = logging.getLogger(__name__)
+REPORTED_LEVELS = [80, 95]  # interval levels whose test coverage metrics.json reports
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +107,19 @@ def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int, device: 
         ae += float(diff.abs().sum())
         count += diff.numel()
     return {"mse": se / count, "mae": ae / count}
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device,
+                  scaler: Scaler, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs [W, L, N], actuals and forecasts [W, H, N] of a split's windows, in original units."""
+    model.eval()
+    preds = [model(x.to(device), None if emb is None else emb.to(device)).cpu().numpy()
+             for x, _, emb in batches.iterate(batch_size)]
+    starts = batches.split.starts
+    rows = starts[:, None] + np.arange(batches.seq_len + batches.pred_len)[None, :]
+    xy = values[rows]
+    return xy[:, :batches.seq_len], xy[:, batches.seq_len:], scaler.inverse(np.concatenate(preds).astype(np.float64))
 
 
 def naive_metrics(scaled: np.ndarray, starts: np.ndarray, seq_len: int, pred_len: int,
@@ -221,6 +236,7 @@ def train(
     contract = DataContract(
         time_col=time_col, variables=series.variables, frequency=series.frequency, seq_len=seq_len,
         pred_len=pred_len, split=split, source=os.path.abspath(data_path), periods=periods, **scaler.to_contract(),
+        raw_std=report.std.tolist(),
     )
     best_val, best_state, best_epoch, since_best = float("inf"), None, 0, 0
     history = []
@@ -257,6 +273,13 @@ def train(
     model.load_state_dict(best_state)
     val = evaluate(model, batches["val"], train_cfg.batch_size, device, to_report, reported)
     test = evaluate(model, batches["test"], train_cfg.batch_size, device, to_report, reported)
+    # prediction intervals: conformal scores on validation windows, coverage judged on test
+    cal = Calibration.fit(*predict_split(model, batches["val"], train_cfg.batch_size, device, scaler, series.values))
+    intervals = {"method": METHOD, "calibration": f"{cal.windows} val windows",
+                 "test": coverage(cal, *predict_split(model, batches["test"], train_cfg.batch_size, device, scaler,
+                                                      series.values), REPORTED_LEVELS)}
+    log.info("prediction intervals on test: %s", ", ".join(f"{lv}% covers {c['coverage']:.1%}"
+                                                           for lv, c in intervals["test"].items()))
     metrics = {
         "best_epoch": best_epoch,
         "val": val,
@@ -264,6 +287,7 @@ def train(
         "naive": {name: naive_metrics(reported, splits[name].starts, seq_len, pred_len,
                                       NATURAL_PERIOD.get(series.frequency)) for name in ("val", "test")},
         "scale": "normalized (train-split StandardScaler), as in the paper",
+        "intervals": intervals,
         "windows": {name: len(w.starts) for name, w in windows.items()},
         "eval_stride": train_cfg.eval_stride,
         "scaler": scaler.kind,
@@ -283,6 +307,7 @@ def train(
                         **({"periods": prompt_periods} if tmpl.needs_periods else {})} if cfg.uses_llm else None),
             "llm": llm_info,
             "metrics": {k: v for k, v in metrics.items() if k != "history"},
+            "calibration": cal.to_dict(),
         },
     )
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:

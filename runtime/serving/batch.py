@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +24,13 @@ import pyarrow.parquet as pq
 
 from timecma.core.errors import InputError, WriteError
 from timecma.core.manifest import DataRecord
+from timecma.core.timestamps import timestamp_problem
 
-from .forecaster import Forecaster, timestamp_problem
+from .backtest import BacktestMetrics
+from .long_format import LongFormat, LongSink, long_schema, long_to_wide
+
+if TYPE_CHECKING:  # a server takes a loaded forecaster; Forecaster.backtest runs one
+    from .forecaster import Forecaster
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,18 @@ class _SeriesState:
     values: np.ndarray  # [<= seq_len, N] float64
     ts: np.ndarray  # [<= seq_len] datetime64[ns]
     rows: int = 0  # rows seen so far in this series
+
+
+@dataclass
+class _Open:
+    """A rolling window waiting for its forecast and for the actuals after its cutoff (backtest metrics)."""
+
+    end: int  # series-row index of the cutoff
+    x: np.ndarray  # [L, N]
+    y: np.ndarray  # [H, N] actuals, filled as rows arrive
+    filled: int = 0
+    y_hat: np.ndarray | None = None
+    intervals: dict | None = None
 
 
 @dataclass
@@ -174,11 +192,19 @@ def read_schemas(files: list[str], time_col: str, variables: list[str],
     return sid_field, rows
 
 
-def output_schema(data: DataRecord, sid_field: pa.Field | None) -> pa.Schema:
-    """One row per (series, window end, step): forecast timestamp and one float32 column per variable."""
+def interval_col(variable: str, side: str, level: int) -> str:
+    """Nixtla's naming: ``{var}-lo-80``, ``{var}-hi-80``."""
+    return f"{variable}-{side}-{level}"
+
+
+def output_schema(data: DataRecord, sid_field: pa.Field | None, levels: list[int] | None = None) -> pa.Schema:
+    """One row per (series, cutoff, step): the cutoff (the window's last input timestamp, as Nixtla's
+    cross-validation), the forecast timestamp, one float32 column per variable and per interval bound."""
     fields = [sid_field] if sid_field is not None else []
-    fields += [pa.field("window_end", pa.timestamp("ns")), pa.field("step", pa.int32()),
+    fields += [pa.field("cutoff", pa.timestamp("ns")), pa.field("step", pa.int32()),
                pa.field(data.time_col, pa.timestamp("ns"))] + [pa.field(v, pa.float32()) for v in data.variables]
+    fields += [pa.field(interval_col(v, side, lv), pa.float32())
+               for lv in levels or [] for v in data.variables for side in ("lo", "hi")]
     if data.scaler_kind == "log":  # input values the log scaler clamped at its floor, per window
         fields.append(pa.field(CLAMPED_COL, pa.int32()))
     return pa.schema(fields)
@@ -202,18 +228,26 @@ class BatchServer:
 
     ``feed`` takes rows in order (a series may continue over several calls and files),
     ``finish`` forecasts what is left (``last`` mode) and checks every series was long enough.
-    The output schema's first field, when it is not ``window_end``, holds the series id."""
+    The output schema's first field, when it is not ``cutoff``, holds the series id."""
 
     def __init__(self, forecaster: Forecaster, series_col: str | None = None, mode: str = "last", stride: int = 24,
-                 batch_windows: int = 32):
+                 batch_windows: int = 32, levels: list[int] | None = None, metrics: BacktestMetrics | None = None):
         if mode not in ("last", "rolling"):
             raise ValueError(f"mode must be 'last' or 'rolling', got {mode!r}")
         if stride < 1:
             raise ValueError("stride must be at least 1")
+        if metrics is not None and mode != "rolling":
+            raise InputError("backtest metrics need --mode rolling (a last window has no actuals after it)")
         self.f, self.series_col, self.mode, self.stride = forecaster, series_col, mode, stride
         self.batch_windows = batch_windows
+        self.levels = list(levels or [])
+        if self.levels:
+            forecaster.check_levels(self.levels)
+        self.metrics = metrics
+        self.open: dict = {}  # series id -> [_Open] (with metrics only)
+        self.unscored = 0
         self.states: dict = {}
-        self.pending: list[tuple] = []  # (series id, values [L,N], ts [L])
+        self.pending: list[tuple] = []  # (series id, values [L,N], ts [L], _Open or None)
         self.summary = ServeSummary()
 
     def _label(self, sid) -> str:
@@ -280,11 +314,39 @@ class BatchServer:
             for end in range(st.rows, st.rows + len(ts)):
                 if end >= first_end and (end - first_end) % self.stride == 0:
                     k = end - offset + 1
-                    self.pending.append((sid, all_v[k - f.seq_len:k], all_t[k - f.seq_len:k]))
+                    o = None
+                    if self.metrics is not None:
+                        o = _Open(end, all_v[k - f.seq_len:k], np.empty((f.pred_len, len(f.variables))))
+                        self.open.setdefault(sid, []).append(o)
+                    self.pending.append((sid, all_v[k - f.seq_len:k], all_t[k - f.seq_len:k], o))
                     if len(self.pending) >= self.batch_windows:
                         self._flush(sink)
+        if self.metrics is not None:
+            self._fill_actuals(sid, st.rows, values)
         st.rows += len(ts)
         st.values, st.ts = all_v[-f.seq_len:].copy(), all_t[-f.seq_len:].copy()
+
+    def _fill_actuals(self, sid, first: int, values: np.ndarray) -> None:
+        """Rows ``first``.. of series ``sid`` are the actuals of open windows whose horizon they fall in."""
+        h, last = self.f.pred_len, first + len(values) - 1
+        for o in self.open.get(sid, []):
+            a, b = max(o.end + 1, first), min(o.end + h, last)
+            if a <= b:
+                o.y[a - o.end - 1:b - o.end] = values[a - first:b - first + 1]
+                o.filled += b - a + 1
+        self._score(sid)
+
+    def _score(self, sid) -> None:
+        """Windows with their forecast and every actual go into the metrics and leave the open list."""
+        opened = self.open.get(sid, [])
+        done = [o for o in opened if o.y_hat is not None and o.filled == self.f.pred_len]
+        if not done:
+            return
+        self.open[sid] = [o for o in opened if not (o.y_hat is not None and o.filled == self.f.pred_len)]
+        ivs = {lv: (np.stack([o.intervals[lv][0] for o in done]), np.stack([o.intervals[lv][1] for o in done]))
+               for lv in self.levels}
+        self.metrics.add(np.stack([o.x for o in done]), np.stack([o.y for o in done]),
+                         np.stack([o.y_hat for o in done]), ivs)
 
     def feed(self, batch: pa.RecordBatch | pa.Table, sink, first_row: int = 0, sid=None, where: str = "") -> None:
         """Rows in file order; ``sid`` names the series of a file without a series column."""
@@ -317,11 +379,12 @@ class BatchServer:
                              f"{f.seq_len}" + (f" ({len(short)} such series)" if len(short) > 1 else ""))
         if self.mode == "last":
             for sid, st in self.states.items():
-                self.pending.append((sid, st.values, st.ts))
+                self.pending.append((sid, st.values, st.ts, None))
                 if len(self.pending) >= self.batch_windows:
                     self._flush(sink)
         self._flush(sink)
         self.summary.series = len(self.states)
+        self.unscored = sum(len(v) for v in self.open.values())  # horizons past the end of the input
 
     def _flush(self, sink) -> None:
         if not self.pending:
@@ -330,34 +393,49 @@ class BatchServer:
         values = np.stack([p[1] for p in self.pending])
         ts = np.stack([p[2] for p in self.pending])
         y = f.predict_many(values, ts)  # [W, pred_len, N]
+        ivs = f.intervals(values, y, self.levels) if self.levels else {}
         w, h = len(self.pending), f.pred_len
         cols: dict[str, pa.Array] = {}
         first = sink.schema.field(0)
-        if first.name != "window_end":  # the series id column
+        if first.name != "cutoff":  # the series id column
             cols[first.name] = pa.array(np.repeat(np.array([p[0] for p in self.pending], dtype=object), h),
                                         type=first.type)
         ends = ts[:, -1]
-        cols["window_end"] = pa.array(np.repeat(ends, h), pa.timestamp("ns"))
+        cols["cutoff"] = pa.array(np.repeat(ends, h), pa.timestamp("ns"))
         cols["step"] = pa.array(np.tile(np.arange(1, h + 1, dtype=np.int32), w))
         cols[f.time_col] = pa.array(np.concatenate([f.forecast_timestamps(e) for e in ends]), pa.timestamp("ns"))
         flat = y.reshape(w * h, len(f.variables))
         for j, v in enumerate(f.variables):
             cols[v] = pa.array(flat[:, j], pa.float32())
+        for lv, bounds in ivs.items():
+            for side, b in zip(("lo", "hi"), bounds):
+                b = b.reshape(w * h, len(f.variables))
+                for j, v in enumerate(f.variables):
+                    cols[interval_col(v, side, lv)] = pa.array(b[:, j], pa.float32())
         if f.scaler.kind == "log":
             cols[CLAMPED_COL] = pa.array(np.repeat(f.scaler.below_floor(values), h).astype(np.int32))
         sink.write(pa.table(cols, schema=sink.schema))
         self.summary.windows += w
         self.summary.rows_written += w * h
+        if self.metrics is not None:
+            for i, p in enumerate(self.pending):
+                p[3].y_hat, p[3].intervals = y[i], {lv: (lo[i], hi[i]) for lv, (lo, hi) in ivs.items()}
+            for sid in dict.fromkeys(p[0] for p in self.pending):
+                self._score(sid)
         self.pending.clear()
 
-    def run(self, inputs: str | list[str], out: str, progress: bool = True) -> ServeSummary:
+    def run(self, inputs: str | list[str], out: str, progress: bool = True,
+            long: LongFormat | None = None) -> ServeSummary:
         """Serve a file, a directory or glob of files, or a list of files; the output appears only if every
-        row was valid and served. Several files without a series column: each file is one series."""
+        row was valid and served. Several files without a series column: each file is one series.
+        ``long``: input and output in long format (read whole, see ``long_format``)."""
         files, root = list_inputs(inputs) if isinstance(inputs, str) else (list(inputs), _common_root(inputs))
+        if long is not None:
+            return self._run_long(files, out, long)
         f = self.f
         sid_field, total = read_schemas(files, f.time_col, f.variables, self.series_col)
         per_file = not self.series_col and len(files) > 1
-        writer = _Writer(out, output_schema(f.manifest.data, sid_field))
+        writer = _Writer(out, output_schema(f.manifest.data, sid_field, self.levels))
         t0 = time.perf_counter()
         from tqdm import tqdm
 
@@ -379,6 +457,28 @@ class BatchServer:
             raise
         finally:
             bar.close()
+        self.summary.seconds = time.perf_counter() - t0
+        return self.summary
+
+
+    def _run_long(self, files: list[str], out: str, fmt: LongFormat) -> ServeSummary:
+        f, t0 = self.f, time.perf_counter()
+        try:
+            table = pa.concat_tables([pq.read_table(p) for p in files])
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"cannot read the long input as one table: {exc}") from exc
+        wide = long_to_wide(table, fmt, f.variables, f.time_col, self.series_col)
+        sid_field = wide.schema.field(self.series_col).with_nullable(False) if self.series_col else None
+        wide_schema = output_schema(f.manifest.data, sid_field, self.levels)
+        writer = _Writer(out, long_schema(wide_schema, fmt, f.variables, f.time_col, self.levels))
+        try:
+            self.feed(wide, LongSink(writer, wide_schema, fmt, f.variables, f.time_col, self.levels))
+            self.finish(LongSink(writer, wide_schema, fmt, f.variables, f.time_col, self.levels),
+                        files[0] if len(files) == 1 else "input")
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
 

@@ -6,17 +6,22 @@ Ray Data), so neither imports the other's runner. Torch-free.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import click
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, WriteError, fail
+from timecma.core.conformal import parse_levels
+from timecma.core.files import atomic_write_bytes
 from timecma.core.leftovers import remove_dead_temporaries
 
 from ..backends.base import BACKENDS, threads_option
+from .backtest import table
 from .batch import CLAMPED_COL, BatchServer, list_inputs, temp_prefix
 from .forecaster import Forecaster
+from .long_format import LongFormat
 
 PROG = "timecma-serve-batch"
 
@@ -54,12 +59,25 @@ def _ray_address(value: str | None) -> str | None:
 @click.option("--cpus-per-worker", default=None, type=float,
               help="--ray: CPUs per actor (default: a share leaving one CPU for reading and shuffling).")
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=float, help="--ray: GPUs per actor.")
+@click.option("--levels", default=None, metavar="80,95",
+              help="Prediction intervals at these coverage levels (split conformal, calibrated on the validation "
+                   "split at training): columns {var}-lo-80, {var}-hi-80, ...")
+@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
+              help="--mode rolling: score each window whose horizon is in the input against those actuals; write "
+                   "the model's and the naive forecasts' MSE, MAE, MASE, sMAPE (and interval coverage) as JSON.")
+@click.option("--format", "fmt", type=click.Choice(["wide", "long"]), default="wide", show_default=True,
+              help="long: input rows (unique_id, ds, y) with the model's variables as unique_id values, output rows "
+                   "(unique_id, ds, cutoff, y_hat, intervals); --series-col groups several multivariate series.")
+@click.option("--id-col", default="unique_id", show_default=True, help="--format long: the variable column.")
+@click.option("--ds-col", default="ds", show_default=True, help="--format long: the timestamp column.")
+@click.option("--target-col", default="y", show_default=True, help="--format long: the value column.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: str | None, mode: str, stride: int,
                     backend: str, store: str | None, batch_windows: int, threads: int | None,
                     ray_address: str | None, num_workers: int, cpus_per_worker: float | None,
-                    gpus_per_worker: float, force: bool, quiet: bool) -> None:
+                    gpus_per_worker: float, levels: str | None, metrics_path: str | None, fmt: str, id_col: str,
+                    ds_col: str, target_col: str, force: bool, quiet: bool) -> None:
     """Forecast every series in INPUT (a parquet file, a directory of them or a quoted glob) with a timecma
     bundle; write forecasts to parquet."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -71,9 +89,17 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
         fail(PROG, f"{out} exists; pass --force to replace it")
     if stride < 1:
         fail(PROG, "--stride must be at least 1")
+    try:
+        level_list = parse_levels(levels)
+    except InputError as exc:
+        fail(PROG, exc)
+    if metrics_path and mode != "rolling":
+        fail(PROG, "--metrics needs --mode rolling: a backtest scores rolling windows against the actuals after them")
     if ray_address:
+        if metrics_path or fmt == "long":
+            fail(PROG, "--metrics and --format long run in a single process; drop --ray")
         _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
-                      ray_address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet)
+                      ray_address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet, level_list)
         return
     kwargs = threads_option(backend, threads)
     try:
@@ -81,11 +107,22 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail(PROG, exc)
     try:
-        summary = BatchServer(f, series_col, mode, stride, batch_windows).run(input_path, out, progress=not quiet)
+        metrics = f.backtest_metrics(level_list) if metrics_path else None
+        server = BatchServer(f, series_col, mode, stride, batch_windows, levels=level_list, metrics=metrics)
+        summary = server.run(input_path, out, progress=not quiet,
+                             long=LongFormat(id_col, ds_col, target_col) if fmt == "long" else None)
     except (InputError, BundleError, BackendUnavailable, WriteError) as exc:
         fail(PROG, exc, " (no output written)")
     finally:
         f.close()
+    if metrics is not None:
+        report = metrics.report(server.unscored)
+        try:
+            atomic_write_bytes(metrics_path, json.dumps(report, indent=2).encode())
+        except OSError as exc:
+            fail(PROG, WriteError(f"cannot write the metrics {metrics_path}: {exc.strerror or exc}"),
+                 f" (the forecasts are in {out})")
+        click.echo(table(report))
     s = f.stats
     click.echo(f"serve-batch: {summary.series} series, {summary.windows} windows, {summary.rows_written} forecast rows "
                f"-> {out}; store hits {s.hits} / misses {s.misses}; backend {f.backend.name}; "
@@ -97,7 +134,7 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
 
 
 def _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, store, batch_windows, threads,
-                  address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet) -> None:
+                  address, num_workers, cpus_per_worker, gpus_per_worker, force, quiet, levels) -> None:
     from timecma.core.ray_setup import RayPool  # Ray only when --ray is asked for
 
     from .ray_batch import serve_batch_on_ray
@@ -105,7 +142,7 @@ def _serve_on_ray(input_path, bundle, out, series_col, mode, stride, backend, st
     try:
         files, root = list_inputs(input_path)
         s = serve_batch_on_ray(files, root, bundle, out, series_col=series_col, mode=mode, stride=stride,
-                               backend=backend, store=store, batch_windows=batch_windows, threads=threads,
+                               backend=backend, store=store, batch_windows=batch_windows, threads=threads, levels=levels,
                                pool=RayPool(address, num_workers, cpus_per_worker, gpus_per_worker), force=force,
                                progress=not quiet)
     except (InputError, BundleError, BackendUnavailable) as exc:

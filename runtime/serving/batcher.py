@@ -44,10 +44,10 @@ class _Item:
 class WindowBatcher:
     """``submit(values, timestamps, timeout_s) -> forecast``, served in batches by one worker thread.
 
-    ``on_batch(windows, seconds)`` is called after each batch (for metrics)."""
+    ``on_batch(windows)`` is called after each batch, on the worker thread (for metrics)."""
 
     def __init__(self, forecaster, max_windows: int, max_wait_s: float,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None):
         self.f, self.max_windows, self.max_wait_s = forecaster, max(1, int(max_windows)), max(0.0, max_wait_s)
         self.on_batch = on_batch
         self._q: queue.Queue[_Item] = queue.Queue()
@@ -74,10 +74,9 @@ class WindowBatcher:
                     break
             batch = [b for b in batch if not b.cancelled]
             if batch:
-                t = time.perf_counter()
                 self._run(batch)
                 if self.on_batch:
-                    self.on_batch(len(batch), time.perf_counter() - t)
+                    self.on_batch(len(batch))
 
     def _run(self, batch: list[_Item]) -> None:
         try:

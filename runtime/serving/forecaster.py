@@ -9,20 +9,26 @@ import threading
 from decimal import Decimal
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from timecma.core.conformal import Calibration, parse_levels
 from timecma.core.errors import BundleError, InputError
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.scaling import Scaler
 from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
 from timecma.core.bounded_store import BoundedStore
 from timecma.core.store import EmbeddingStore, StoreWriteError
+from timecma.core.timestamps import check_timestamps
 from timecma.core.tokens import check_lengths, encode_prompts, pad_right, plan_llm_batches, tokenizer_digest
 
 from ..backends.base import Backend
 from ..backends.select import make_backend
+
+if TYPE_CHECKING:
+    from .backtest import BacktestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +45,6 @@ class Stats:
     store_write_failures: int = 0  # batches of new vectors the store could not take (served uncached)
     seconds: dict = field(default_factory=lambda: {"render": 0.0, "tokenize": 0.0, "store": 0.0, "llm": 0.0,
                                                    "forecaster": 0.0})
-
-
-def timestamp_problem(ts: np.ndarray, frequency: str) -> tuple[int, str] | None:
-    """First row whose timestamp is duplicated, unsorted or off the model's step, with why; else None."""
-    ts = np.asarray(ts, dtype="datetime64[s]")
-    if len(ts) < 2:
-        return None
-    steps = np.diff(ts.astype(np.int64))
-    if (steps == 0).any():
-        i = int(np.flatnonzero(steps == 0)[0]) + 1
-        return i, f"duplicate timestamp {ts[i]}"
-    if (steps < 0).any():
-        i = int(np.flatnonzero(steps < 0)[0]) + 1
-        return i, f"timestamps not sorted ({ts[i]} after {ts[i - 1]})"
-    if frequency == "monthly":
-        bad = np.flatnonzero(np.diff(ts.astype("datetime64[M]").astype(np.int64)) != 1)
-    else:
-        bad = np.flatnonzero(steps != FREQUENCY_SECONDS[frequency])
-    if bad.size:
-        i = int(bad[0]) + 1
-        return i, f"step from {ts[i - 1]} to {ts[i]} does not match the model's frequency ({frequency})"
-    return None
-
-
-def check_timestamps(ts: np.ndarray, frequency: str, where: str = "window") -> None:
-    """Strictly increasing with the model's step (monthly: one calendar month)."""
-    problem = timestamp_problem(ts, frequency)
-    if problem:
-        raise InputError(f"{where}, row {problem[0]}: {problem[1]}")
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -126,6 +103,8 @@ class Forecaster:
         self._lock = threading.Lock()
         self._x1 = np.empty((1, self.seq_len, self.n_vars), dtype=np.float32)  # batch-1 buffer, reused
         self.scaler = Scaler.from_contract(manifest.data)  # applied inside the graph; here to count clamps
+        cal = manifest.info.get("calibration")
+        self.calibration = Calibration.load(os.path.join(bundle_dir, cal["file"])) if cal else None
         self.uses_llm = manifest.llm is not None
         if not self.uses_llm:  # timecma-no-llm, dlinear: no prompts, tokenizer or store
             self.renderer = self.tokenizer = None
@@ -170,14 +149,72 @@ class Forecaster:
         return cls(bundle_dir, manifest, be, st, llm_batch_tokens=llm_batch_tokens)
 
     # -- request path ------------------------------------------------------------------
-    def predict(self, window, timestamps=None) -> np.ndarray:
-        """One window -> [pred_len, N] forecast in original units.
+    def predict(self, window, timestamps=None, levels=None):
+        """One window -> [pred_len, N] forecast in original units; with ``levels`` (e.g. ``[80, 95]``) a dict
+        ``{"forecast": y, "lo-80": ..., "hi-80": ..., ...}`` of such arrays (split-conformal intervals).
 
         ``window``: a DataFrame with the time column and the model's variables (any column
         order; matched by name), or a [seq_len, N] array with ``timestamps`` [seq_len].
         """
+        levels = parse_levels(levels)
+        self.check_levels(levels)
         values, ts = self._window_arrays(window, timestamps)
-        return self.predict_many(values[None], ts[None])[0]
+        y = self.predict_many(values[None], ts[None])
+        if not levels:
+            return y[0]
+        out = {"forecast": y[0]}
+        for lv, (lo, hi) in self.intervals(values[None], y, levels).items():
+            out[f"lo-{lv}"], out[f"hi-{lv}"] = lo[0], hi[0]
+        return out
+
+    def check_levels(self, levels: list[int]) -> None:
+        """Interval levels need the bundle's conformal calibration."""
+        if levels and self.calibration is None:
+            raise InputError(f"{self.bundle_dir} has no conformal calibration, so no prediction intervals: export it "
+                             "from a checkpoint trained by this timecma (timecma-train records one)")
+
+    def intervals(self, values: np.ndarray, y: np.ndarray, levels: list[int]) -> dict:
+        """level -> (lo, hi) [W, pred_len, N] around forecasts ``y`` of windows ``values`` [W, seq_len, N]."""
+        self.check_levels(levels)
+        return {lv: (lo.astype(np.float32), hi.astype(np.float32))
+                for lv, (lo, hi) in self.calibration.intervals(values, y, levels).items()}
+
+    def backtest(self, frame, stride: int = 24, levels=None, series_col: str | None = None):
+        """Rolling-origin backtest of a DataFrame (time column + variables, optional series column): forecasts
+        from a window every ``stride`` rows, scored against the actuals that follow each cutoff.
+
+        Returns ``(forecasts, metrics)``: a DataFrame (series, ``cutoff``, ``step``, time, variables, interval
+        columns) and the metrics dict ``timecma-serve-batch --metrics`` writes (model and naive baselines)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from .batch import BatchServer, TableSink, check_input_schema, output_schema
+
+        levels = parse_levels(levels)
+        table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+        check_input_schema(table.schema, self.time_col, self.variables, series_col, "frame")
+        metrics = self.backtest_metrics(levels)
+        server = BatchServer(self, series_col, "rolling", stride, levels=levels, metrics=metrics)
+        sid_field = table.schema.field(series_col).with_nullable(False) if series_col else None
+        sink = TableSink(output_schema(self.manifest.data, sid_field, levels))
+        if series_col:
+            for sid in dict.fromkeys(table.column(series_col).to_pylist()):
+                server.feed_series(table.filter(pc.equal(table.column(series_col), sid)), sink, sid)
+        else:
+            server.feed(table, sink)
+        server.finish(sink)
+        return sink.table().to_pandas(), metrics.report(server.unscored)
+
+    def backtest_metrics(self, levels: list[int]) -> "BacktestMetrics":
+        """An empty accumulator for this bundle's variables, horizon and training scale."""
+        from .backtest import BacktestMetrics
+
+        d = self.manifest.data
+        std = d.info.get("raw_std") or (d.scaler_std if d.scaler_kind == "standard" else None)
+        if std is None:
+            raise BundleError(f"{self.bundle_dir} does not record the training split's scale (log scaler, older "
+                              "export): re-export it to score backtests")
+        return BacktestMetrics(self.variables, self.seq_len, self.pred_len, self.frequency, std, levels)
 
     def predict_many(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
         """Windows [W, seq_len, N] raw + timestamps [W, seq_len] -> [W, pred_len, N]."""

@@ -5,7 +5,8 @@
 the order ``GET /metadata`` lists) or ``{"records": [{"<time_col>": ..., "<var>": ..., ...}]}``
 (a bare list of records works too), and answers
 ``{"timestamps": [...pred_len], "variables": [...], "forecast": [[...N] x pred_len]}`` in
-original units. ``GET /health`` (open to probes; "starting" until warmed up), ``/metadata``,
+original units; with ``"levels": [80, 95]`` in the request also ``"intervals": {"80": {"lo": ..., "hi":
+...}}`` (split-conformal, shaped like the forecast). ``GET /health`` (open to probes; "starting" until warmed up), ``/metadata``,
 ``/info`` and ``/metrics`` (Prometheus text) describe the replica. Refusals are fast and counted:
 400 bad input, 401 without the bearer key, 413 too large, 429 too many in flight (Retry-After),
 503 while starting, 504 past the deadline.
@@ -23,6 +24,7 @@ import logging
 import numbers
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ import click
 import numpy as np
 
 from timecma import __version__
+from timecma.core.conformal import parse_levels
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 from timecma.core.manifest import PARITY_FILE
 
@@ -48,12 +51,14 @@ def _number(x, where: str) -> float:
     return float(x)
 
 
-def parse_window(body: bytes, time_col: str, variables: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A request body -> (values [L, N] float64, timestamps [L]); shape and values are checked by predict."""
+def parse_window(body: bytes, time_col: str, variables: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A request body -> (values [L, N] float64, timestamps [L], interval levels); shape and values are
+    checked by predict."""
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"request body is not JSON: {exc}") from exc
+    levels = parse_levels(doc.pop("levels", None)) if isinstance(doc, dict) else []
     if isinstance(doc, dict) and "records" in doc:
         doc = doc["records"]
     if isinstance(doc, list):  # one record per row
@@ -89,7 +94,7 @@ def parse_window(body: bytes, time_col: str, variables: list[str]) -> tuple[np.n
         stamps = np.array([np.datetime64(t.rstrip("Z"), "ns") for t in ts], dtype="datetime64[ns]")
     except ValueError as exc:
         raise InputError(f"a timestamp is not ISO 8601: {exc}") from exc
-    return np.asarray(values, dtype=np.float64).reshape(len(values), len(variables)), stamps
+    return np.asarray(values, dtype=np.float64).reshape(len(values), len(variables)), stamps, levels
 
 
 @dataclass
@@ -101,10 +106,11 @@ class Limits:
     deadline_s: float = 30.0  # a request whose forecast is not ready within this: 504
     max_wait_ms: float = 2.0  # dynamic batching: how long the first window of a batch waits for company
     max_batch_tokens: int = 16384  # padded tokens per LLM call when concurrent requests' misses are embedded
+    max_batch_windows: int = 0  # windows per forecast call; 0: up to max_concurrent; 1 turns dynamic batching off
 
     def __post_init__(self):
         if (self.max_concurrent < 1 or self.max_body_bytes < 1 or self.deadline_s <= 0 or self.max_wait_ms < 0
-                or self.max_batch_tokens < 1):
+                or self.max_batch_tokens < 1 or self.max_batch_windows < 0):
             raise InputError(f"endpoint limits must be positive: {self}")
 
 
@@ -119,10 +125,12 @@ class ForecastEndpoint:
     constant time, never logged); readiness (``starting`` until the warm-up call on the bundle's parity
     inputs has run: 503); the body size (413); a free slot among ``max_concurrent`` (else 429 at once,
     with Retry-After); the turn within ``deadline_s`` (else 504). Every refusal is counted in ``/metrics``.
+    Under Ray Serve the warm-up runs in the constructor (``warm_up="now"``): Ray routes only to constructed
+    replicas, so a replacement for a dead one takes traffic once it is warm, never answering "starting".
     """
 
     def __init__(self, bundle: str, backend: str = "auto", store: str | None = None, threads: int | None = None,
-                 limits: Limits | None = None, api_key: str | None = None, warm_up: bool = True,
+                 limits: Limits | None = None, api_key: str | None = None, warm_up: str = "background",
                  store_max_gb: float | None = None):
         from .forecaster import Forecaster
         from .metrics import EndpointMetrics
@@ -135,7 +143,8 @@ class ForecastEndpoint:
         self.metrics = EndpointMetrics()
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
         # the windows of concurrent requests in one forecast call (at most the requests in flight)
-        self.batcher = WindowBatcher(self.f, self.limits.max_concurrent, self.limits.max_wait_ms / 1e3,
+        self.batcher = WindowBatcher(self.f, self.limits.max_batch_windows or self.limits.max_concurrent,
+                                     self.limits.max_wait_ms / 1e3,
                                      on_batch=self._observe_batch)
         self.ready = threading.Event()
         self._stats = copy.deepcopy(self.f.stats)  # what the metrics have seen of the forecaster's counters
@@ -143,8 +152,12 @@ class ForecastEndpoint:
         self.metadata = {"variables": self.f.variables, "time_col": self.f.time_col, "seq_len": self.f.seq_len,
                          "pred_len": self.f.pred_len, "frequency": self.f.frequency, "backend": self.f.backend.name,
                          "model": cfg.model, "llm": self.f.manifest.llm.id if self.f.manifest.llm else None}
-        if warm_up:  # the replica answers /health ("starting") while its engines warm up
+        if warm_up == "now":  # Ray Serve routes to a replica once it is constructed: warm before that
+            self.warm_up()
+        elif warm_up == "background":  # the replica answers /health ("starting") while its engines warm up
             threading.Thread(target=self.warm_up, name="timecma-warm-up", daemon=True).start()
+        elif warm_up != "off":
+            raise ValueError(f"warm_up is 'now', 'background' or 'off', not {warm_up!r}")
 
     def warm_up(self) -> None:
         """One call of each graph on the bundle's parity inputs (engines allocate and JIT on first use), then ready."""
@@ -170,9 +183,9 @@ class ForecastEndpoint:
                                              "llm_store_precision": be.llm_precision},
                 "llm": None if llm is None else {"id": llm.id, "d_llm": llm.d_llm, "layers": llm.info.get("extra", {})
                                                  .get("layers"), "gguf": llm.info.get("extra", {}).get("gguf")},
-                "engines": [e.file for e in m.engines], "versions": {**m.versions, "timecma_runtime": __version__},
+                "intervals": m.info.get("calibration"), "engines": [e.file for e in m.engines], "versions": {**m.versions, "timecma_runtime": __version__},
                 "limits": asdict(self.limits), "api_key_required": self._key is not None,
-                "ready": self.ready.is_set()}
+                "ready": self.ready.is_set(), "replica": {"pid": os.getpid(), "host": socket.gethostname()}}
 
     def handle(self, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> Reply:
         """(HTTP status, document, extra headers) for a request; never raises on bad input."""
@@ -222,7 +235,7 @@ class ForecastEndpoint:
             self.metrics.in_flight.dec()
             self._slots.release()
 
-    def _observe_batch(self, windows: int, seconds: float) -> None:
+    def _observe_batch(self, windows: int) -> None:
         """After each batch (on the batcher's thread, the only one that forecasts): its size and stage times."""
         after = copy.deepcopy(self.f.stats)
         self.metrics.batch_windows.observe(windows)
@@ -231,17 +244,22 @@ class ForecastEndpoint:
 
     def _forecast(self, body: bytes) -> Reply:
         try:
-            values, ts = parse_window(body, self.f.time_col, self.f.variables)
+            values, ts, levels = parse_window(body, self.f.time_col, self.f.variables)
             if values.shape[0] != self.f.seq_len:
                 raise InputError(f"a window needs {self.f.seq_len} rows, got {values.shape[0]}")
+            self.f.check_levels(levels)
             y = self.batcher.submit(values, ts, self.limits.deadline_s)
         except InputError as exc:
             return self._refuse(400, "bad_request", str(exc))
         except DeadlineExceeded as exc:
             return self._refuse(504, "deadline", str(exc))
         steps = self.f.forecast_timestamps(ts[-1])
-        return 200, {"timestamps": [str(t) for t in np.datetime_as_string(steps, unit="s")],
-                     "variables": self.f.variables, "forecast": y.astype(float).tolist()}, {}
+        doc = {"timestamps": [str(t) for t in np.datetime_as_string(steps, unit="s")],
+               "variables": self.f.variables, "forecast": y.astype(float).tolist()}
+        if levels:  # split-conformal bounds, in original units, shaped like the forecast
+            doc["intervals"] = {str(lv): {"lo": lo[0].astype(float).tolist(), "hi": hi[0].astype(float).tolist()}
+                                for lv, (lo, hi) in self.f.intervals(values[None], y[None], levels).items()}
+        return 200, doc, {}
 
     async def __call__(self, request):
         import asyncio
@@ -296,7 +314,8 @@ def build_app(bundle: str, *, replicas: int | tuple[int, int] = 1, backend: str 
     threads = max(1, int(round(cpus_per_replica)))
     dep = deployment(replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
                      limits=limits)
-    return dep.bind(os.path.abspath(bundle), backend, store, threads, limits, api_key, True, store_max_gb)
+    # warmed in the constructor: a replacement for a dead replica gets traffic only once it is warm
+    return dep.bind(os.path.abspath(bundle), backend, store, threads, limits, api_key, "now", store_max_gb)
 
 
 def start(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int | tuple[int, int] = 1,
@@ -368,12 +387,14 @@ def _wait_ready(host: str, port: int, timeout_s: float = 120.0) -> None:
               help="Dynamic batching: how long a window waits for concurrent ones to share its forecast call.")
 @click.option("--max-batch-tokens", default=Limits.max_batch_tokens, show_default=True, type=click.IntRange(min=1),
               help="Padded tokens per LLM call when concurrent requests' store misses are embedded together.")
+@click.option("--max-batch-windows", default=Limits.max_batch_windows, show_default=True, type=click.IntRange(min=0),
+              help="Windows per forecast call (0: up to --max-concurrent; 1 turns dynamic batching off).")
 @click.option("--api-key", envvar="TIMECMA_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /health (prefer the environment variable: "
                    "a command line is visible to other users).")
 def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend, store, store_max_gb, cpus_per_replica,
               gpus_per_replica, ray_address,
-              max_concurrent, max_body_bytes, deadline_s, max_wait_ms, max_batch_tokens, api_key):
+              max_concurrent, max_body_bytes, deadline_s, max_wait_ms, max_batch_tokens, max_batch_windows, api_key):
     """Serve a timecma bundle over HTTP: POST /forecast, GET /metadata, /info, /metrics, /health (Ray Serve)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timecma").setLevel(logging.INFO)
@@ -388,7 +409,8 @@ def serve_cmd(bundle, replicas, min_replicas, max_replicas, host, port, backend,
         connect(ray_address, progress=False)
         url = start(bundle, host=host, port=port, replicas=replicas, backend=backend, store=store,
                     cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
-                    limits=Limits(max_concurrent, max_body_bytes, deadline_s, max_wait_ms, max_batch_tokens),
+                    limits=Limits(max_concurrent, max_body_bytes, deadline_s, max_wait_ms, max_batch_tokens,
+                                  max_batch_windows),
                     api_key=api_key,
                     store_max_gb=store_max_gb)
     except (InputError, BundleError, BackendUnavailable) as exc:

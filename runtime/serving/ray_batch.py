@@ -46,22 +46,22 @@ class SeriesScorer:
     """A Ray actor's callable: loads the bundle once, forecasts one series group per call."""
 
     def __init__(self, bundle: str, backend: str, store: str | None, threads: int, series_col: str | None,
-                 root: str, mode: str, stride: int, batch_windows: int, schema: pa.Schema):
+                 root: str, mode: str, stride: int, batch_windows: int, schema: pa.Schema, levels: list[int]):
         from .forecaster import Forecaster
 
         kwargs = threads_option(backend, threads)
         self.f = Forecaster.load(bundle, backend=backend, store=store, **kwargs)
         self.series_col, self.root, self.schema = series_col, root, schema
-        self.mode, self.stride, self.batch_windows = mode, stride, batch_windows
+        self.mode, self.stride, self.batch_windows, self.levels = mode, stride, batch_windows, levels
 
     def __call__(self, group: pa.Table) -> pa.Table:
         if self.series_col:
             sid = group.column(self.series_col)[0].as_py()
         else:
             sid = series_name(group.column(PATH_COL)[0].as_py(), self.root)
-        server = BatchServer(self.f, self.series_col, self.mode, self.stride, self.batch_windows)
+        server = BatchServer(self.f, self.series_col, self.mode, self.stride, self.batch_windows, self.levels)
         sink = TableSink(self.schema)
-        server.feed_series(group, sink, sid if self.schema.field(0).name != "window_end" else None)
+        server.feed_series(group, sink, sid if self.schema.field(0).name != "cutoff" else None)
         server.finish(sink)
         return sink.table()
 
@@ -79,6 +79,7 @@ class RaySummary:
 def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, series_col: str | None = None,
                        mode: str = "last", stride: int = 24, backend: str = "auto", store: str | None = None,
                        batch_windows: int = 32, threads: int | None = None, pool: RayPool | None = None,
+                       levels: list[int] | None = None,
                        force: bool = False, progress: bool = True) -> RaySummary:
     """Serve ``files`` on the Ray cluster at ``pool.address`` into the directory ``out`` (one parquet file per
     block). Bundle and input columns are checked before the cluster is joined."""
@@ -97,7 +98,10 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
     connect(pool.address, progress=progress)
     num_workers = pool.num_workers
     cpus = actor_cpus(num_workers, pool.cpus_per_worker)
-    schema = output_schema(data, sid_field)
+    if levels and not manifest.info.get("calibration"):
+        raise InputError(f"{bundle} has no conformal calibration, so no prediction intervals: export it from a "
+                         "checkpoint trained by this timecma (timecma-train records one)")
+    schema = output_schema(data, sid_field, levels)
 
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -112,7 +116,7 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
             fn_constructor_kwargs=dict(bundle=os.path.abspath(bundle), backend=backend, store=store,
                                        threads=threads or max(1, int(round(cpus))), series_col=series_col,
                                        root=root, mode=mode, stride=stride, batch_windows=batch_windows,
-                                       schema=schema),
+                                       schema=schema, levels=list(levels or [])),
             compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=cpus, num_gpus=pool.gpus_per_worker or None)
         # a dead worker is replaced and its series served again: Ray Data's actor pools default to
         # max_restarts=-1 and max_task_retries=-1 (tests/test_ray.py kills one mid-job)

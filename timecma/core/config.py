@@ -74,6 +74,7 @@ class DataContract:
     scaler_kind: str = "standard"  # or "log" (timecma.core.scaling); mean/std are then of the logged values
     scaler_offset: list[float] | None = None
     periods: list[list[int]] | None = None  # significant periods per variable, detected on training rows
+    raw_std: list[float] | None = None  # training split's std per variable: the paper's units for backtest metrics
 
     def to_dict(self) -> dict:
         return asdict(self)
