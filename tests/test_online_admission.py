@@ -60,7 +60,8 @@ def test_key_readiness_and_size(endpoint):
     status, info, _ = ep.handle("GET", "/info", headers=auth)
     assert status == 200 and KEY not in json.dumps(info)
     assert info["limits"] == {"max_concurrent": 1, "max_body_bytes": 20_000, "deadline_s": 0.3, "max_wait_ms": 2.0,
-                              "max_batch_tokens": 16384}
+                              "max_batch_tokens": 16384, "max_batch_windows": 0}
+    assert info["replica"]["pid"] > 0
     assert info["backend"]["name"] == "ort-cpu" and info["backend"]["llm_store_precision"] == "fp32"
     assert info["api_key_required"] and info["ready"] and info["llm"]["d_llm"] > 0
     m = _samples(ep)
