@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO   := runs/demo
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo smollm2 demo-real ablation ablation-real gpu-check clean
+.PHONY: install test lint demo smollm2 demo-real ablation ablation-real ablation-joint gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,13 @@ demo-real: $(SMOLLM2)/timecma-gguf.json
 ablation: $(STAMP)
 	@test -f $(DEMO)/tiny-llm/config.json || $(BIN)/timecma-tiny-llm $(DEMO)/tiny-llm
 	$(BIN)/python -m benchmarks.ablation --llm $(DEMO)/tiny-llm --out benchmarks/results/ablation-etth1
+
+# Joint text and time-series training: the LLM frozen vs trained with the forecaster (LoRA; full from Xavier), and
+# the `log-values` template; the same epoch budget for every row (minutes on 2 cores; not in `make test`).
+ablation-joint: $(STAMP)
+	@test -f $(DEMO)/tiny-llm/config.json || $(BIN)/timecma-tiny-llm $(DEMO)/tiny-llm
+	$(BIN)/python -m benchmarks.ablation --suite joint --llm $(DEMO)/tiny-llm --out benchmarks/results/ablation-etth1-joint \
+		--work runs/ablation-joint --epochs 3 --train-stride 32 --eval-stride 16
 
 # The same question with a real pretrained LLM: SmolLM2 at 30, 12 and 6 layers, its architecture with random weights,
 # the baselines; every 96th window of each split (the same subsample for every row). About an hour on 2 cores.

@@ -152,15 +152,14 @@ def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompt
     (``benchmarks.precompute_speed``): the reference's one-at-a-time loop, eager fp32/bf16 batched, and the
     exported graph on the runtime's engines, each with its embedding error against eager fp32."""
     from timecma.llm import load_llm, recorded_layers
-    from timecma.core.prompts import PromptRenderer, get_template
+    from timecma.core.prompts import PromptRenderer
     from timecma.runtime.backends.eager import llm_source
 
     from .precompute_speed import precompute_modes
 
     n_vars = manifest.model_config.num_nodes
     values, ts = real_windows(manifest, n_prompts // n_vars + 1, data)
-    renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
-                              manifest.data.frequency, manifest.prompt.get("periods"))
+    renderer = PromptRenderer.from_record(manifest.prompt, manifest.data.frequency)
     prompts = [p for v, t in zip(values, ts) for p in renderer.render_series(v, t, [0], len(v))][:n_prompts]
     fast = load_llm(llm_source(bundle, manifest, ckpt), layers=recorded_layers(manifest.llm.info))
     return precompute_modes(fast, encode_prompts(fast.backend, prompts), batch_size, progress=progress)

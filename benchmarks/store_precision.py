@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from timecma.core.manifest import read_manifest
-from timecma.core.prompts import PromptRenderer, get_template
+from timecma.core.prompts import PromptRenderer
 from timecma.core.tokens import encode_prompts
 from timecma.runtime import make_backend
 
@@ -36,7 +36,7 @@ def main(bundle: str, llm_id: str, data: str, windows: int, out: str) -> None:
     starts = make_windows(b, cfg.seq_len, cfg.pred_len)["test"].starts
     starts = starts[np.linspace(0, len(starts) - 1, min(windows, len(starts))).astype(int)]
     llm = load_llm(llm_id)
-    renderer = PromptRenderer(get_template(m.prompt["name"], m.prompt["hash"]), s.frequency, m.prompt.get("periods"))
+    renderer = PromptRenderer.from_record(m.prompt, s.frequency)
     be = make_backend("ort-cpu", bundle, m)
     train = s.values[b["train"][0]:b["train"][1]]
     mean, std = train.mean(axis=0), train.std(axis=0)

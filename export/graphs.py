@@ -20,7 +20,7 @@ import torch
 
 from timecma.checkpoint import build_model
 from timecma.core.accuracy import embedding_errors
-from timecma.core.prompts import PromptRenderer, get_template
+from timecma.core.prompts import PromptRenderer
 from timecma.core.scaling import Scaler
 from timecma.core.tokens import encode_prompts, llm_feeds, pad_right, tokenizer_digest
 from timecma.llm import LastTokenEncoder, LoadedLLM, encode_last_token
@@ -141,8 +141,7 @@ def export_llm_graph(src: Source, llm: LoadedLLM, tmp: str, series, starts) -> t
         if os.path.isfile(os.path.join(folder, name)):
             shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
     export_s = time.time() - t
-    renderer = PromptRenderer(get_template(src.prompt["name"], src.prompt["hash"]), data.frequency,
-                              src.prompt.get("periods"))
+    renderer = PromptRenderer.from_record(src.prompt, data.frequency)
     prompts = renderer.render_series(series.values, series.timestamps, starts, cfg.seq_len)
     ids = encode_prompts(saved_tok, prompts)
     if [list(a) for a in ids] != [list(a) for a in encode_prompts(llm.backend, prompts)]:

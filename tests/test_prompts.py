@@ -73,3 +73,23 @@ def test_vectorised_values_and_trends_match_the_scalar_rules():
         assert fast.tolist() == [trend_value(raw[:, j]) for j in range(4)]
     huge = np.array([1e300, -3.7])
     assert format_values(huge, "int") == [str(int(1e300)), "-3"]
+
+
+def test_reference_hash_is_pinned():
+    """Adding template fields must not move the reference template's hash: bundles exported before keep loading."""
+    assert get_template("reference").hash == "664e45169ce8d96d5a66f0349d1540a753429bc633756c8b9329b6b45f5567aa"
+
+
+def test_log_values_template_writes_the_log_scaled_window():
+    from timecma.core.scaling import Scaler
+
+    series = load_series(ETTH1)
+    z = Scaler.fit(series.values[:8640], series.variables, "log")
+    record = {"name": "log-values", "hash": get_template("log-values").hash,
+              "log_scaler": {"offset": z.offset.tolist(), "mean": z.mean.tolist(), "std": z.std.tolist()}}
+    p = PromptRenderer.from_record(record, series.frequency).render_series(series.values, series.timestamps, [0], 96)
+    hufl = np.clip((np.log(series.values[:96, 0] + z.offset[0]) - z.mean[0]) / z.std[0], -20, 20)
+    assert p[0] == (f"From 01/07/2016 00:00 to 04/07/2016 23:00, the values were {', '.join(f'{v:.3f}' for v in hufl)}"
+                    f" every hour. The total trend value was {np.diff(hufl).sum():.3f}")
+    with pytest.raises(PromptError, match="log scaler"):
+        PromptRenderer(get_template("log-values"), "hourly")

@@ -26,9 +26,11 @@ from .core.ray_setup import RayPool, unwrap
 @click.option("--pred-len", default=96, show_default=True)
 @click.option("--out", "out_dir", required=True, help="Run directory (best.pt, metrics.json, store/).")
 @click.option("--store", "store_dir", default=None, help="Embedding store directory [default: OUT/store].")
-@click.option("--template", type=click.Choice(["reference", "sig4", "lags"]), default="reference", show_default=True,
+@click.option("--template", type=click.Choice(["reference", "sig4", "lags", "log-values"]), default="reference",
+              show_default=True,
               help="reference: byte-identical to the public one; lags: plus each variable's detected period, the "
-                   "values one and two periods back and the last period's mean/min/max and correlation.")
+                   "values one and two periods back and the last period's mean/min/max and correlation; "
+                   "log-values: values (and trend) after the log scaler fitted on training rows, three decimals.")
 @click.option("--scaler", "scaler_kind", type=click.Choice(["standard", "log"]), default="standard",
               show_default=True, help="log: offset so the training minimum maps to 1, log, standardise, clip at "
                                       "+-20 (spiky series over orders of magnitude); exact inverse in the graph.")
@@ -73,12 +75,24 @@ from .core.ray_setup import RayPool, unwrap
 @click.option("--cpus-per-worker", default=None, type=float,
               help="--ray: CPUs per actor (default: a share leaving one CPU for Ray Data's own tasks).")
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=float, help="--ray: GPUs per actor.")
+@click.option("--joint", type=click.Choice(["none", "lora", "full"]), default="none", show_default=True,
+              help="Train the LLM with the forecaster: LoRA adapters on its attention and MLP projections (lora) or "
+                   "every weight (full), on w * forecast MSE + (1 - w) * next-token loss; the merged LLM is saved "
+                   "beside the checkpoint. none: the paper's frozen LLM and its store.")
+@click.option("--llm-init", type=click.Choice(["pretrained", "xavier"]), default="pretrained", show_default=True,
+              help="--joint full: start the LLM from Xavier-initialised weights of its config.")
+@click.option("--joint-weight", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="w: the forecast loss's share; 1 - w goes to the next-token loss.")
+@click.option("--joint-text", default=None, type=click.Path(dir_okay=False),
+              help="A text corpus (one document per line) for the next-token loss instead of the prompts.")
+@click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("-v", "--verbose", is_flag=True)
 def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len, out_dir, store_dir, template, scaler_kind,
               store_dtype, residual, model_name,
               channel, e_layer,
               d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
-              precompute_backend, device, shuffle, train_stride, eval_stride, ray_address, llm_workers, cpus_per_worker, gpus_per_worker, verbose):
+              precompute_backend, device, shuffle, train_stride, eval_stride, ray_address, llm_workers, cpus_per_worker,
+              gpus_per_worker, joint, llm_init, joint_weight, joint_text, lora_rank, verbose):
     """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
     checkpoint by validation MSE, evaluate it once on the test split."""
     setup_logging(verbose)
@@ -87,7 +101,8 @@ def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len,
     cfg = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                       seed=seed, llm_batch_size=llm_batch_size, device=device, shuffle=shuffle,
                       precompute_backend=precompute_backend,
-                      train_stride=train_stride, eval_stride=eval_stride)
+                      train_stride=train_stride, eval_stride=eval_stride, joint=joint, llm_init=llm_init,
+                      joint_weight=joint_weight, joint_text=joint_text, lora_rank=lora_rank)
     overrides = dict(seq_len=seq_len, pred_len=pred_len, channel=channel, e_layer=e_layer, d_layer=d_layer,
                      head=head, d_ff=d_ff, dropout=dropout)
     pool = RayPool(ray_address, llm_workers, cpus_per_worker, gpus_per_worker) if ray_address else None

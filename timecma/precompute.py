@@ -37,9 +37,10 @@ class PromptSet:
 
 
 def build_prompt_set(
-    series: Series, windows: SplitWindows, renderer: PromptRenderer, llm: LoadedLLM, store: EmbeddingStore
+    series: Series, windows: SplitWindows, renderer: PromptRenderer, llm: LoadedLLM, store: EmbeddingStore | None
 ) -> PromptSet:
-    """Render, tokenize and key every prompt of a split; refuse prompts longer than the LLM."""
+    """Render, tokenize and key every prompt of a split; refuse prompts longer than the LLM. Without a store
+    (joint training: embeddings are computed every step) the prompts get no keys."""
     prompts = renderer.render_series(series.values, series.timestamps, windows.starts, windows.seq_len)
     token_ids = encode_prompts(llm.backend, prompts)
     n = len(series.variables)
@@ -50,7 +51,7 @@ def build_prompt_set(
                 f"variable {series.variables[i % n]!r}")
 
     check_lengths(token_ids, llm.info.max_positions, describe)
-    return PromptSet(windows.name, n, token_ids, store.keys(token_ids), prompts)
+    return PromptSet(windows.name, n, token_ids, store.keys(token_ids) if store is not None else [], prompts)
 
 
 def _todo(store: EmbeddingStore, token_ids: list[np.ndarray], keys: list[bytes], batch_size: int):

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
 from .core.config import MODELS, DataContract, ModelConfig, TrainConfig
+from .core.errors import InputError
 from .core.conformal import METHOD, Calibration, coverage
 from .core.scaling import Scaler
 from .core.seasonality import NATURAL_PERIOD, detect_periods, primary_periods, seasonal_naive_rows
@@ -23,6 +24,7 @@ from .data import Series, load_series, make_windows, resolve_split, split_border
 from .llm import load_llm
 from .model import make_model
 from .encoders import GATE_PROMPTS, parse_choice, prompt_encoder
+from .joint import JointModel, Prompts, TextCorpus, load_causal_lm, merge_and_save
 from .precompute import PromptSet, build_prompt_set, precompute
 from .core.prompts import PromptRenderer, get_template
 from .core.ray_setup import RayPool
@@ -56,11 +58,11 @@ class Batches:
     """Mini-batches of (x, y, prompt embeddings) read from the scaled series and the store."""
 
     def __init__(self, scaled: np.ndarray, split: SplitData, store: EmbeddingStore | None, seq_len: int,
-                 pred_len: int):
+                 pred_len: int, pad_id: int = 0):
         self.scaled = scaled.astype(np.float32)
         self.split = split
-        self.store = store
-        self.seq_len, self.pred_len = seq_len, pred_len
+        self.store = store  # None with prompts: joint training, which embeds them every step
+        self.seq_len, self.pred_len, self.pad_id = seq_len, pred_len, pad_id
 
     def __len__(self) -> int:
         return len(self.split.starts)
@@ -72,6 +74,10 @@ class Batches:
         if self.split.prompts is None:  # a model without the LLM branch
             return torch.from_numpy(xy[:, : self.seq_len]), torch.from_numpy(xy[:, self.seq_len :]), None
         n = self.split.prompts.n_vars
+        if self.store is None:  # joint training: the prompts' token ids, embedded by the model in the loop
+            ids = self.split.prompts.token_ids
+            prompts = Prompts.pad([ids[int(i) * n + j] for i in idx for j in range(n)], self.pad_id)
+            return torch.from_numpy(xy[:, : self.seq_len]), torch.from_numpy(xy[:, self.seq_len :]), prompts
         keys = [k for i in idx for k in self.split.prompts.window_keys(int(i))]
         emb, found = self.store.get_many(keys)
         if not found.all():
@@ -184,12 +190,31 @@ def train(
     residual_periods = (primary_periods(periods, n_vars, series.frequency, seq_len, fallback=True)
                         if residual != "none" else None)
     log.info("detected periods per variable (training rows): %s", dict(zip(series.variables, periods)))
+    # what serving needs to render the same prompts: template, periods (`lags`), log scaler (`log-values`)
+    prompt_record = {"name": tmpl.name, "hash": tmpl.hash,
+                     **({"periods": prompt_periods} if tmpl.needs_periods else {})}
+    if tmpl.value_transform == "log":
+        z = Scaler.fit(series.values[b_train[0]:b_train[1]], series.variables, "log")
+        prompt_record["log_scaler"] = {"offset": z.offset.tolist(), "mean": z.mean.tolist(), "std": z.std.tolist()}
     os.makedirs(out_dir, exist_ok=True)
     splits: dict[str, SplitData] = {}
     t_emb = time.time()
-    store, llm_info, d_llm = None, None, 0
-    if MODELS[model_name]:
-        renderer = PromptRenderer(tmpl, series.frequency, prompt_periods if tmpl.needs_periods else None)
+    store, llm_info, d_llm, pad_id, joint = None, None, 0, 0, train_cfg.joint != "none"
+    if joint and not MODELS[model_name]:
+        raise InputError(f"--joint trains the LLM with the forecaster; --model {model_name} has no LLM")
+    if joint:  # no store: the embeddings change every step; the LLM trains with its LM head (timecma.joint)
+        renderer = PromptRenderer.from_record(prompt_record, series.frequency)
+        llm = load_llm(llm_id, device, layers=llm_layers)  # tokenizer, limits and identity of the starting point
+        sets = {name: build_prompt_set(series, w, renderer, llm, None) for name, w in windows.items()}
+        lm, lm_tokenizer, _ = load_causal_lm(llm_id, train_cfg.joint, train_cfg.llm_init, llm_layers,
+                                             train_cfg.lora_rank)
+        corpus = (TextCorpus(train_cfg.joint_text, lm_tokenizer, max(len(t) for t in sets["train"].token_ids),
+                             llm.info.pad_id, train_cfg.seed) if train_cfg.joint_text else None)
+        splits = {name: SplitData(w.starts, sets[name]) for name, w in windows.items()}
+        d_llm, pad_id, n_computed = llm.info.d_llm, llm.info.pad_id, 0
+        del llm
+    elif MODELS[model_name]:
+        renderer = PromptRenderer.from_record(prompt_record, series.frequency)
         llm = load_llm(llm_id, device, layers=llm_layers)
         store_dir = store_dir or os.path.join(out_dir, "store")
         engine = parse_choice(train_cfg.precompute_backend)  # `auto` resolved once, here
@@ -227,10 +252,13 @@ def train(
                       residual_periods=residual_periods, **model_cfg_overrides)
     seed_everything(train_cfg.seed)
     model = make_model(cfg).to(device)
+    if joint:
+        model = JointModel(model, lm, n_vars).to(device)
+    w = train_cfg.joint_weight
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
                             weight_decay=train_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=min(train_cfg.epochs, 20), eta_min=1e-8)
-    batches = {k: Batches(scaled, v, store, seq_len, pred_len) for k, v in splits.items()}
+    batches = {k: Batches(scaled, v, store, seq_len, pred_len, pad_id) for k, v in splits.items()}
     rng = np.random.default_rng(train_cfg.seed) if train_cfg.shuffle else None
 
     contract = DataContract(
@@ -242,7 +270,7 @@ def train(
     history = []
     for epoch in range(1, train_cfg.epochs + 1):
         model.train()
-        losses = []
+        losses, fc_losses, text_losses = [], [], []
         t_ep = time.time()
         bar = tqdm(batches["train"].iterate(train_cfg.batch_size, rng),
                    total=-(-len(batches["train"]) // train_cfg.batch_size), desc=f"epoch {epoch}", leave=False,
@@ -251,6 +279,14 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss = torch.nn.functional.mse_loss(model(x.to(device), None if emb is None else emb.to(device)),
                                                 y.to(device))
+            if joint:
+                fc_losses.append(loss.item())
+                if w < 1:
+                    text = model.text_loss(corpus.sample().to(device) if corpus else None)
+                    text_losses.append(text.item())
+                    loss = w * loss + (1 - w) * text
+                else:
+                    loss = w * loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
             opt.step()
@@ -259,6 +295,11 @@ def train(
         val = evaluate(model, batches["val"], train_cfg.batch_size, device, to_report, reported)
         history.append({"epoch": epoch, "train_mse": float(np.mean(losses)), "val_mse": val["mse"],
                         "val_mae": val["mae"], "seconds": time.time() - t_ep})
+        if joint:  # both losses, the forecast's unweighted
+            history[-1].update(train_forecast_mse=float(np.mean(fc_losses)),
+                               train_text_loss=float(np.mean(text_losses)) if text_losses else None)
+            log.info("epoch %d: forecast mse %.4f, next-token loss %s", epoch, np.mean(fc_losses),
+                     f"{np.mean(text_losses):.4f}" if text_losses else "-")
         log.info("epoch %d: train mse %.4f, val mse %.4f mae %.4f (%.1fs)", epoch, np.mean(losses),
                  val["mse"], val["mae"], time.time() - t_ep)
         if val["mse"] < best_val:
@@ -280,6 +321,18 @@ def train(
                                                       series.values), REPORTED_LEVELS)}
     log.info("prediction intervals on test: %s", ", ".join(f"{lv}% covers {c['coverage']:.1%}"
                                                            for lv, c in intervals["test"].items()))
+    state_dict = best_state
+    if joint:  # the LLM leaves as a plain model directory (adapters merged); the checkpoint keeps the forecaster
+        llm_dir = os.path.abspath(merge_and_save(model, lm_tokenizer, os.path.join(out_dir, "llm")))
+        trained = load_llm(llm_dir, "cpu")
+        trained.info.extra["joint"] = {"mode": train_cfg.joint, "init": train_cfg.llm_init, "weight": w,
+                                       "text": os.path.basename(train_cfg.joint_text) if train_cfg.joint_text
+                                       else "prompts", "from": llm_id}
+        llm_info = trained.info.to_dict()
+        log.info("joint training: the trained LLM is %s (weights %s; a new store namespace)", llm_dir,
+                 trained.info.weights_digest[:12])
+        state_dict = {k[len("forecaster."):]: v for k, v in best_state.items() if k.startswith("forecaster.")}
+        del trained
     metrics = {
         "best_epoch": best_epoch,
         "val": val,
@@ -299,12 +352,11 @@ def train(
     save_checkpoint(
         os.path.join(out_dir, "best.pt"),
         {
-            "state_dict": best_state,
+            "state_dict": state_dict,
             "model_config": cfg.to_dict(),
             "train_config": train_cfg.to_dict(),
             "data": contract.to_dict(),
-            "prompt": ({"name": tmpl.name, "hash": tmpl.hash,
-                        **({"periods": prompt_periods} if tmpl.needs_periods else {})} if cfg.uses_llm else None),
+            "prompt": prompt_record if cfg.uses_llm else None,
             "llm": llm_info,
             "metrics": {k: v for k, v in metrics.items() if k != "history"},
             "calibration": cal.to_dict(),

@@ -18,7 +18,7 @@ from timecma.core.conformal import Calibration, parse_levels
 from timecma.core.errors import BundleError, InputError
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.scaling import Scaler
-from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer, get_template
+from timecma.core.prompts import FREQUENCY_SECONDS, PromptRenderer
 from timecma.core.bounded_store import BoundedStore
 from timecma.core.store import EmbeddingStore, StoreWriteError
 from timecma.core.timestamps import check_timestamps
@@ -109,8 +109,7 @@ class Forecaster:
         if not self.uses_llm:  # timecma-no-llm, dlinear: no prompts, tokenizer or store
             self.renderer = self.tokenizer = None
             return
-        self.renderer = PromptRenderer(get_template(manifest.prompt["name"], manifest.prompt["hash"]),
-                                       self.frequency, manifest.prompt.get("periods"))
+        self.renderer = PromptRenderer.from_record(manifest.prompt, self.frequency)
         self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, manifest.tokenizer["file"]))
         if tokenizer_digest(self.tokenizer) != manifest.tokenizer["digest"]:
             raise BundleError(f"{bundle_dir}: tokenizer.json differs from the one recorded at export")

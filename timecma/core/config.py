@@ -97,6 +97,11 @@ class TrainConfig:
     train_stride: int = 1  # every k-th training window (1 = all, as the reference)
     eval_stride: int = 1  # every k-th validation and test window (1 = all; metrics say which)
     precompute_backend: str = "torch"  # engine that embeds the prompts (timecma.encoders): torch[:bf16], ort-cpu, openvino[:bf16|:int8], auto
+    joint: str = "none"  # none: frozen LLM (the paper); lora / full: the LLM trains with the forecaster (timecma.joint)
+    llm_init: str = "pretrained"  # or "xavier": the LLM starts from Xavier-initialised weights of its config
+    joint_weight: float = 0.5  # w in w * forecast MSE + (1 - w) * next-token loss
+    joint_text: str | None = None  # a text corpus (one document per line) for the next-token loss; None: the prompts
+    lora_rank: int = 8
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -42,11 +42,15 @@ class PromptTemplate:
 
     name: str
     text: str
-    value_format: str  # "int": str(int(v)), truncation toward zero; "sig4": f"{v:.4g}"
+    value_format: str  # "int": str(int(v)), truncation toward zero; "sig4": f"{v:.4g}"; "fixed3": f"{v:.3f}"
     trend_format: str = "{:0f}"
+    value_transform: str = "none"  # "log": values (and trend) after the log scaler fitted on training rows
 
     def spec(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.value_transform == "none":  # templates from before the field keep their hash
+            d.pop("value_transform")
+        return d
 
     @property
     def needs_periods(self) -> bool:
@@ -74,6 +78,16 @@ TEMPLATES: dict[str, PromptTemplate] = {
         value_format="sig4",
     ),
     # the reference prompt plus the variable's detected period and lag features (core.seasonality)
+    # the founding joint-training design's tokenisation: per variable an offset making values positive, log,
+    # standardise on training rows, clip at +-20 (core.scaling's log scaler), three decimals
+    "log-values": PromptTemplate(
+        name="log-values",
+        text="From {start} to {end}, the values were {values} every {every}. "
+        "The total trend value was {trend}",
+        value_format="fixed3",
+        trend_format="{:.3f}",
+        value_transform="log",
+    ),
     "lags": PromptTemplate(
         name="lags",
         text="From {start} to {end}, the values were {values} every {every}. "
@@ -116,6 +130,8 @@ def format_values(values: np.ndarray, value_format: str) -> list[str]:
         return [str(int(v)) for v in values.tolist()]
     if value_format == "sig4":
         return [f"{v:.4g}" for v in np.asarray(values, dtype=np.float64).tolist()]
+    if value_format == "fixed3":
+        return [f"{v:.3f}" for v in np.asarray(values, dtype=np.float64).tolist()]
     raise PromptError(f"unknown value format {value_format!r}")
 
 
@@ -141,9 +157,19 @@ class PromptRenderer:
     overlapping windows costs one string join each.
     """
 
-    def __init__(self, template: PromptTemplate, frequency: str, periods: Sequence[int | None] | None = None):
+    def __init__(self, template: PromptTemplate, frequency: str, periods: Sequence[int | None] | None = None,
+                 log_scaler: dict | None = None):
         if frequency not in FREQUENCIES:
             raise PromptError(f"unknown frequency {frequency!r}; known: {sorted(FREQUENCIES)}")
+        self.value_scaler = None
+        if template.value_transform == "log":
+            if not log_scaler:
+                raise PromptError(f"template {template.name!r} needs the log scaler fitted on the training rows")
+            from .scaling import Scaler
+
+            self.value_scaler = Scaler("log", np.asarray(log_scaler["mean"], np.float64),
+                                       np.asarray(log_scaler["std"], np.float64),
+                                       np.asarray(log_scaler["offset"], np.float64))
         self.template = template
         self.frequency = frequency
         self.every = FREQUENCIES[frequency][0]
@@ -151,6 +177,12 @@ class PromptRenderer:
         if self.with_lags and periods is None:
             raise PromptError(f"template {template.name!r} needs each variable's period (detected at training)")
         self.periods = list(periods) if periods is not None else None
+
+    @classmethod
+    def from_record(cls, record: dict, frequency: str) -> "PromptRenderer":
+        """The renderer a checkpoint's or bundle's prompt record describes (template checked by hash)."""
+        return cls(get_template(record["name"], record["hash"]), frequency, record.get("periods"),
+                   record.get("log_scaler"))
 
     def _lags(self, window: np.ndarray, j: int) -> str:
         from .seasonality import lag_features
@@ -183,6 +215,8 @@ class PromptRenderer:
             raise PromptError(f"raw values must be [T, N], got shape {raw.shape}")
         if not np.isfinite(raw).all():
             raise PromptError("raw values contain NaN or inf")
+        if self.value_scaler is not None:  # the template writes (and trends) the log-scaled values
+            raw = self.value_scaler.transform(raw)
         n_vars = raw.shape[1]
         cols = [format_values(raw[:, j], self.template.value_format) for j in range(n_vars)]
         stamps: dict[int, str] = {}
