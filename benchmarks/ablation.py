@@ -191,7 +191,7 @@ def _write(res: dict, out: str) -> None:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    if res.get("suite", "tiny") == "tiny":
+    if res.get("suite", "tiny") != "real":
         llm = (f"LLM: `{res['llm']}` (**random weights, offline**: the LLM rows measure the architecture, not "
                "GPT-2's knowledge).")
     else:
