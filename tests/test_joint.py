@@ -36,7 +36,7 @@ def _batch(llm_dir: str, windows: int = 2):
 
 
 def _joint(llm_dir: str, mode: str, d_llm: int) -> JointModel:
-    lm, _, _ = load_causal_lm(llm_dir, mode, "pretrained", None)
+    lm, _ = load_causal_lm(llm_dir, mode, "pretrained", None)
     torch.manual_seed(0)
     cfg = ModelConfig(num_nodes=N, d_llm=d_llm, seq_len=L, pred_len=H, channel=8, e_layer=1, d_layer=1, head=2,
                       dropout=0.0)
@@ -87,7 +87,7 @@ def test_merged_llm_embeds_as_the_adapted_one(tiny_llm_dir, tmp_path):
     model.eval()
     with torch.no_grad():
         adapted = model.embed(prompts)[1]
-    _, tok, _ = load_causal_lm(tiny_llm_dir, "lora", "pretrained", None)
+    _, tok = load_causal_lm(tiny_llm_dir, "lora", "pretrained", None)
     merged = load_llm(merge_and_save(model, tok, str(tmp_path / "llm")))
     with torch.no_grad():
         out = merged.encoder(prompts.ids, prompts.mask)

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from .core.config import PRECOMPUTE_BACKENDS, TrainConfig
+from .core.config import JOINT_MODES, LLM_INITS, PRECOMPUTE_BACKENDS, TrainConfig
+from .core.prompts import TEMPLATES
 from .core.logs import setup_logging
 from .core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
 from .core.ray_setup import RayPool, unwrap
@@ -26,7 +27,7 @@ from .core.ray_setup import RayPool, unwrap
 @click.option("--pred-len", default=96, show_default=True)
 @click.option("--out", "out_dir", required=True, help="Run directory (best.pt, metrics.json, store/).")
 @click.option("--store", "store_dir", default=None, help="Embedding store directory [default: OUT/store].")
-@click.option("--template", type=click.Choice(["reference", "sig4", "lags", "log-values"]), default="reference",
+@click.option("--template", type=click.Choice(list(TEMPLATES)), default="reference",
               show_default=True,
               help="reference: byte-identical to the public one; lags: plus each variable's detected period, the "
                    "values one and two periods back and the last period's mean/min/max and correlation; "
@@ -75,11 +76,11 @@ from .core.ray_setup import RayPool, unwrap
 @click.option("--cpus-per-worker", default=None, type=float,
               help="--ray: CPUs per actor (default: a share leaving one CPU for Ray Data's own tasks).")
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=float, help="--ray: GPUs per actor.")
-@click.option("--joint", type=click.Choice(["none", "lora", "full"]), default="none", show_default=True,
+@click.option("--joint", type=click.Choice(JOINT_MODES), default="none", show_default=True,
               help="Train the LLM with the forecaster: LoRA adapters on its attention and MLP projections (lora) or "
                    "every weight (full), on w * forecast MSE + (1 - w) * next-token loss; the merged LLM is saved "
                    "beside the checkpoint. none: the paper's frozen LLM and its store.")
-@click.option("--llm-init", type=click.Choice(["pretrained", "xavier"]), default="pretrained", show_default=True,
+@click.option("--llm-init", type=click.Choice(LLM_INITS), default="pretrained", show_default=True,
               help="--joint full: start the LLM from Xavier-initialised weights of its config.")
 @click.option("--joint-weight", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="w: the forecast loss's share; 1 - w goes to the next-token loss.")

@@ -23,11 +23,10 @@ from torch import nn
 
 from .core.errors import InputError
 from .core.tokens import pad_right
+from .llm import _gather_rows, keep_first_layers, quiet_progress
 
 log = logging.getLogger(__name__)
 
-JOINT_MODES = ("none", "lora", "full")
-LLM_INITS = ("pretrained", "xavier")
 # attention and MLP projections per family (peft's LoRA targets); GPT-2's are Conv1D (fan_in_fan_out)
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -53,10 +52,8 @@ class Prompts:
 
 def load_causal_lm(llm_id: str, mode: str, init: str, layers: int | None, lora_rank: int = 8):
     """The decoder with its LM head, trainable as ``mode`` says; Xavier-initialised from its config with
-    ``init="xavier"``. Returns (model, tokenizer, trainable parameter count)."""
+    ``init="xavier"``. Returns (model, tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .llm import keep_first_layers, quiet_progress
 
     quiet_progress()
     config = AutoConfig.from_pretrained(llm_id)
@@ -86,7 +83,7 @@ def load_causal_lm(llm_id: str, mode: str, init: str, layers: int | None, lora_r
         model.requires_grad_(True)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("joint training (%s, %s weights): %d trainable LLM parameters", mode, init, n)
-    return model, tokenizer, n
+    return model, tokenizer
 
 
 def xavier_(model: nn.Module) -> None:
@@ -109,28 +106,23 @@ class JointModel(nn.Module):
         self.forecaster, self.lm, self.n_vars = forecaster, lm, n_vars
         self._hidden: tuple | None = None
 
-    def _decoder(self) -> nn.Module:
-        inner = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        return inner.base_model
-
-    def _head(self) -> nn.Module:
-        inner = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        return inner.get_output_embeddings()
+    def _causal_lm(self) -> nn.Module:
+        """The Hugging Face model (under peft's wrapper with LoRA): its decoder and its LM head."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def embed(self, p: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states [P, S, d] (after the final norm) and the last real token's [P, d]."""
         pos = torch.arange(p.ids.shape[1], device=p.ids.device).unsqueeze(0).expand_as(p.ids)
-        hidden = self._decoder()(input_ids=p.ids, attention_mask=p.mask, position_ids=pos,
-                                 use_cache=False).last_hidden_state
-        last = p.mask.sum(dim=1) - 1
-        return hidden, hidden[torch.arange(len(last), device=hidden.device), last]
+        hidden = self._causal_lm().base_model(input_ids=p.ids, attention_mask=p.mask, position_ids=pos,
+                                              use_cache=False).last_hidden_state
+        return hidden, _gather_rows(hidden, p.mask.sum(dim=1) - 1)
 
     def forward(self, x: torch.Tensor, prompts: Prompts) -> torch.Tensor:
         hidden, emb = self.embed(prompts)
         self._hidden = (hidden, prompts) if self.training else None
         return self.forecaster(x, emb.reshape(x.shape[0], self.n_vars, -1))
 
-    def text_loss(self, text: Prompts | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def text_loss(self, text: Prompts | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over real tokens: of ``text`` (a corpus batch), else of the prompts of
         the last training forward (the same hidden states, no second pass)."""
         if text is not None:
@@ -139,9 +131,9 @@ class JointModel(nn.Module):
         else:
             hidden, p = self._hidden
         if len(p.ids) > TEXT_PROMPTS:  # the LM head over a 50k vocabulary is costly: a random subset
-            pick = torch.randperm(len(p.ids), generator=generator)[:TEXT_PROMPTS].to(hidden.device)
+            pick = torch.randperm(len(p.ids))[:TEXT_PROMPTS].to(hidden.device)
             hidden, p = hidden[pick], Prompts(p.ids[pick], p.mask[pick])
-        logits = self._head()(hidden[:, :-1])
+        logits = self._causal_lm().get_output_embeddings()(hidden[:, :-1])
         target = p.ids[:, 1:].masked_fill(p.mask[:, 1:] == 0, -100)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                            ignore_index=-100)

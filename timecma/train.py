@@ -94,15 +94,18 @@ class Batches:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device,
-             to_report=None, reported: np.ndarray | None = None) -> dict[str, float]:
+             to_report=None, reported: np.ndarray | None = None, keep: list | None = None) -> dict[str, float]:
     """MSE and MAE on the normalised scale (as the paper reports). With another scaler (log), the
     predictions are mapped by ``to_report`` and compared with ``reported`` (standard-normalised
-    values of the same rows), so every scaler is judged in the same units."""
+    values of the same rows), so every scaler is judged in the same units. ``keep`` collects the
+    model's outputs batch by batch (model units), for what else is judged on the same pass."""
     model.eval()
     se = ae = 0.0
     count = 0
     for k, (x, y, emb) in enumerate(batches.iterate(batch_size)):
         pred = model(x.to(device), None if emb is None else emb.to(device))
+        if keep is not None:
+            keep.append(pred.cpu().numpy())
         if to_report is not None and reported is not None:
             idx = np.arange(k * batch_size, min((k + 1) * batch_size, len(batches)))
             rows = batches.split.starts[idx][:, None] + batches.seq_len + np.arange(batches.pred_len)[None, :]
@@ -115,13 +118,10 @@ def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int, device: 
     return {"mse": se / count, "mae": ae / count}
 
 
-@torch.no_grad()
-def predict_split(model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device,
-                  scaler: Scaler, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs [W, L, N], actuals and forecasts [W, H, N] of a split's windows, in original units."""
-    model.eval()
-    preds = [model(x.to(device), None if emb is None else emb.to(device)).cpu().numpy()
-             for x, _, emb in batches.iterate(batch_size)]
+def in_original_units(batches: Batches, preds: list[np.ndarray], scaler: Scaler,
+                      values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs [W, L, N], actuals and forecasts [W, H, N] of a split's windows, in original units, from the
+    model outputs ``evaluate`` kept for that split."""
     starts = batches.split.starts
     rows = starts[:, None] + np.arange(batches.seq_len + batches.pred_len)[None, :]
     xy = values[rows]
@@ -206,7 +206,7 @@ def train(
         renderer = PromptRenderer.from_record(prompt_record, series.frequency)
         llm = load_llm(llm_id, device, layers=llm_layers)  # tokenizer, limits and identity of the starting point
         sets = {name: build_prompt_set(series, w, renderer, llm, None) for name, w in windows.items()}
-        lm, lm_tokenizer, _ = load_causal_lm(llm_id, train_cfg.joint, train_cfg.llm_init, llm_layers,
+        lm, lm_tokenizer = load_causal_lm(llm_id, train_cfg.joint, train_cfg.llm_init, llm_layers,
                                              train_cfg.lora_rank)
         corpus = (TextCorpus(train_cfg.joint_text, lm_tokenizer, max(len(t) for t in sets["train"].token_ids),
                              llm.info.pad_id, train_cfg.seed) if train_cfg.joint_text else None)
@@ -312,13 +312,14 @@ def train(
                 break
 
     model.load_state_dict(best_state)
-    val = evaluate(model, batches["val"], train_cfg.batch_size, device, to_report, reported)
-    test = evaluate(model, batches["test"], train_cfg.batch_size, device, to_report, reported)
+    out: dict[str, list] = {"val": [], "test": []}  # one pass per split: metrics, then intervals
+    val = evaluate(model, batches["val"], train_cfg.batch_size, device, to_report, reported, out["val"])
+    test = evaluate(model, batches["test"], train_cfg.batch_size, device, to_report, reported, out["test"])
     # prediction intervals: conformal scores on validation windows, coverage judged on test
-    cal = Calibration.fit(*predict_split(model, batches["val"], train_cfg.batch_size, device, scaler, series.values))
+    cal = Calibration.fit(*in_original_units(batches["val"], out["val"], scaler, series.values))
     intervals = {"method": METHOD, "calibration": f"{cal.windows} val windows",
-                 "test": coverage(cal, *predict_split(model, batches["test"], train_cfg.batch_size, device, scaler,
-                                                      series.values), REPORTED_LEVELS)}
+                 "test": coverage(cal, *in_original_units(batches["test"], out["test"], scaler, series.values),
+                                  REPORTED_LEVELS)}
     log.info("prediction intervals on test: %s", ", ".join(f"{lv}% covers {c['coverage']:.1%}"
                                                            for lv, c in intervals["test"].items()))
     state_dict = best_state

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from timecma.core.errors import InputError, WriteError
 from timecma.core.manifest import DataRecord
-from timecma.core.timestamps import timestamp_problem
+from timecma.core.timestamps import arrow_timestamps, timestamp_problem
 
 from .backtest import BacktestMetrics
 from .long_format import LongFormat, LongSink, long_schema, long_to_wide
@@ -262,10 +262,7 @@ class BatchServer:
             i = first_row + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError(f"{at}time column {f.time_col!r} is empty at row {i}")
         try:
-            if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-                ts = col.cast(pa.timestamp("ns")).to_numpy(zero_copy_only=False)
-            else:
-                ts = np.array(col.to_pylist(), dtype="datetime64[ns]")
+            ts = arrow_timestamps(col)
         except (ValueError, pa.ArrowInvalid) as exc:
             raise InputError(f"{at}time column {f.time_col!r} holds a value that is not a timestamp "
                              f"(rows {first_row}..{first_row + len(col) - 1}): {exc}") from exc
@@ -338,11 +335,12 @@ class BatchServer:
 
     def _score(self, sid) -> None:
         """Windows with their forecast and every actual go into the metrics and leave the open list."""
-        opened = self.open.get(sid, [])
-        done = [o for o in opened if o.y_hat is not None and o.filled == self.f.pred_len]
+        done, waiting = [], []
+        for o in self.open.get(sid, []):
+            (done if o.y_hat is not None and o.filled == self.f.pred_len else waiting).append(o)
         if not done:
             return
-        self.open[sid] = [o for o in opened if not (o.y_hat is not None and o.filled == self.f.pred_len)]
+        self.open[sid] = waiting
         ivs = {lv: (np.stack([o.intervals[lv][0] for o in done]), np.stack([o.intervals[lv][1] for o in done]))
                for lv in self.levels}
         self.metrics.add(np.stack([o.x for o in done]), np.stack([o.y for o in done]),
@@ -460,7 +458,6 @@ class BatchServer:
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
 
-
     def _run_long(self, files: list[str], out: str, fmt: LongFormat) -> ServeSummary:
         f, t0 = self.f, time.perf_counter()
         try:
@@ -471,10 +468,10 @@ class BatchServer:
         sid_field = wide.schema.field(self.series_col).with_nullable(False) if self.series_col else None
         wide_schema = output_schema(f.manifest.data, sid_field, self.levels)
         writer = _Writer(out, long_schema(wide_schema, fmt, f.variables, f.time_col, self.levels))
+        sink = LongSink(writer, wide_schema, fmt, f.variables, f.time_col, self.levels)
         try:
-            self.feed(wide, LongSink(writer, wide_schema, fmt, f.variables, f.time_col, self.levels))
-            self.finish(LongSink(writer, wide_schema, fmt, f.variables, f.time_col, self.levels),
-                        files[0] if len(files) == 1 else "input")
+            self.feed(wide, sink)
+            self.finish(sink, files[0] if len(files) == 1 else "input")
             writer.commit()
         except BaseException:
             writer.abort()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
-from timecma.core.conformal import Calibration, parse_levels
+from timecma.core.conformal import Calibration, no_calibration, parse_levels
 from timecma.core.errors import BundleError, InputError
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.scaling import Scaler
@@ -169,8 +169,7 @@ class Forecaster:
     def check_levels(self, levels: list[int]) -> None:
         """Interval levels need the bundle's conformal calibration."""
         if levels and self.calibration is None:
-            raise InputError(f"{self.bundle_dir} has no conformal calibration, so no prediction intervals: export it "
-                             "from a checkpoint trained by this timecma (timecma-train records one)")
+            raise no_calibration(self.bundle_dir)
 
     def intervals(self, values: np.ndarray, y: np.ndarray, levels: list[int]) -> dict:
         """level -> (lo, hi) [W, pred_len, N] around forecasts ``y`` of windows ``values`` [W, seq_len, N]."""

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from timecma.core.errors import InputError
+from timecma.core.timestamps import arrow_timestamps
 
 PREDICTION = "y_hat"
 
@@ -23,15 +24,6 @@ class LongFormat:
     id_col: str = "unique_id"
     ds_col: str = "ds"
     y_col: str = "y"
-
-
-def _ts(col: pa.ChunkedArray, name: str) -> np.ndarray:
-    try:
-        if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-            return col.cast(pa.timestamp("ns")).to_numpy(zero_copy_only=False)
-        return np.array(col.to_pylist(), dtype="datetime64[ns]")
-    except (ValueError, TypeError, pa.ArrowInvalid) as exc:
-        raise InputError(f"column {name!r} holds a value that is not a timestamp: {exc}") from exc
 
 
 def long_to_wide(table: pa.Table, fmt: LongFormat, variables: list[str], time_col: str,
@@ -56,7 +48,10 @@ def long_to_wide(table: pa.Table, fmt: LongFormat, variables: list[str], time_co
     if (var < 0).any():
         i = int(np.flatnonzero(var < 0)[0])
         raise InputError(f"row {i}: {fmt.id_col} {ids[i]!r} is not one of the model's variables {variables}")
-    ts = _ts(table.column(fmt.ds_col), fmt.ds_col)
+    try:
+        ts = arrow_timestamps(table.column(fmt.ds_col))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"column {fmt.ds_col!r} holds a value that is not a timestamp: {exc}") from exc
     try:
         y = table.column(fmt.y_col).cast(pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, ValueError) as exc:

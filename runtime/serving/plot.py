@@ -19,6 +19,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, InputError, WriteError, fail
+from timecma.core.timestamps import arrow_timestamps
 
 PROG = "timecma-plot"
 log = logging.getLogger(__name__)
@@ -33,10 +34,11 @@ def _read(path: str) -> pa.Table:
         raise InputError(f"{path} is not a readable parquet or CSV file: {exc}") from exc
 
 
-def _times(col) -> np.ndarray:
-    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-        return col.cast(pa.timestamp("ns")).to_numpy(zero_copy_only=False)
-    return np.array(col.to_pylist(), dtype="datetime64[ns]")
+def _times(col, name: str) -> np.ndarray:
+    try:
+        return arrow_timestamps(col)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"column {name!r} holds a value that is not a timestamp: {exc}") from exc
 
 
 def levels_in(names: list[str], variable: str) -> list[int]:
@@ -81,10 +83,10 @@ def plot(forecasts: pa.Table, data: pa.Table, out: str, *, time_col: str, variab
     if bad:
         raise InputError(f"variable(s) {bad} are not in both the forecasts and the data (forecast variables: "
                          f"{candidates})")
-    cut = np.unique(_times(forecasts.column("cutoff")))[-cutoffs:]
-    f_ts = _times(forecasts.column(time_col))
-    f_cut = _times(forecasts.column("cutoff"))
-    d_ts = _times(data.column(time_col))
+    f_cut = _times(forecasts.column("cutoff"), "cutoff")
+    cut = np.unique(f_cut)[-cutoffs:]
+    f_ts = _times(forecasts.column(time_col), time_col)
+    d_ts = _times(data.column(time_col), time_col)
     horizon = int((f_cut == cut[-1]).sum())
     history = history or 2 * horizon
     first = np.searchsorted(d_ts, cut[0])

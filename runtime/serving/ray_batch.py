@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from timecma.core.conformal import no_calibration
 from timecma.core.errors import InputError
 from timecma.core.manifest import read_manifest
 from timecma.core.ray_setup import RayPool, actor_cpus, connect, unwrap
@@ -99,8 +100,7 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
     num_workers = pool.num_workers
     cpus = actor_cpus(num_workers, pool.cpus_per_worker)
     if levels and not manifest.info.get("calibration"):
-        raise InputError(f"{bundle} has no conformal calibration, so no prediction intervals: export it from a "
-                         "checkpoint trained by this timecma (timecma-train records one)")
+        raise no_calibration(bundle)
     schema = output_schema(data, sid_field, levels)
 
     parent = os.path.dirname(os.path.abspath(out)) or "."

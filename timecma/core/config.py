@@ -107,6 +107,10 @@ class TrainConfig:
         return asdict(self)
 
 
+# what `timecma-train --joint` and `--llm-init` accept (timecma.joint)
+JOINT_MODES = ("none", "lora", "full")
+LLM_INITS = ("pretrained", "xavier")
+
 # what `timecma-train --precompute-backend` accepts; `torch` is eager PyTorch (the default, as before)
 PRECOMPUTE_BACKENDS = ("torch", "torch:bf16", "auto", "ort-cpu", "openvino", "openvino:bf16", "openvino:int8")
 

@@ -44,6 +44,12 @@ def parse_levels(spec: str | list | tuple | None) -> list[int]:
     return sorted(out)
 
 
+def no_calibration(bundle_dir: str) -> InputError:
+    """The refusal of interval levels for a bundle without a calibration (exported from an older checkpoint)."""
+    return InputError(f"{bundle_dir} has no conformal calibration, so no prediction intervals: export it from a "
+                      "checkpoint trained by this timecma (timecma-train records one)")
+
+
 def window_spread(x: np.ndarray) -> np.ndarray:
     """[W, L, N] input windows (original units) -> [W, N] per-variable standard deviation."""
     return np.asarray(x, dtype=np.float64).std(axis=1)

@@ -36,3 +36,13 @@ def check_timestamps(ts: np.ndarray, frequency: str, where: str = "window") -> N
     problem = timestamp_problem(ts, frequency)
     if problem:
         raise InputError(f"{where}, row {problem[0]}: {problem[1]}")
+
+
+def arrow_timestamps(col) -> np.ndarray:
+    """An Arrow time column (timestamps, dates or ISO strings) as datetime64[ns]; a value that is not a timestamp
+    raises ``ValueError`` (``pyarrow.ArrowInvalid`` is one) or ``TypeError``, for the caller to name."""
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        return col.cast(pa.timestamp("ns")).to_numpy(zero_copy_only=False)
+    return np.array(col.to_pylist(), dtype="datetime64[ns]")
