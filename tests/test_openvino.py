@@ -151,3 +151,25 @@ def test_llm_variants_are_judged_by_their_embeddings(small_bundle, tmp_path):
     onnx.save(model, str(bundle / "openvino" / "llm.damaged.onnx"))
     (v,) = build_openvino(str(bundle), precisions=(), candidates={("llm", "damaged"): "openvino/llm.damaged.onnx"})
     assert v.info["embedding"]["prompt_rel_l2_max"] >= EMBEDDING_GATE and not v.accepted
+
+
+def test_a_graph_rewritten_at_the_same_path_is_compiled_afresh(tmp_path):
+    """OpenVINO's own cache keys a file by its path: a re-exported graph must not load the old one's blob."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from timecma.runtime.backends.openvino import graph_runner
+
+    def write(op: str, path) -> None:
+        c = helper.make_tensor("c", TensorProto.FLOAT, [1], [3.0])
+        g = helper.make_graph([helper.make_node(op, ["x", "c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [c])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    path = tmp_path / "graph.onnx"
+    x = {"x": np.array([2.0], dtype=np.float32)}
+    write("Add", path)
+    assert graph_runner(str(path), "f32")(x)[0] == 5.0
+    write("Mul", path)
+    assert graph_runner(str(path), "f32")(x)[0] == 6.0
