@@ -26,7 +26,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--backends", default="torch,torch-bf16,ort-cpu", show_default=True,
               help="Comma-separated: torch, torch-bf16, torch-compile, torch-compile-bf16, ort-cpu[:variant], ort-cuda, "
-                   "openvino[:f32|bf16|int8], tensorrt[:fp16|fp32]. Eager torch fp32 is the reference for parity; "
+                   "openvino[:f32|bf16|int8|w8a8], tensorrt[:fp16|fp32]. Eager torch fp32 is the reference for parity; "
                    "speed-ups are given against each of torch, torch-bf16 and torch-compile-bf16 that ran.")
 @click.option("--n-vars", default="7,21", show_default=True, help="LLM sweep: prompts per request.")
 @click.option("--prompt-tokens", default="64,256", show_default=True, help="LLM sweep: tokens per prompt.")

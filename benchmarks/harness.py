@@ -49,8 +49,8 @@ class BenchConfig:
 def parse_backend(spec: str) -> tuple[str, dict]:
     """``torch``, ``torch-bf16``, ``torch-compile``, ``torch-compile-bf16`` (the anchors a CPU user tries first),
     ``ort-cpu``, ``ort-cpu:int8`` (LLM graph variant), ``ort-cuda``, ``tensorrt``, ``tensorrt:fp32`` (engine
-    precision), ``openvino`` (auto: the gated fastest per graph), ``openvino:f32|bf16|int8`` (both graphs in that
-    precision)."""
+    precision), ``openvino`` (auto: the gated fastest per graph), ``openvino:f32|bf16|int8|w8a8`` (both graphs in
+    that precision; w8a8 is the LLM's, the forecaster then runs auto)."""
     if spec.startswith("torch-"):
         rest = spec[len("torch-"):]
         compiled = rest.startswith("compile")

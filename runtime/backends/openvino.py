@@ -1,11 +1,13 @@
 """``openvino`` backend: the bundle's graphs on OpenVINO's CPU plugin, in a gated precision (torch-free).
 
 Per graph the precision is f32 (the fp32 ONNX graph as it is), bf16 (the same graph compiled
-with OpenVINO's bf16 inference-precision hint, where the CPU has native bf16) or int8 (an IR in
-the bundle with NNCF int8 weights). Lower precisions are used only as the accuracy gate
-recorded in the manifest allows (``timecma-engines openvino``, run by export): ``auto`` takes,
-per graph, the fastest variant that passed on this CPU kind; a forced one is used with a
-warning if it failed. Compiled models are cached in the user cache dir, so a second load is fast.
+with OpenVINO's bf16 inference-precision hint, where the CPU has native bf16), int8 (an IR in
+the bundle with NNCF int8 weights) or, for the LLM, w8a8 (an IR with int8 weights and
+activations: NNCF static quantisation with SmoothQuant, int8 compute on VNNI / AMX-INT8).
+Lower precisions are used only as the accuracy gate recorded in the manifest allows
+(``timecma-engines openvino``, run by export): ``auto`` takes, per graph, the fastest variant
+that passed on this CPU kind; a forced one is used with a warning if it failed. Compiled models
+are cached in the user cache dir, so a second load is fast.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .base import forecaster_feeds
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("f32", "bf16", "int8")
+PRECISIONS = ("f32", "bf16", "int8", "w8a8")
+LLM_ONLY = ("w8a8",)  # the forecaster's batch-1 cost is ~400 small nodes, not FLOPs: int8 compute buys it nothing
 
 
 def ov_module():
@@ -40,9 +43,10 @@ def ov_module():
 
 
 def compute_precision(precision: str) -> str:
-    """What the CPU computes in: bf16 for the bf16 variant, and for int8 weights where the CPU has native bf16
-    (measured at GPT-2 size: 840 ms vs 1021 ms with f32 activations, same error); f32 otherwise."""
-    return "bf16" if precision == "bf16" or (precision == "int8" and has_native_bf16()) else "f32"
+    """What the CPU computes the unquantised ops in: bf16 for the bf16 variant, and for the int8 ones where the
+    CPU has native bf16 (int8 weights at GPT-2 size: 840 ms vs 1021 ms with f32 activations, same error; w8a8 on
+    SmolLM2: worst prompt 4.9e-2 vs 5.6e-2 and faster); f32 otherwise."""
+    return "bf16" if precision == "bf16" or (precision in ("int8", "w8a8") and has_native_bf16()) else "f32"
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,14 +55,15 @@ def _core():
     return ov_module().Core()
 
 
-def graph_cache_dir(path: str) -> str:
-    """The compiled-model cache folder for this version of a graph file.
+def graph_cache_dir(path: str, config: dict) -> str:
+    """The compiled-model cache folder for this version of a graph file and this compile config.
 
-    OpenVINO keys a model compiled from a file by the file's path, not its content, so a graph
-    re-exported to the same path (``timecma-export --force``) loaded the blob compiled from the old
-    one: measured on SmolLM2, bf16 embeddings 35% off instead of 1%. One folder per file version
-    (real path, size, mtime; for IR also its .bin) makes a rewritten file compile afresh."""
-    stamp = []
+    OpenVINO (2026.4) keys a model compiled from a file by the file's path and not by its content
+    or by the inference precision: a graph re-exported to the same path loaded the old graph's
+    blob, and a bf16 compile after an f32 one of the same file loaded the f32 blob (measured on
+    SmolLM2: embeddings 35% off instead of 1%, and the bf16 variant refused for it). One folder per
+    file version (real path, size, mtime; for IR also its .bin) and config makes each compile its own."""
+    stamp = [repr(sorted(config.items()))]
     for p in (path, path[:-4] + ".bin") if path.endswith(".xml") else (path,):
         st = os.stat(p)
         stamp.append(f"{os.path.realpath(p)}:{st.st_size}:{st.st_mtime_ns}")
@@ -66,12 +71,11 @@ def graph_cache_dir(path: str) -> str:
 
 
 def compile_graph(path: str, precision: str, threads: int | None = None):
-    """One graph (ONNX or IR) compiled for the CPU plugin: latency hint, cache dir, precision hint."""
-    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute_precision(precision),
-           "CACHE_DIR": graph_cache_dir(path)}
+    """One graph (ONNX or IR) compiled for the CPU plugin: latency hint, precision hint, its own cache folder."""
+    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute_precision(precision)}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
-    return _core().compile_model(path, "CPU", cfg)
+    return _core().compile_model(path, "CPU", {**cfg, "CACHE_DIR": graph_cache_dir(path, cfg)})
 
 
 def graph_runner(path: str, precision: str, threads: int | None = None) -> Callable[[dict], np.ndarray]:
@@ -106,7 +110,7 @@ def choose(manifest: Manifest, graph: str, precision: str) -> tuple[str, OVVaria
 
 
 class OpenVinoBackend:
-    """The runtime's backend interface on OpenVINO CPU; ``precision`` is auto, f32, bf16 or int8 (both graphs)
+    """The runtime's backend interface on OpenVINO CPU; ``precision`` is auto or one of PRECISIONS (both graphs)
     or ``{"llm": ..., "forecaster": ...}``."""
 
     name = "openvino"
@@ -114,7 +118,8 @@ class OpenVinoBackend:
 
     def __init__(self, bundle_dir: str, manifest: Manifest, precision: str | dict = "auto", threads: int | None = None):
         ov_module()
-        per = precision if isinstance(precision, dict) else {g: precision for g in ("llm", "forecaster")}
+        per = precision if isinstance(precision, dict) else {
+            "llm": precision, "forecaster": "auto" if precision in LLM_ONLY else precision}
         self.precision: dict[str, str] = {}
         self._run: dict[str, Callable[[dict], np.ndarray]] = {}
         for g in ("llm", "forecaster"):

@@ -3,7 +3,7 @@
 ``tensorrt``  native engines from the bundle (named I/O, set_input_shape, set_tensor_address,
               execute_async_v3 on a non-default stream, device buffers reused between calls)
 ``ort-cuda``  ONNX Runtime CUDA EP with IO binding; CUDA graphs for the fixed-shape forecaster
-``openvino``  OpenVINO CPU in an accuracy-gated precision (f32, bf16, int8 weights; ``openvino.py``)
+``openvino``  OpenVINO CPU in an accuracy-gated precision (f32, bf16, int8 weights, w8a8; ``openvino.py``)
 ``ort-cpu``   ONNX Runtime CPU (``ort.py``)
 ``torch``     eager PyTorch on the same weights (comparison only; ``eager.py``, imported on request)
 """

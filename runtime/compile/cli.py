@@ -101,8 +101,8 @@ def _parity(e: Engine) -> str:
 
 @engines_cmd.command("openvino", epilog=EPILOG)
 @click.argument("bundle", type=click.Path())
-@click.option("--precision", "ov_precisions", default="f32,bf16,int8", show_default=True,
-              help="OpenVINO precisions to gate (bf16 only where the CPU has native bf16).")
+@click.option("--precision", "ov_precisions", default="f32,bf16,int8,w8a8", show_default=True,
+              help="OpenVINO precisions to gate (bf16 only where the CPU has native bf16; w8a8 for the LLM).")
 @click.option("--threads", default=None, type=int, help="CPU threads for the gate's timings (default: all).")
 def openvino_cmd(bundle, ov_precisions, threads):
     """Gate OpenVINO precision variants on the bundle's validation windows and record them (int8 IRs added).
