@@ -45,9 +45,11 @@ from timecma.runtime.compile.cli import triple as _triple
               help="fp16 graphs are checked on CPU before any engine is built from them: refused when the worst "
                    "prompt's embedding error (relative L2) or forecast change (model units) exceeds this.")
 @targets_option
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Also write a dynamic-int8 LLM graph for CPUs; kept (and preferred if faster) only if the "
-                   "forecast test MSE changes by less than 1%.")
+@click.option("--quantize", type=click.Choice(["int8", "w8a8"]), multiple=True,
+              help="Also write an int8 LLM graph for ONNX Runtime on CPU (repeatable): int8 (dynamic: int8 weights) or "
+                   "w8a8 (static QDQ: int8 weights and activations, SmoothQuant, calibrated on validation prompts); "
+                   "kept (and preferred if faster) only if the forecast test MSE changes by less than 1% and the "
+                   "worst prompt's embedding by less than 5%.")
 @click.option("--quantize-windows", default=64, show_default=True, help="Test windows for that MSE check.")
 @click.option("--openvino", type=click.Choice(["auto", "build", "skip"]), default="auto", show_default=True,
               help="Gate OpenVINO f32/bf16/int8 variants on validation windows (same code as `timecma-engines "
@@ -66,7 +68,8 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
 
     setup_logging(verbose)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "bundle")
-    opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance, quantize=quantize,
+    opts = ExportOptions(out_dir=out_dir, force=force, data_path=data_path, llm_id=llm_id, tolerance=tolerance,
+                         quantize=tuple(quantize),
                          quantize_windows=quantize_windows, openvino=openvino, fp16_gate=fp16_gate,
                          parity_windows=parity_windows, tensorrt=tensorrt, trt_flavour=trt_flavour,
                          trt_batch=_triple(trt_batch), trt_seq=_triple(trt_seq) if trt_seq else None,

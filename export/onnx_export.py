@@ -264,6 +264,20 @@ def optimize_llm_for_cpu(src: str, dst: str, num_heads: int, hidden_size: int, m
     return sorted({n.op_type for n in opt.model.graph.node if n.domain == "com.microsoft"})
 
 
+def quantize_w8a8(src: str, dst: str, calibration: list[dict]) -> dict:
+    """Static int8 weights and activations as a QDQ graph for ONNX Runtime (its VNNI / AMX-INT8 kernels), with
+    the same NNCF recipe as the OpenVINO w8a8 IR; returns how it was made, for the manifest."""
+    from timecma.runtime.compile.openvino import nncf_w8a8, w8a8_record
+
+    model = onnx.load(src)
+    consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    float_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and not consts & set(n.input)]
+    onnx.save(nncf_w8a8(model, calibration, float_matmuls), dst)
+    onnx.checker.check_model(dst)
+    return w8a8_record(calibration, float_matmuls)
+
+
 def quantize_int8(src: str, dst: str) -> None:
     """Dynamic int8 weights for MatMul/Gemm (activations quantized per call): CPU only."""
     from onnxruntime.quantization import QuantType, quantize_dynamic

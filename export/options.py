@@ -38,7 +38,8 @@ class ExportOptions:
     trt_forecast_batch: tuple[int, int, int] = (1, 1, 64)
     trt_precisions: tuple[str, ...] = ("fp16",)
     trt_targets: tuple[str, ...] = ()  # compute capabilities (RTX); empty = the flavour's default
-    quantize: str | None = None  # "int8": opt-in dynamic-int8 LLM graph, kept only if test MSE moves < 1%
+    # opt-in int8 LLM graphs for ONNX Runtime ("int8" dynamic, "w8a8" static), each kept only if it passes its gate
+    quantize: tuple[str, ...] = ()
     quantize_windows: int = 64
     openvino: str = "auto"  # auto: gate OpenVINO variants where openvino is installed | build: require it | skip
     gate_windows: int = 32  # validation windows stored for the accuracy gate of lower precisions

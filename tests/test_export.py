@@ -164,23 +164,26 @@ def _has_standard_tensorrt() -> bool:
     return not installed()["tensorrt"].startswith("not installed")
 
 
-def test_int8_variant_is_judged_on_forecast_mse(small_run, tmp_path):
+def test_int8_and_w8a8_variants_are_judged_on_forecast_mse_and_embeddings(small_run, tmp_path):
     data, run = small_run
     out = tmp_path / "bundle"
-    r = run_cli(EXPORT, "--ckpt", str(run / "best.pt"), "--out", str(out), "--quantize", "int8",
-                "--quantize-windows", "16", "--tensorrt", "skip")
+    r = run_cli(EXPORT, "--ckpt", str(run / "best.pt"), "--out", str(out), "--quantize", "int8", "--quantize", "w8a8",
+                "--quantize-windows", "16", "--tensorrt", "skip", "--openvino", "skip")
     assert r.returncode == 0, r.stderr
     llm = read_manifest(out).graphs["llm"]
-    q = llm.files["int8"].info if "int8" in llm.files else llm.info["int8_rejected"]
-    assert q["windows"] == 16 and q["hidden_max_rel_err"] > 0  # int8 really changed the hidden states
-    assert q["mse_rel_change"] == pytest.approx(abs(q["test_mse_int8"] - q["test_mse_fp32"]) / q["test_mse_fp32"])
-    assert q["accepted"] == (q["mse_rel_change"] < 0.01)
-    assert (out / "llm_last_token.int8.onnx").exists() == q["accepted"]
-    if q["accepted"]:
-        from timecma.runtime import Forecaster
+    for kind in ("int8", "w8a8"):
+        q = llm.files[kind].info if kind in llm.files else llm.info[f"{kind}_rejected"]
+        assert q["windows"] == 16 and q["hidden_max_rel_err"] > 0  # int8 really changed the hidden states
+        assert q["mse_rel_change"] == pytest.approx(abs(q[f"test_mse_{kind}"] - q["test_mse_fp32"]) / q["test_mse_fp32"])
+        assert q["accepted"] == (q["mse_rel_change"] < 0.01 and q["embedding"]["prompt_rel_l2_max"] < 0.05)
+        assert (out / f"llm_last_token.{kind}.onnx").exists() == q["accepted"]
+        if kind == "w8a8":  # static: calibrated, the attention's activation MatMuls left float
+            assert q["calibration_prompts"] > 0 and q["float_activation_matmuls"] > 0
+        if q["accepted"]:
+            from timecma.runtime import Forecaster
 
-        f = Forecaster.load(str(out), backend="ort-cpu", llm_variant="int8")
-        assert f.backend.llm_variant == "int8"
+            f = Forecaster.load(str(out), backend="ort-cpu", llm_variant=kind)
+            assert f.backend.llm_variant == kind and f.backend.llm_precision == f"ort:{kind}"
 
 
 def test_manifest_has_no_build_machine_paths(small_bundle, small_run):

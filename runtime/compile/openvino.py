@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 GATE_FILE = "parity/gate.npz"
 GATE = 0.01  # largest accepted relative change of the validation forecast MSE
 CALIBRATION_WINDOWS = 4  # w8a8: every other gate window's prompts up to this many windows (28 prompts at N = 7)
+W8A8_SMOOTH_QUANT_ALPHA = 0.95  # NNCF's default for MatMuls; 0.5 measured no better on SmolLM2
 
 
 class _Gate:
@@ -57,16 +58,6 @@ class _Gate:
             self.emb_ref = self.embed(lambda a, m: llm.run(None, {"input_ids": a, "attention_mask": m})[0])
         self.y_ref = self.forecast(lambda x, e: self.fc_ref.run(None, forecaster_feeds(x, e))[0], self.emb_ref)
         self.mse_ref = self.mse(self.y_ref)
-
-    def calibration(self) -> list[dict]:
-        """w8a8 calibration feeds: the prompts of every other gate window (up to CALIBRATION_WINDOWS), one
-        unpadded prompt per feed, so no pad token enters an activation range."""
-        n, feeds = self.n, []
-        for w in range(0, len(self.x), 2)[:CALIBRATION_WINDOWS]:
-            for i in range(w * n, (w + 1) * n):
-                k = int(self.mask[i].sum())
-                feeds.append({"input_ids": self.ids[i:i + 1, :k], "attention_mask": self.mask[i:i + 1, :k]})
-        return feeds
 
     def embed(self, run_llm) -> np.ndarray:
         """[W, N, d] embeddings, one window's prompts per call (as serving batches a miss)."""
@@ -99,25 +90,48 @@ def compress_int8(src: str, dest: str) -> None:
     ov.save_model(model, dest, compress_to_fp16=False)
 
 
-def quantize_w8a8(src: str, dest: str, calibration: list[dict]) -> dict:
-    """Static int8 quantisation of the LLM graph (weights and activations), saved as IR; what was kept in float.
+def nncf_w8a8(model, calibration: list[dict], float_matmuls: list[str]):
+    """NNCF static int8 (weights and activations), one recipe for the OpenVINO IR and the ONNX QDQ graph.
 
     Plain min-max int8 moves SmolLM2's embeddings ~40% (activation outliers), so NNCF's transformer
-    recipe is used: SmoothQuant (per-channel scales moved from activations into the weights,
-    alpha 0.95) before min-max ranges on ``calibration`` (one prompt per feed, unpadded). The
-    activation-by-activation MatMuls (attention scores and context) stay in float: quantising both
-    of their operands took SmolLM2 from a 5% to a 13% worst-prompt error, for a small share of the FLOPs."""
-    nncf, ov = _nncf(), ov_module()
+    recipe is used: SmoothQuant (per-channel scales moved from activations into the weights, alpha
+    0.95) before min-max ranges on ``calibration`` (one unpadded prompt per feed). ``float_matmuls``
+    (the attention's activation x activation MatMuls) stay float: quantising both of their operands
+    took SmolLM2 from 5% to 13% on a held-out window, for a small share of the FLOPs."""
+    nncf = _nncf()
+    with _rich_bars_only_on_a_terminal():
+        return nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                             preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),
+                             ignored_scope=nncf.IgnoredScope(names=float_matmuls, validate=False),
+                             advanced_parameters=nncf.AdvancedQuantizationParameters(
+                                 smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(
+                                     matmul=W8A8_SMOOTH_QUANT_ALPHA)))
+
+
+def w8a8_record(calibration: list[dict], float_matmuls: list[str]) -> dict:
+    return {"calibration_prompts": len(calibration), "smooth_quant_alpha": W8A8_SMOOTH_QUANT_ALPHA,
+            "float_activation_matmuls": len(float_matmuls)}
+
+
+def calibration_feeds(ids: np.ndarray, mask: np.ndarray, n: int) -> list[dict]:
+    """w8a8 calibration: the prompts of every other gate window (up to CALIBRATION_WINDOWS), one unpadded
+    prompt per feed, so no pad token enters an activation range; the windows between stay unseen by it."""
+    feeds = []
+    for w in range(0, len(ids) // n, 2)[:CALIBRATION_WINDOWS]:
+        for i in range(w * n, (w + 1) * n):
+            k = int(mask[i].sum())
+            feeds.append({"input_ids": ids[i:i + 1, :k], "attention_mask": mask[i:i + 1, :k]})
+    return feeds
+
+
+def quantize_w8a8(src: str, dest: str, calibration: list[dict]) -> dict:
+    """The LLM graph as a w8a8 OpenVINO IR (``nncf_w8a8``); returns how it was made, for its record."""
+    ov = ov_module()
     model = ov.Core().read_model(src)
     float_matmuls = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
                      and all(i.get_source_output().get_node().get_type_name() != "Constant" for i in op.inputs())]
-    with _rich_bars_only_on_a_terminal():
-        q = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
-                          preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),
-                          ignored_scope=nncf.IgnoredScope(names=float_matmuls, validate=False))
-    ov.save_model(q, dest, compress_to_fp16=False)
-    return {"calibration_prompts": len(calibration), "smooth_quant_alpha": 0.95,
-            "float_activation_matmuls": len(float_matmuls)}
+    ov.save_model(nncf_w8a8(model, calibration, float_matmuls), dest, compress_to_fp16=False)
+    return w8a8_record(calibration, float_matmuls)
 
 
 @contextlib.contextmanager
@@ -162,7 +176,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
                 if p == "int8":
                     compress_int8(src, dest)
                 else:
-                    made[(g, p)] = quantize_w8a8(src, dest, ref.calibration())
+                    made[(g, p)] = quantize_w8a8(src, dest, calibration_feeds(ref.ids, ref.mask, ref.n))
             jobs.append((g, p, rel, p))
     for (g, name), rel in (candidates or {}).items():
         jobs.append((g, name, rel, "f32"))
