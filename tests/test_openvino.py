@@ -37,7 +37,8 @@ def test_export_gated_every_variant_this_cpu_has(small_bundle):
     assert got == want | {("llm", "w8a8")}
     for v in m.openvino:
         emb_ok = "embedding" not in v.info or v.info["embedding"]["prompt_rel_l2_max"] < v.info["embedding"]["gate"]
-        assert v.accepted == (v.mse_rel_change < 0.01 and emb_ok) and v.info["windows"] > 0 and v.ms > 0
+        moved_ok = v.info["max_abs_change_normalized"] < v.info["forecast_gate"] == 0.01
+        assert v.accepted == (v.mse_rel_change < 0.01 and emb_ok and moved_ok) and v.info["windows"] > 0 and v.ms > 0
         assert v.file is None or (v.file in m.files and os.path.isfile(small_bundle / v.file))
     assert GATE_FILE in m.files
 
@@ -106,7 +107,11 @@ def test_gate_refuses_a_damaged_variant_and_auto_skips_it(small_bundle, tmp_path
     assert not v.accepted and v.mse_rel_change >= 0.01
     m = read_manifest(str(bundle))
     assert any(x.precision == "damaged" and not x.accepted for x in m.openvino)
-    assert choose(m, "forecaster", "auto")[0] != "damaged"
+    with caplog.at_level(logging.INFO, logger="timecma"):
+        assert choose(m, "forecaster", "auto")[0] != "damaged"
+    assert "openvino forecaster: not damaged: refused by its gate: REFUSED (validation MSE" in caplog.text
+    assert "openvino forecaster: auto runs" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="timecma"):
         be = OpenVinoBackend(str(bundle), m, precision={"llm": "f32", "forecaster": "damaged"})
     assert be.precision["forecaster"] == "damaged" and "failed its accuracy gate" in caplog.text

@@ -93,19 +93,30 @@ def choose(manifest: Manifest, graph: str, precision: str) -> tuple[str, OVVaria
     """The precision to run ``graph`` in, and its gate record (None: f32 without one)."""
     variants = {v.precision: v for v in manifest.openvino if v.graph == graph}
     if precision == "auto":
-        ok = [v for v in variants.values() if v.accepted and (v.precision != "bf16" or has_native_bf16())]
         f32 = variants.get("f32")
-        # a lower precision only for a real gain: 5% faster than f32 on the gate's timing, not timing noise
-        ok = [v for v in ok if v.precision == "f32" or f32 is None or v.ms < 0.95 * f32.ms]
+        why: dict[str, str] = {}
+        for v in variants.values():
+            if not v.accepted:
+                why[v.precision] = f"refused by its gate: {v.verdict}"
+            elif v.precision == "bf16" and not has_native_bf16():
+                why[v.precision] = "no native bf16 on this CPU"
+            elif v.precision != "f32" and f32 is not None and v.ms >= 0.95 * f32.ms:
+                # a lower precision only for a real gain: 5% faster than f32 on the gate's timing, not noise
+                why[v.precision] = f"not 5% faster than f32 ({v.ms:.2f} vs {f32.ms:.2f} ms)"
+        ok = [v for v in variants.values() if v.precision not in why]
         best = min(ok, key=lambda v: v.ms, default=None)
+        log.info("openvino %s: auto runs %s", graph,
+                 f"{best.precision} ({best.ms:.2f} ms at its gate, the fastest accepted)" if best else "f32 (no gate)")
+        for p, reason in why.items():
+            log.info("openvino %s: not %s: %s", graph, p, reason)
         return (best.precision, best) if best else ("f32", None)
     if precision != "f32" and precision not in variants:
         raise BundleError(f"the bundle has no gated OpenVINO {precision} variant of the {graph} graph (it has "
                           f"{sorted(variants) or 'none'}); run: timecma-engines openvino BUNDLE")
     v = variants.get(precision)
     if v is not None and not v.accepted:
-        log.warning("OpenVINO %s %s failed its accuracy gate (forecast MSE %+.2f%%); used because it was asked for",
-                    graph, precision, 100 * v.mse_rel_change)
+        log.warning("OpenVINO %s %s failed its accuracy gate (%s); used because it was asked for", graph, precision,
+                    v.verdict)
     return precision, v
 
 

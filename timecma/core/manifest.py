@@ -161,7 +161,7 @@ class OVVariant:
     precision: str  # "f32" | "bf16" | "int8" (or a name the user gave a variant under test)
     file: str | None  # IR in the bundle (int8 weights); None: the fp32 ONNX graph compiled with this precision
     mse_rel_change: float  # |forecast MSE - fp32 forecast MSE| / fp32 forecast MSE on validation windows
-    accepted: bool  # mse_rel_change < the gate (1%) and, for the LLM, its worst prompt's embedding error < 5%
+    accepted: bool  # MSE change < 1%, every forecast value moved < FORECAST_GATE, for the LLM embeddings < 5%
     ms: float  # median latency here at gate time: the forecaster at batch 1, the LLM on one window's prompts
     info: dict = field(default_factory=dict)  # MSEs, max abs change, CPU and ISA the gate ran on
 
@@ -183,9 +183,10 @@ class OVVariant:
     @property
     def verdict(self) -> str:
         """The gate's decision with the figures it took, in one line (export's and timecma-engines' output)."""
-        emb = self.info.get("embedding")
+        emb, moved = self.info.get("embedding"), self.info.get("max_abs_change_normalized")
         figures = f"validation MSE {100 * self.mse_rel_change:+.2f}%" + (
-            f", worst prompt embedding {emb['prompt_rel_l2_max']:.1e} (gate {emb['gate']})" if emb else "")
+            f", worst prompt embedding {emb['prompt_rel_l2_max']:.1e} (gate {emb['gate']})" if emb else "") + (
+            f", forecast moved {moved:.1e} (gate {self.info['forecast_gate']})" if "forecast_gate" in self.info else "")
         return f"{'accepted' if self.accepted else 'REFUSED'} ({figures}, {self.ms:.2f} ms)"
 
 
