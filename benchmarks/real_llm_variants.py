@@ -68,13 +68,15 @@ def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) ->
     from timecma.llm import encode_last_token, load_llm
     from timecma.runtime.backends.openvino import graph_runner
     from timecma.runtime.backends.ort import ort_session
-    from timecma.runtime.compile.openvino import compress_int8
+    from timecma.runtime.compile.openvino import compress_int8, quantize_w8a8
 
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
     llm = load_llm(llm_dir, layers=layers, last_position_only=False)
-    ids = _prompts(llm, data, windows)
+    ids = _prompts(llm, data, windows + 2)
+    calibration = [llm_feeds([i], llm.info.pad_id) for i in ids[windows * 7:]]  # w8a8: 2 other windows' prompts
+    ids = ids[:windows * 7]
     n = 7
     windows_ids = [ids[i * n:(i + 1) * n] for i in range(len(ids) // n)]
     feeds = [llm_feeds(w, llm.info.pad_id) for w in windows_ids]
@@ -117,10 +119,12 @@ def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) ->
     conversion = convert_fp16(f32, new16, calibration)
     record("fp16, timecma recipe (now)", lambda f, s=ort_session(new16): s.run(None, f)[0],
            f"weight matmuls fp16 ({conversion['fp16_matmuls']}/{conversion['matmuls']}); ORT CPU")
-    ov_int8 = os.path.join(work, "llm.int8.xml")
+    ov_int8, ov_w8a8 = os.path.join(work, "llm.int8.xml"), os.path.join(work, "llm.w8a8.xml")
     compress_int8(f32, ov_int8)
+    quantize_w8a8(f32, ov_w8a8, calibration)
     for label, path, prec in (("OpenVINO f32", f32, "f32"), ("OpenVINO bf16", f32, "bf16"),
-                              ("OpenVINO int8 weights", ov_int8, "int8")):
+                              ("OpenVINO int8 weights", ov_int8, "int8"),
+                              ("OpenVINO w8a8 (static int8, SmoothQuant)", ov_w8a8, "w8a8")):
         try:
             run = graph_runner(path, prec, None)
         except Exception as exc:  # bf16 on a CPU without it, for one

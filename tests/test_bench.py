@@ -95,3 +95,17 @@ def test_torch_compile_backend_matches_eager(small_bundle):
     emb = rng.normal(size=(2, m.model_config.num_nodes, m.model_config.d_llm)).astype(np.float32)
     y = eager.run_forecaster(x, emb)
     np.testing.assert_allclose(compiled.run_forecaster(x, emb), y, atol=1e-4 * np.abs(y).max(), rtol=0)
+
+
+def test_forecaster_profile_says_where_a_store_hit_goes(small_bundle, tmp_path):
+    """benchmarks.forecaster_profile: every forecaster graph of the bundle timed, and an op profile that adds up."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'timecma[openvino]')")
+    r = run_cli("timecma.benchmarks.forecaster_profile:main", "--bundle", str(small_bundle), "--iters", "20",
+                "--out", str(tmp_path / "prof"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "prof" / "results.json").read_text())
+    graphs = {row["graph"] for row in res["rows"]}
+    assert {"dynamic batch", "batch 1"} <= graphs and all(row["p50_ms"] > 0 for row in res["rows"])
+    assert res["fastest"]["p50_ms"] == min(row["p50_ms"] for row in res["rows"])
+    assert res["profile_total_us"] == pytest.approx(sum(res["profile_us"].values()), rel=1e-3)
+    assert sum(res["profile_nodes"].values()) > 10
