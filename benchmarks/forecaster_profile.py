@@ -11,7 +11,6 @@ A store hit is render + store read + this graph, so this says what bounds it: we
 from __future__ import annotations
 
 import collections
-import json
 import os
 import time
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from timecma.core.manifest import read_manifest
 
-from .machine import machine_info
+from .machine import machine_info, machine_line, write_results
 
 
 def _median_ms(req, feeds: dict, iters: int) -> float:
@@ -81,21 +80,16 @@ def main(bundle: str, iters: int, out: str) -> None:
            "machine": machine_info(), "openvino": ov.__version__, "rows": rows, "fastest": best,
            "profile_us": {k: round(v, 1) for k, v in by_op.most_common()}, "profile_nodes": dict(count),
            "profile_total_us": round(total, 1), "fastest_graph_bytes": weights}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    mi = res["machine"]
     lines = [f"# Forecaster at batch 1 on OpenVINO: {res['bundle']} (d_llm {cfg.d_llm}, N = {cfg.num_nodes})", "",
-             f"Machine: {mi.get('cpu')}, {mi.get('cores')} cores, ISA {', '.join(mi.get('isa', []))}; OpenVINO "
-             f"{ov.__version__}; {mi['date']}. Random inputs of the bundle's shapes; p50 over {iters} calls.", "",
+             f"{machine_line(res['machine'])} OpenVINO {ov.__version__}. Random inputs of the bundle's shapes; "
+             f"p50 over {iters} calls.", "",
              "| graph | computes in | threads | p50 ms |", "|---|---|---|---|"]
     lines += [f"| {r['graph']} | {r['compute']} | {r['threads']} | {r['p50_ms']:.3f} |" for r in rows]
     lines += ["", f"Profile of the fastest ({best['graph']}, {best['compute']}, {best['threads']} thread(s); file "
               f"{best['file']}, {weights / 2**20:.1f} MB): {total:.0f} us in {sum(count.values())} nodes", "",
               "| op (kernel) | us | share | nodes |", "|---|---|---|---|"]
     lines += [f"| {k} | {v:.0f} | {v / total:.0%} | {count[k]} |" for k, v in by_op.most_common(10)]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_results(out, res, lines)
     click.echo("\n".join(lines))
 
 

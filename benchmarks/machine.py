@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -25,3 +26,17 @@ def machine_info() -> dict:
     except ImportError:
         info["torch"] = None
     return info
+
+
+def machine_line(m: dict) -> str:
+    """The results.md line that says which machine a figure came from (CPU, cores, ISA flags, date)."""
+    return f"Machine: {m.get('cpu')}, {m.get('cores')} cores, ISA {', '.join(m.get('isa', []))}; {m['date']}."
+
+
+def write_results(out: str, res: dict, md_lines: list[str]) -> None:
+    """A benchmark's two files: results.json (every figure) and results.md (the table a reader wants)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(md_lines) + "\n")

@@ -10,7 +10,6 @@ the same real prompts in one run, each with its embedding error against eager fp
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from timecma.core.accuracy import EMBEDDING_GATE, embedding_errors
 
-from .machine import machine_info
+from .machine import machine_info, machine_line, write_results
 
 ENGINES = ("torch:bf16", "ort-cpu", "openvino", "openvino:bf16", "openvino:int8")
 
@@ -116,17 +115,11 @@ def main(llm_dir: str, layers: int | None, data: str, n_prompts: int, batch_size
                            progress=lambda m: click.echo(m, err=True))
     res.update(llm=os.path.basename(os.path.normpath(llm_dir)), layers=llm.info.extra["layers"],
                model_layers=llm.info.extra["model_layers"], machine=machine_info())
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    m = res["machine"]
     lines = [f"# Embedding precompute: {res['llm']} ({res['layers']} of {res['model_layers']} layers)", "",
              f"{res['prompts']} real ETTh1 training prompts ({res['tokens']} tokens, "
              f"{min(len(i) for i in ids)}-{max(len(i) for i in ids)} each), batch {batch_size}; one run.", "",
-             f"Machine: {m.get('cpu')}, {m.get('cores')} cores, ISA {', '.join(m.get('isa', []))}; {m['date']}.", "",
-             *markdown_rows(res)]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+             machine_line(res["machine"]), "", *markdown_rows(res)]
+    write_results(out, res, lines)
     click.echo("\n".join(lines))
 
 
