@@ -74,10 +74,10 @@ def main(llm_dir: str, layers: int | None, data: str, windows: int, out: str) ->
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
     llm = load_llm(llm_dir, layers=layers, last_position_only=False)
-    ids = _prompts(llm, data, windows + 2)
-    calibration = [llm_feeds([i], llm.info.pad_id) for i in ids[windows * 7:]]  # w8a8: 2 other windows' prompts
-    ids = ids[:windows * 7]
     n = 7
+    ids = _prompts(llm, data, windows + 2)
+    calibration = [llm_feeds([i], llm.info.pad_id) for i in ids[windows * n:]]  # w8a8: 2 other windows' prompts
+    ids = ids[:windows * n]
     windows_ids = [ids[i * n:(i + 1) * n] for i in range(len(ids) // n)]
     feeds = [llm_feeds(w, llm.info.pad_id) for w in windows_ids]
     ref = np.concatenate([encode_last_token(llm, w) for w in windows_ids])

@@ -31,7 +31,9 @@ from .base import forecaster_feeds
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("f32", "bf16", "int8", "w8a8")
-LLM_ONLY = ("w8a8",)  # the forecaster's batch-1 cost is ~400 small nodes, not FLOPs: int8 compute buys it nothing
+# the forecaster at batch 1 streams its weights for 7 tokens (profiled: benchmarks/forecaster_profile.py): int8
+# weights cut that; int8 activations would only add quantisers
+LLM_ONLY = ("w8a8",)
 
 
 def ov_module():
@@ -44,8 +46,9 @@ def ov_module():
 
 def compute_precision(precision: str) -> str:
     """What the CPU computes the unquantised ops in: bf16 for the bf16 variant, and for the int8 ones where the
-    CPU has native bf16 (int8 weights at GPT-2 size: 840 ms vs 1021 ms with f32 activations, same error; w8a8 on
-    SmolLM2: worst prompt 4.9e-2 vs 5.6e-2 and faster); f32 otherwise."""
+    CPU has native bf16 (int8 weights at GPT-2 size: 840 ms vs 1021 ms with f32 activations, same error; a w8a8
+    SmolLM2 with its down-projections also float: worst held-out prompt 4.9e-2 vs 5.6e-2, 1391 vs 2027 ms);
+    f32 otherwise."""
     return "bf16" if precision == "bf16" or (precision in ("int8", "w8a8") and has_native_bf16()) else "f32"
 
 

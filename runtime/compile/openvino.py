@@ -162,8 +162,8 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
     manifest = read_manifest(bundle_dir)
     ref = _Gate(bundle_dir, manifest, threads)
     cpu = cpu_info()
-    jobs: list[tuple[str, str, str | None, str]] = []  # graph, label, file in bundle, compile precision
-    made: dict[tuple[str, str], dict] = {}  # how a quantised graph was made, for its record
+    # graph, label, file in bundle, compile precision, how a quantised graph was made (for its record)
+    jobs: list[tuple[str, str, str | None, str, dict]] = []
     for g in [g for g in ("llm", "forecaster") if g in manifest.graphs]:
         for p in precisions:
             if p == "bf16" and not has_native_bf16():
@@ -171,7 +171,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
                 continue
             if p in LLM_ONLY and g != "llm":
                 continue
-            rel = None
+            rel, made = None, {}
             if p in ("int8", "w8a8"):
                 rel = f"openvino/{g}.{p}.xml"
                 os.makedirs(os.path.join(bundle_dir, "openvino"), exist_ok=True)
@@ -179,13 +179,13 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
                 if p == "int8":
                     compress_int8(src, dest)
                 else:
-                    made[(g, p)] = quantize_w8a8(src, dest, calibration_feeds(ref.ids, ref.mask, ref.n))
-            jobs.append((g, p, rel, p))
+                    made = quantize_w8a8(src, dest, calibration_feeds(ref.ids, ref.mask, ref.n))
+            jobs.append((g, p, rel, p, made))
     for (g, name), rel in (candidates or {}).items():
-        jobs.append((g, name, rel, "f32"))
+        jobs.append((g, name, rel, "f32", {}))
 
     out = []
-    for g, label, rel, prec in jobs:
+    for g, label, rel, prec, made in jobs:
         path = os.path.join(bundle_dir, rel or manifest.graphs[g].files["fp32"].file)
         run = graph_runner(path, prec, threads)
         emb_err = {}
@@ -211,7 +211,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
                       {"val_mse": mse, "val_mse_fp32": ref.mse_ref, "windows": int(len(ref.x)), "gate": gate,
                        **({"embedding": {**emb_err, "gate": EMBEDDING_GATE}} if emb_err else {}),
                        "max_abs_change_normalized": moved, "forecast_gate": FORECAST_GATE,
-                       "computes_in": compute_precision(prec), **made.get((g, label), {}), **cpu,
+                       "computes_in": compute_precision(prec), **made, **cpu,
                        "openvino": ov_module().__version__})
         log.info("openvino %s %s: validation MSE %.5f vs fp32 %.5f: %s", g, label, mse, ref.mse_ref, v.verdict)
         out.append(v)
