@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .harness import ANCHORS, STAGES
+from .harness import ANCHORS, KINDS, STAGES
 from .precompute_speed import markdown_rows
 
 
@@ -24,7 +24,9 @@ def markdown(res: dict) -> str:
         f"Bundle: model `{b.get('model', 'timecma')}`, "
         + (f"LLM `{b['llm']}` (d_llm {b['d_llm']})" if b["llm"] else "no LLM") + f", N = {b['n_vars']} variables, seq_len {b['seq_len']}, "
         f"pred_len {b['pred_len']}. Real ETTh1 windows; the same inputs for every backend. Reference for parity and "
-        f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows.", "",
+        f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows. Store: `miss` a new "
+        "window; `prompt-hit` a new window whose prompts the store holds; `hit` a window served before (backends that "
+        "run the forecaster split read its encoded prompts from the store and skip the prompt encoder).", "",
         "## End to end (one window, N prompts), milliseconds", "",
         "| backend | store | p50 | p90 | p99 | " + " | ".join(f"{s} p50" for s in STAGES)
         + "".join(f" | speed-up vs {a}" for a in anchors) + " | parity | gate (val MSE change) |",
@@ -34,7 +36,7 @@ def markdown(res: dict) -> str:
         if "skipped" in r:
             lines.append(f"| {spec} | - | skipped: {r['skipped']} |" + " |" * (len(STAGES) + len(anchors) + 4))
             continue
-        for kind in ("miss", "hit"):
+        for kind in (k for k in KINDS if k in r):
             e, st = r[kind]["end_to_end_ms"], r[kind]["stages_ms"]
             sp = [r.get("speedup_vs", {}).get(a, {}).get(kind) for a in anchors]
             lines.append(f"| {spec} | {kind} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | "
@@ -69,7 +71,7 @@ def plot(res: dict, path: str) -> None:
     colors = dict(zip(STAGES, ["#9ecae1", "#6baed6", "#fdae6b", "#e6550d", "#31a354"]))
     x = 0
     for spec, r in ok.items():
-        for kind in ("miss", "hit"):
+        for kind in (k for k in KINDS if k in r):
             bottom = 0.0
             for s in STAGES:
                 v = r[kind]["stages_ms"][s]["p50"]
@@ -82,7 +84,7 @@ def plot(res: dict, path: str) -> None:
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("ms per request (p50, log scale)")
-    ax.set_title("End to end per stage, batch 1 (store miss / hit)")
+    ax.set_title("End to end per stage, batch 1 (store miss / prompt hit / hit)")
     ax.legend(fontsize=8)
     ax = axes[1]
     toks = sorted({s["prompt_tokens"] for s in res["sweep"]})

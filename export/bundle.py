@@ -29,7 +29,7 @@ from timecma.llm import LoadedLLM, release_weights
 from timecma.runtime.compile.tensorrt import EngineProfile, build_engines, default_profile
 from timecma.runtime.engines.trt_flavour import installed, load_flavour
 
-from .cpu_variants import batch1_forecaster, gate_inputs, llm_cpu_variants, openvino_variants
+from .cpu_variants import batch1_forecaster, gate_inputs, llm_cpu_variants, openvino_variants, split_forecaster
 from .graphs import (ForecasterPart, LLMPart, check_forecaster, export_forecaster_graph, forecaster_fp16, llm_fp16,
                      llm_graph)
 from .onnx_export import OPSET
@@ -135,6 +135,7 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, st
     with step("forecaster parity and batch-1 graph"):
         check_forecaster(fc, tmp, x, part.emb if part else None, opts.tolerance)
         fc_batch1 = batch1_forecaster(fc, tmp, opts.tolerance)
+        fc_split = split_forecaster(fc, tmp, opts.tolerance) if cfg.uses_llm else None
         _save_parity_inputs(tmp, fc, part)
         gate_inputs(src, opts, tmp, series, part)
     calibration = _save_calibration(tmp, src)
@@ -151,7 +152,8 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, st
         for v in files.values():
             v.update(file_record(tmp, v["file"]).to_dict())  # hashed once: the manifest's `files` reuses it
     fc_batch1["sha256"] = file_record(tmp, fc_batch1["file"]).sha256
-    return {**_manifest_dict(src, llm, opts, fc, fc_files, fc_batch1, part, series, starts, fc_rejected),
+    fc_extra = {**fc_rejected, **({"cpu_split": fc_split} if fc_split else {})}
+    return {**_manifest_dict(src, llm, opts, fc, fc_files, fc_batch1, part, series, starts, fc_extra),
             **({"calibration": calibration} if calibration else {})}
 
 

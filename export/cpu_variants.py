@@ -13,15 +13,16 @@ import numpy as np
 
 from timecma.core.accuracy import EMBEDDING_GATE, embedding_errors
 from timecma.core.errors import BackendUnavailable, BundleError
-from timecma.core.manifest import Manifest, read_manifest, write_manifest
+from timecma.core.manifest import Manifest, file_record, read_manifest, write_manifest
 from timecma.core.timing import time_calls
 from timecma.core.tokens import encode_prompts, llm_feeds, pad_right
 from timecma.runtime.backends.ort import ort_session
 from timecma.runtime.compile.openvino import GATE_FILE, build_openvino, calibration_feeds
 
 from .graphs import ForecasterPart, LLMPart
-from .onnx_export import export_forecaster, optimize_llm_for_cpu, quantize_int8, quantize_w8a8
-from .options import FORECASTER_B1_ONNX, FORECASTER_ONNX, LLM_ONNX, ExportError, ExportOptions, errors, report_norm
+from .onnx_export import export_forecaster, export_split_forecaster, optimize_llm_for_cpu, quantize_int8, quantize_w8a8
+from .options import (FORECASTER_B1_ONNX, FORECASTER_ONNX, FORECASTER_SPLIT_ONNX, LLM_ONNX, ExportError, ExportOptions,
+                      errors, report_norm)
 from .source import Source, spread_starts
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,29 @@ def batch1_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
         os.unlink(os.path.join(tmp, FORECASTER_B1_ONNX))
     return {"file": file, "threads": threads, "ort_cpu_ms": {f"{f}/{t or 'all'}": v for (f, t), v in cands.items()},
             **({"parity_vs_torch": err} if file == FORECASTER_B1_ONNX else {})}
+
+
+def split_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
+    """The batch-1 forecaster as prompt encoder + head (``export_split_forecaster``): a window served again
+    runs the head alone on its stored encoded prompts. Checked against PyTorch on every parity window, one
+    window per call; both graphs' ORT timings recorded beside the whole graph's."""
+    paths = {k: os.path.join(tmp, f) for k, f in FORECASTER_SPLIT_ONNX.items()}
+    export_split_forecaster(fc.graph, paths["prompt_encoder"], paths["head"])
+    enc, head = ort_session(paths["prompt_encoder"]), ort_session(paths["head"])
+    y = []
+    for i in range(len(fc.x)):
+        e = enc.run(None, {"prompt_emb": fc.emb[i:i + 1]})[0]
+        y.append(head.run(None, {"x": fc.x[i:i + 1], "prompt_enc": e})[0])
+    err = errors(fc.units(np.concatenate(y)), fc.units(fc.y_torch))
+    if err["max_abs"] > tolerance:
+        raise ExportError(f"split forecaster graphs' parity {err['max_abs']:.2e} exceeds tolerance {tolerance:.0e}")
+    e1 = enc.run(None, {"prompt_emb": fc.emb[:1]})[0]
+    ms = {"prompt_encoder": _median_ms(enc, {"prompt_emb": fc.emb[:1]}),
+          "head": _median_ms(head, {"x": fc.x[:1], "prompt_enc": e1})}
+    log.info("split forecaster: prompt encoder %.3f ms + head %.3f ms on ORT CPU (parity %.1e)", ms["prompt_encoder"],
+             ms["head"], err["max_abs"])
+    return {**{k: {"file": f, "sha256": file_record(tmp, f).sha256} for k, f in FORECASTER_SPLIT_ONNX.items()},
+            "parity_vs_torch": err, "ort_cpu_ms": ms}
 
 
 def llm_cpu_variants(src: Source, llm, opts: ExportOptions, tmp: str, series, part: LLMPart, fc_sess) -> None:

@@ -3,7 +3,8 @@
 ``llm_last_token.onnx``: input_ids, attention_mask [B,S] int64 -> last_hidden [B,d_llm]
 ``forecaster.onnx``:     x [B,seq_len,N] raw units, prompt_emb [B,N,d_llm] -> y [B,pred_len,N] raw units
 B and S are dynamic. The dataset scaler lives inside the forecaster graph, so the runtime
-feeds raw values and gets forecasts in original units.
+feeds raw values and gets forecasts in original units. CPU serving also gets the forecaster
+split in two batch-1 graphs (``export_split_forecaster``) so a repeated window skips the prompt encoder.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ class ForecasterGraph(nn.Module):
     """Dataset scaling around the model: raw units in, raw units out. The formulas are those of
     ``timecma.core.scaling.Scaler`` (standard, or log with offset, floor clamp and +-20 clip)."""
 
-    def __init__(self, model: nn.Module, scaler: Scaler):
+    def __init__(self, model: nn.Module, scaler: Scaler, encoded: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.scaler = model, scaler
+        # encoded: the second input is the prompt encoder's output (``PromptEncoderGraph``), not the embeddings
+        self._run = model.forecast_encoded if encoded else model
         self.log = scaler.kind == "log"
         self.register_buffer("mean", torch.as_tensor(scaler.mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(scaler.std, dtype=torch.float32))
@@ -44,11 +47,22 @@ class ForecasterGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
         if not self.log:
-            y = self.model((x - self.mean) / self.std, prompt_emb)
+            y = self._run((x - self.mean) / self.std, prompt_emb)
             return y * self.std + self.mean
         z = ((torch.log(torch.clamp(x + self.offset, min=FLOOR)) - self.mean) / self.std).clamp(-CLIP, CLIP)
-        y = self.model(z, prompt_emb).clamp(-CLIP, CLIP)
+        y = self._run(z, prompt_emb).clamp(-CLIP, CLIP)
         return torch.exp(y * self.std + self.mean) - self.offset
+
+
+class PromptEncoderGraph(nn.Module):
+    """prompt_emb [B,N,d_llm] -> prompt_enc [B,N,d_llm]: the forecaster's prompt encoder alone."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_emb: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_prompts(prompt_emb)
 
 
 def _export(module: nn.Module, args: tuple, path: str, input_names: list[str], output_names: list[str],
@@ -103,6 +117,19 @@ def export_forecaster(graph: ForecasterGraph, path: str, batch_one: bool = False
         return
     batch = torch.export.Dim("batch", min=1, max=4096)
     _export(graph, args, path, names, ["y"], {name: {0: batch} for name in names})
+
+
+def export_split_forecaster(graph: ForecasterGraph, encoder_path: str, head_path: str) -> None:
+    """The forecaster in two batch-1 graphs: the prompt encoder (a function of the stored embeddings
+    alone, so serving keeps its output per window) and the head (window + encoded prompts -> y)."""
+    cfg = graph.model.cfg
+    emb = torch.randn(1, cfg.num_nodes, cfg.d_llm)
+    encoder = PromptEncoderGraph(graph.model)
+    _export(encoder, (emb,), encoder_path, ["prompt_emb"], ["prompt_enc"], None)
+    head = ForecasterGraph(graph.model, graph.scaler, encoded=True).eval()
+    with torch.no_grad():
+        enc = encoder(emb)
+    _export(head, (torch.randn(1, cfg.seq_len, cfg.num_nodes), enc), head_path, ["x", "prompt_enc"], ["y"], None)
 
 
 def cached_llm_graph(llm: LoadedLLM) -> tuple[str, float]:

@@ -17,6 +17,8 @@ from timecma.data import split_borders
 LLM_ONNX = "llm_last_token.onnx"
 FORECASTER_ONNX = "forecaster.onnx"
 FORECASTER_B1_ONNX = "forecaster.b1.onnx"
+# the batch-1 forecaster in two graphs: embeddings -> encoded prompts (kept per window), then the head
+FORECASTER_SPLIT_ONNX = {"prompt_encoder": "forecaster.prompt_encoder.onnx", "head": "forecaster.head.onnx"}
 
 
 class ExportError(InputError):

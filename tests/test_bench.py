@@ -22,6 +22,10 @@ def test_bench_runs_and_parity_is_computed(small_bundle, small_run, tmp_path):
     for b in (cpu, fp16):
         assert b["miss"]["end_to_end_ms"]["n"] == 3 and b["hit"]["stages_ms"]["llm"]["p50"] == 0.0
         assert b["miss"]["stages_ms"]["llm"]["p50"] > 0
+        # a new window with stored prompts renders them and runs no LLM; a window served before renders nothing
+        assert b["prompt-hit"]["stages_ms"]["llm"]["p50"] == 0.0 and b["prompt-hit"]["stages_ms"]["render"]["p50"] > 0
+        assert b["hit"]["stages_ms"]["render"]["p50"] == 0.0
+    assert res["backends"]["torch"]["hit"]["stages_ms"]["render"]["p50"] > 0  # the reference runs the forecaster whole
     # fp32 ONNX matches eager torch closely; the fp16 LLM graph measurably does not (the column is live)
     assert cpu["parity_vs_reference"]["max_abs_over_series_std"] < 1e-4
     assert fp16["parity_vs_reference"]["max_abs_over_series_std"] > cpu["parity_vs_reference"]["max_abs_over_series_std"]

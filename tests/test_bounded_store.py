@@ -62,3 +62,20 @@ def test_forecaster_serves_from_a_bounded_store(small_bundle, tmp_path):
     y = f.predict(win)
     np.testing.assert_array_equal(f.predict(win), y)
     assert (f.stats.misses, f.stats.hits) == (3, 3)
+
+
+def test_window_records_survive_rotation_when_used(tmp_path):
+    """A window record read from the older generation is promoted, as prompt vectors are; one never read is
+    evicted with its generation (a miss: the caller computes it again)."""
+    st = BoundedStore(tmp_path / "s", NS, DIM, max_bytes=2 << 20)
+    rec = np.ones((1, 3, DIM), np.float32)
+    hot, cold = st.window_key(b"hot"), st.window_key(b"cold")
+    st.put_window(hot, rec)
+    st.put_window(cold, 2 * rec)
+    for b in range(60):
+        ids = range(50 * b, 50 * (b + 1))
+        st.put_many([_key(i) for i in ids], np.stack([_vec(i) for i in ids]))
+        np.testing.assert_array_equal(st.get_window(hot, rec.shape), rec)
+    assert st.evictions >= 2
+    assert st.get_window(cold, rec.shape) is None
+    st.close()

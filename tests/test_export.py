@@ -92,6 +92,19 @@ def test_forecaster_graph_returns_original_units(small_bundle, small_run):
         with torch.no_grad():
             ref = model(torch.from_numpy(((x - mean) / std).astype(np.float32)), torch.from_numpy(emb)).numpy()
         np.testing.assert_allclose((y - mean) / std, ref, atol=1e-4, rtol=0)
+    # the split pair batch-1 requests with a store use: the prompt encoder is the model's, the head gives y
+    m = read_manifest(small_bundle)
+    split = m.graphs["forecaster"].cpu_split
+    assert {split.prompt_encoder.file, split.head.file} <= set(m.files)
+    assert split.info["parity_vs_torch"]["max_abs"] <= m.info["parity_tolerance"]
+    enc, head = (ort.InferenceSession(str(small_bundle / g.file), providers=["CPUExecutionProvider"])
+                 for g in (split.prompt_encoder, split.head))
+    with torch.no_grad():
+        want_enc = model.encode_prompts(torch.from_numpy(emb[:1])).numpy()
+    got_enc = enc.run(None, {"prompt_emb": emb[:1]})[0]
+    np.testing.assert_allclose(got_enc, want_enc, atol=1e-4, rtol=0)
+    y1 = head.run(None, {"x": x[:1], "prompt_enc": got_enc})[0]
+    np.testing.assert_allclose((y1 - mean) / std, ref[:1], atol=1e-4, rtol=0)
 
 
 def test_existing_bundle_needs_force(small_run, tmp_path):

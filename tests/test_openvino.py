@@ -51,6 +51,22 @@ def test_f32_matches_ort_cpu(small_bundle):
     assert (np.abs(got - ref) / scale).max() <= 1e-4
 
 
+def test_split_forecaster_with_a_store_matches_ort_cpu_and_only_in_f32(small_bundle, tmp_path):
+    """The split graphs (prompt encoder + head) on OpenVINO f32 serve a window and its repeat like ONNX Runtime's;
+    a forced lower-precision forecaster runs the whole graph (the split graphs are f32)."""
+    m = read_manifest(str(small_bundle))
+    win = make_frame(200, seed=8).iloc[30:54]
+    ref = Forecaster.load(str(small_bundle), backend="ort-cpu").predict(win)
+    f = Forecaster.load(str(small_bundle), backend="openvino", store=str(tmp_path / "s"),
+                        precision={"llm": "f32", "forecaster": "f32"})
+    assert f.backend.split == Forecaster.load(str(small_bundle), backend="ort-cpu").backend.split
+    scale = make_frame(500)[VARS].to_numpy().std(axis=0)
+    assert (np.abs(f.predict(win) - ref) / scale).max() <= 1e-4
+    assert (np.abs(f.predict(win) - ref) / scale).max() <= 1e-4 and f.stats.window_hits == 1
+    f.close()
+    assert OpenVinoBackend(str(small_bundle), m, precision={"llm": "f32", "forecaster": "int8"}).split is None
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8", "w8a8"])
 def test_lower_precision_stays_within_its_recorded_gate(small_bundle, precision):
     """Recompute the gate's validation MSE through the serving path: it is what the manifest says."""

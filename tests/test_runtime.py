@@ -97,6 +97,31 @@ def test_second_request_runs_no_llm_and_store_changes_nothing(small_bundle, tmp_
     with_store.close()
 
 
+def test_a_window_served_again_runs_the_head_alone(small_bundle, tmp_path):
+    """Batch-1 with a store: the window's encoded prompts are stored, and serving it again (in another process
+    too) renders no prompt, reads no prompt vector and runs no prompt encoder, with the same forecast. The
+    same values at other timestamps are another window."""
+    df = make_frame(SEQ + 1, seed=21)
+    win, later = df.iloc[:SEQ], df.iloc[:SEQ].assign(date=df["date"].iloc[1:].to_numpy())
+    f = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"))
+    assert f.backend.split
+    y1 = f.predict(win)
+    render_s = f.stats.seconds["render"]
+    assert f.stats.window_hits == 0 and f.stats.misses == 3
+    np.testing.assert_array_equal(f.predict(win), y1)
+    assert f.stats.window_hits == 1 and f.stats.hits == 3 and f.stats.seconds["render"] == render_s
+    f.predict(later)
+    assert f.stats.window_hits == 1 and f.stats.llm_calls == 2
+    f.close()
+    g = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"))
+    np.testing.assert_array_equal(g.predict(win), y1)
+    assert g.stats.window_hits == 1 and g.stats.llm_calls == 0
+    g.close()
+    whole = Forecaster.load(str(small_bundle), backend="ort-cpu")  # no store: the whole forecaster graph
+    assert whole._window_salt is None
+    np.testing.assert_allclose(whole.predict(win), y1, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad, message", [
     (lambda d: d.drop(columns="v1"), "lacks variable column(s) ['v1']"),
     (lambda d: d.assign(extra=1.0), "unexpected column(s) ['extra']"),

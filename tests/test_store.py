@@ -154,3 +154,25 @@ def test_float16_store_halves_vectors_and_is_adopted_when_reopened(tmp_path):
         EmbeddingStore(tmp_path / "s16", "ab" * 16, 64, "float32")
     with pytest.raises(StoreMismatchError, match="float32 or float16"):
         EmbeddingStore(tmp_path / "s8", "ab" * 16, 64, "int8")
+
+
+def test_window_records_round_trip_apart_from_prompt_vectors(tmp_path):
+    """Window records (a served window's encoded prompts): found by their key under this namespace and precision
+    only, not counted as prompt vectors, and a record of the wrong size is refused as corrupt."""
+    ids, vecs = _vectors(3)
+    rec = np.arange(2 * DIM, dtype=np.float32).reshape(1, 2, DIM)
+    with EmbeddingStore(tmp_path / "s", NS, DIM) as store:
+        store.put_many(store.keys(ids), vecs)
+        key = store.window_key(b"encoder", b"window bytes")
+        assert store.get_window(key, rec.shape) is None
+        store.put_window(key, rec)
+        np.testing.assert_array_equal(store.get_window(key, rec.shape), rec)
+        assert store.get_window(store.window_key(b"encoder", b"other window"), rec.shape) is None
+        assert len(store) == 3
+        with pytest.raises(StoreMismatchError, match="corrupt window record"):
+            store.get_window(key, (1, 3, DIM))
+    with EmbeddingStore(tmp_path / "s", NS, DIM, precision="openvino:bf16") as other:  # another precision class
+        assert other.get_window(other.window_key(b"encoder", b"window bytes"), rec.shape) is None
+    with EmbeddingStore(tmp_path / "s", NS, DIM, readonly=True) as ro:
+        np.testing.assert_array_equal(ro.get_window(key, rec.shape), rec)
+        assert len(ro) == 3

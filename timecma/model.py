@@ -139,12 +139,21 @@ class TimeCMA(nn.Module):
         self.register_buffer("snaive_index", seasonal_naive_index(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forecast_encoded(x, self.encode_prompts(prompt_emb) if self.uses_llm else None)
+
+    def encode_prompts(self, prompt_emb: torch.Tensor) -> torch.Tensor:
+        """[B, N, d_llm] prompt embeddings -> [B, N, d_llm] encoded: a function of the stored embeddings
+        alone, so serving can keep it per window (the heaviest part of the forecaster at batch 1)."""
+        return self.prompt_encoder(prompt_emb.float())
+
+    def forecast_encoded(self, x: torch.Tensor, prompt_enc: torch.Tensor | None) -> torch.Tensor:
+        """The rest of the forward pass, from the window and the encoded prompts."""
         x_in = x.float()
         x, mean, std = revin_norm(x_in)
         h = self.length_to_feature(x.transpose(1, 2))  # [B, N, C]
         h = self.ts_encoder(h)  # [B, N, C]
         if self.uses_llm:
-            e = self.prompt_encoder(prompt_emb.float()).transpose(1, 2)  # [B, d_llm, N]
+            e = prompt_enc.transpose(1, 2)  # [B, d_llm, N]
             h = self.cross(h.transpose(1, 2), e, e).transpose(1, 2)  # [B, N, C]
         d = self.decoder(h, h)  # [B, N, C]
         y = self.c_to_length(d).transpose(1, 2)  # [B, pred_len, N]

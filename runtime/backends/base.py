@@ -11,6 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
+from timecma.core.manifest import Manifest
+
 BACKENDS = ("tensorrt", "ort-cuda", "openvino", "ort-cpu", "torch")
 
 
@@ -27,6 +29,23 @@ class Backend(Protocol):
 
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
         """[B,seq_len,N] raw, [B,N,d_llm] -> [B,pred_len,N] raw."""
+
+    # Optional (``split`` not None): the forecaster in two batch-1 graphs (the bundle's ``cpu_split``), so
+    # serving can keep a window's encoded prompts. ``split`` names what computes them (graph digest and
+    # precision): it is part of the stored record's key.
+    split: str | None
+
+    def run_prompt_encoder(self, prompt_emb: np.ndarray) -> np.ndarray:
+        """[1,N,d_llm] embeddings -> [1,N,d_llm] encoded prompts."""
+
+    def run_head(self, x: np.ndarray, prompt_enc: np.ndarray) -> np.ndarray:
+        """[1,seq_len,N] raw, [1,N,d_llm] encoded prompts -> [1,pred_len,N] raw."""
+
+
+def split_id(manifest: Manifest) -> str | None:
+    """The ``split`` of a backend running the bundle's split forecaster graphs in fp32 (None: the bundle has none)."""
+    fc = manifest.graphs["forecaster"]
+    return f"{fc.cpu_split.prompt_encoder.info['sha256']}:fp32" if fc.cpu_split else None
 
 
 def forecaster_feeds(x: np.ndarray, prompt_emb: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -50,6 +50,7 @@ class TorchBackend:
     """Eager PyTorch on the checkpoint the bundle was exported from (for comparison only)."""
 
     limits: dict[str, int] = {}
+    split = None  # the reference runs the forecaster whole, as a user's own script would
 
     def __init__(self, bundle_dir: str, manifest: Manifest, ckpt: str | None = None, device: str = "cpu",
                  dtype: str = "float32", compile: bool = False):

@@ -26,7 +26,7 @@ from timecma.core.machine import has_native_bf16
 from timecma.core.manifest import Manifest, OVVariant
 from timecma.core.store import precision_tag
 
-from .base import forecaster_feeds
+from .base import forecaster_feeds, split_id
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,14 @@ class OpenVinoBackend:
             self._run[g] = graph_runner(path, prec, threads)
             self.precision[g] = prec
         self.llm_precision = precision_tag(self.name, self.precision.get("llm", "f32"))
+        # batch-1 requests with a store: prompt encoder and head apart (``Backend.split``), where the forecaster
+        # runs in f32 (the split graphs are f32 graphs; a forced lower precision keeps the whole graph)
+        fc = manifest.graphs["forecaster"]
+        self.split = split_id(manifest) if self.precision.get("forecaster") == "f32" else None
+        if self.split:
+            self._run["prompt_encoder"], self._run["head"] = (
+                graph_runner(os.path.join(bundle_dir, g.file), "f32", threads)
+                for g in (fc.cpu_split.prompt_encoder, fc.cpu_split.head))
         log.info("openvino: %s", ", ".join(f"{g} {p}" for g, p in self.precision.items()))
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -152,6 +160,12 @@ class OpenVinoBackend:
 
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
         return self._run["forecaster"](forecaster_feeds(x, prompt_emb))
+
+    def run_prompt_encoder(self, prompt_emb: np.ndarray) -> np.ndarray:
+        return self._run["prompt_encoder"]({"prompt_emb": prompt_emb})
+
+    def run_head(self, x: np.ndarray, prompt_enc: np.ndarray) -> np.ndarray:
+        return self._run["head"]({"x": x, "prompt_enc": prompt_enc})
 
     def close(self) -> None:
         self._run.clear()

@@ -11,7 +11,7 @@ from timecma.core.errors import BundleError
 from timecma.core.manifest import Manifest
 from timecma.core.store import FP32, precision_tag
 
-from .base import forecaster_feeds
+from .base import forecaster_feeds, split_id
 
 
 def ort_module():
@@ -61,6 +61,11 @@ class OrtBackend:
         b1 = fc.cpu_batch1
         if device == "cpu" and b1:
             self.fc1 = ort_session(os.path.join(bundle_dir, b1.file), device, threads or b1.info.get("threads"))
+        # batch-1 requests with a store on CPU: prompt encoder and head apart (``Backend.split``)
+        self.split = split_id(manifest) if device == "cpu" else None
+        if self.split:
+            self._enc, self._head = (ort_session(os.path.join(bundle_dir, g.file), device, threads)
+                                     for g in (fc.cpu_split.prompt_encoder, fc.cpu_split.head))
         self._fc_graph = device == "cuda" and cuda_graph
         if self._fc_graph:
             cfg = manifest.model_config
@@ -87,6 +92,12 @@ class OrtBackend:
 
     def close(self) -> None:
         """ORT sessions are freed with the object."""
+
+    def run_prompt_encoder(self, prompt_emb: np.ndarray) -> np.ndarray:
+        return self._enc.run(None, {"prompt_emb": prompt_emb})[0]
+
+    def run_head(self, x: np.ndarray, prompt_enc: np.ndarray) -> np.ndarray:
+        return self._head.run(None, {"x": x, "prompt_enc": prompt_enc})[0]
 
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
         feeds = forecaster_feeds(x, prompt_emb)

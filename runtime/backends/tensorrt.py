@@ -71,6 +71,7 @@ def select_engines(manifest: Manifest, bundle_dir: str, gpu_cc: str, flavours: d
 
 class TensorRTBackend:
     name = "tensorrt"
+    split = None  # the forecaster engine runs whole: no engines are built for the split graphs
 
     def __init__(self, bundle_dir: str, manifest: Manifest, precision: str = "fp16"):
         self.cuda = CudaRuntime()

@@ -3,6 +3,7 @@ store insert -> forecaster -> forecast in original units. Torch-free."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
+from timecma import __version__
 from timecma.core.conformal import Calibration, no_calibration, parse_levels
 from timecma.core.errors import BundleError, InputError
 from timecma.core.manifest import Manifest, read_manifest
@@ -41,6 +43,7 @@ class Stats:
     clamped: int = 0  # input values at or below the log scaler's floor (clamped inside the graph)
     hits: int = 0
     misses: int = 0
+    window_hits: int = 0  # batch-1 requests served from a stored window record (prompt encoder skipped)
     llm_calls: int = 0
     store_write_failures: int = 0  # batches of new vectors the store could not take (served uncached)
     seconds: dict = field(default_factory=lambda: {"render": 0.0, "tokenize": 0.0, "store": 0.0, "llm": 0.0,
@@ -121,6 +124,11 @@ class Forecaster:
         self._token_limit = ("the LLM accepts at most {n} positions" if self.max_tokens == self.max_positions
                              else "the TensorRT engine's profile allows at most {n} tokens")
         self._emb1 = np.empty((1, self.n_vars, self.d_llm), dtype=np.float32)
+        # batch-1 requests keep each window's encoded prompts in the store, where the backend runs the forecaster
+        # split; the record's key fixes its content: the window, how prompts are rendered, what encodes them
+        split = getattr(backend, "split", None)
+        self._window_salt = None if store is None or not split else "|".join(
+            (split, json.dumps(manifest.prompt, sort_keys=True), self.frequency, __version__)).encode()
 
     @classmethod
     def load(cls, bundle_dir: str, backend: str = "auto", store: str | None = None, store_max_gb: float | None = None,
@@ -241,7 +249,55 @@ class Forecaster:
             self.stats.clamped += int(clamped.sum())
             log.warning("%d input value(s) at or below the log scaler's floor (a new all-time low) were clamped "
                         "(windows %s)", int(clamped.sum()), np.flatnonzero(clamped)[:10].tolist())
+        if w == 1 and self._window_salt is not None:
+            y = self._predict_window(values[0], timestamps[0])
+        else:
+            y = self._predict_whole(values, timestamps)
+        self.stats.requests += w
+        y = np.asarray(y, dtype=np.float32)
+        if not np.isfinite(y).all():
+            i = int(np.nonzero(~np.isfinite(y))[0][0])
+            raise InputError(f"window {i}: the forecast is not finite; its values are outside the range the model "
+                             "can represent (magnitudes far beyond the training data)")
+        return y
+
+    def _predict_window(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        """One window through the split forecaster: its encoded prompts from the store (a window served
+        before: no rendering, no embeddings, no prompt encoder), else computed and stored."""
         s = self.stats.seconds
+        t = time.perf_counter()
+        key = self.store.window_key(self._window_salt, np.ascontiguousarray(values, np.float64).tobytes(),
+                                    timestamps.astype("datetime64[ns]").view(np.int64).tobytes())
+        enc = self.store.get_window(key, (1, self.n_vars, self.d_llm))
+        s["store"] += time.perf_counter() - t
+        if enc is not None:
+            self.stats.window_hits += 1
+            self.stats.hits += self.n_vars
+        else:
+            t = time.perf_counter()
+            prompts = self.renderer.render_series(values, timestamps, [0], self.seq_len)
+            s["render"] += time.perf_counter() - t
+            self._emb1[0] = self._embeddings(prompts)
+            t = time.perf_counter()
+            enc = self.backend.run_prompt_encoder(self._emb1)
+            s["forecaster"] += time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                self.store.put_window(key, enc)
+            except StoreWriteError as exc:  # the store is a cache: forecasting goes on without it
+                if not self.stats.store_write_failures:
+                    log.warning("%s; serving goes on uncached (counted in stats.store_write_failures)", exc)
+                self.stats.store_write_failures += 1
+            s["store"] += time.perf_counter() - t
+        t = time.perf_counter()
+        self._x1[0] = values
+        y = self.backend.run_head(self._x1, enc)
+        s["forecaster"] += time.perf_counter() - t
+        return y
+
+    def _predict_whole(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        """Windows through the whole forecaster graph: embeddings (store, LLM on misses), then the forecaster."""
+        s, w = self.stats.seconds, values.shape[0]
         emb = None
         if self.uses_llm:
             t = time.perf_counter()
@@ -261,12 +317,6 @@ class Forecaster:
             y = np.concatenate([self.backend.run_forecaster(x[i:i + b], None if emb is None else emb[i:i + b])
                                 for i in range(0, w, b)])
         s["forecaster"] += time.perf_counter() - t3
-        self.stats.requests += w
-        y = np.asarray(y, dtype=np.float32)
-        if not np.isfinite(y).all():
-            i = int(np.nonzero(~np.isfinite(y))[0][0])
-            raise InputError(f"window {i}: the forecast is not finite; its values are outside the range the model "
-                             "can represent (magnitudes far beyond the training data)")
         return y
 
     def _embeddings(self, prompts: list[str]) -> np.ndarray:

@@ -124,6 +124,30 @@ class BoundedStore:
             self._rotate()
             self.cur.put_many(keys, vectors, prompts)
 
+    def window_key(self, *parts: bytes) -> bytes:
+        return self.cur.window_key(*parts)
+
+    def get_window(self, key: bytes, shape: tuple[int, ...]) -> np.ndarray | None:
+        """From the newer generation, else the older (promoted into the newer, as prompt vectors are)."""
+        rec = self.cur.get_window(key, shape)
+        if rec is None and self.old is not None:
+            rec = self.old.get_window(key, shape)
+            if rec is not None:
+                try:
+                    self.put_window(key, rec)
+                except StoreWriteError as exc:
+                    log.warning("bounded store %s: promotion failed (%s)", self.path, exc)
+        return rec
+
+    def put_window(self, key: bytes, record: np.ndarray) -> None:
+        try:
+            self.cur.put_window(key, record)
+        except StoreWriteError as exc:
+            if not _map_full(exc):
+                raise
+            self._rotate()
+            self.cur.put_window(key, record)
+
     def disk_bytes(self) -> int:
         """Bytes of the store's files on disk (what the bound is about)."""
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.path) for f in files)

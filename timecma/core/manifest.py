@@ -90,12 +90,31 @@ class GraphFile:
 
 
 @dataclass
+class SplitGraphs:
+    """The batch-1 forecaster in two graphs: the prompt encoder (embeddings -> encoded prompts, kept per window by
+    serving) and the head (window + encoded prompts -> forecast)."""
+
+    prompt_encoder: GraphFile
+    head: GraphFile
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "SplitGraphs":
+        return cls(GraphFile.from_dict(_need(d, "prompt_encoder", where, dict), f"{where}.prompt_encoder"),
+                   GraphFile.from_dict(_need(d, "head", where, dict), f"{where}.head"), _rest(d, cls))
+
+    def to_dict(self) -> dict:
+        return {"prompt_encoder": self.prompt_encoder.to_dict(), "head": self.head.to_dict(), **self.info}
+
+
+@dataclass
 class Graph:
     inputs: dict[str, TensorDesc]
     outputs: dict[str, TensorDesc]
     files: dict[str, GraphFile]  # variant (fp32, fp16, int8, ...) -> file
     cpu_preferred: str = "fp32"
     cpu_batch1: GraphFile | None = None  # forecaster: the graph (and threads) batch-1 CPU requests use
+    cpu_split: SplitGraphs | None = None  # forecaster: prompt encoder + head, for batch-1 CPU requests with a store
     info: dict = field(default_factory=dict)
 
     @classmethod
@@ -106,11 +125,12 @@ class Graph:
         pref = d.get("cpu_preferred", "fp32")
         if pref not in files:
             raise BundleError(f"manifest: {where}.cpu_preferred {pref!r} is not among its files {sorted(files)}")
-        b1 = d.get("cpu_batch1")
+        b1, split = d.get("cpu_batch1"), d.get("cpu_split")
         return cls({k: TensorDesc.from_dict(v, f"{where}.inputs.{k}") for k, v in _need(d, "inputs", where, dict).items()},
                    {k: TensorDesc.from_dict(v, f"{where}.outputs.{k}")
                     for k, v in _need(d, "outputs", where, dict).items()},
-                   files, pref, GraphFile.from_dict(b1, f"{where}.cpu_batch1") if b1 else None, _rest(d, cls))
+                   files, pref, GraphFile.from_dict(b1, f"{where}.cpu_batch1") if b1 else None,
+                   SplitGraphs.from_dict(split, f"{where}.cpu_split") if split else None, _rest(d, cls))
 
     def to_dict(self) -> dict:
         out = {"inputs": {k: v.to_dict() for k, v in self.inputs.items()},
@@ -118,6 +138,8 @@ class Graph:
                "files": {k: v.to_dict() for k, v in self.files.items()}, "cpu_preferred": self.cpu_preferred}
         if self.cpu_batch1:
             out["cpu_batch1"] = self.cpu_batch1.to_dict()
+        if self.cpu_split:
+            out["cpu_split"] = self.cpu_split.to_dict()
         return {**out, **self.info}
 
 

@@ -7,7 +7,9 @@ are keyed under the namespace plus a precision tag (``precision_tag``), so one s
 several precisions side by side, they never mix, and serving at the precision that filled the
 store is a hit; fp32 from any backend is one precision (they agree within 1e-5). A second table maps sha256(namespace + prompt text) to that key:
 the namespace fixes the tokenizer, so text -> ids is a pure function under it, and a
-store hit can skip tokenization (the largest cost of a hit) without changing the key. LMDB gives atomic, durable commits (a writer killed at any
+store hit can skip tokenization (the largest cost of a hit) without changing the key. A third table
+holds, per served window, the forecaster's encoded prompts (``put_window``): a function of the window's
+embeddings alone, so a window served again skips the prompt encoder as well. LMDB gives atomic, durable commits (a writer killed at any
 instant loses only its uncommitted batch) and many concurrent reader processes.
 """
 
@@ -34,6 +36,8 @@ DEFAULT_MAP_SIZE = 1 << 38
 # file on a full tmpfs dies of SIGBUS instead of reporting ENOSPC (seen here), so the check comes first.
 MIN_FREE_BYTES = 256 << 10
 _TEXT_DB = b"prompt-text"
+_WINDOW_DB = b"window-encoding"
+_NAMED_DBS = (_TEXT_DB, _WINDOW_DB)
 
 
 class StoreMismatchError(InputError):
@@ -87,7 +91,7 @@ class EmbeddingStore:
             lock=True,
             sync=True,
             metasync=True,
-            max_dbs=2,
+            max_dbs=len(_NAMED_DBS),
         )
         if dtype is None:  # the store's own dtype where it exists (float16 stores halve the disk), else float32
             with self.env.begin() as txn:
@@ -111,10 +115,14 @@ class EmbeddingStore:
                 txn.put(_META_KEY, json.dumps(meta).encode())
             else:
                 self._check(json.loads(raw), meta)
-        try:  # the text index; absent in a read-only store written before it existed
-            self._text_db = self.env.open_db(_TEXT_DB, create=not readonly)
+        self._text_db, self._window_db = (self._named_db(n, readonly) for n in _NAMED_DBS)
+
+    def _named_db(self, name: bytes, readonly: bool):
+        """A named table; None in a read-only store written before the table existed."""
+        try:
+            return self.env.open_db(name, create=not readonly)
         except lmdb.NotFoundError:
-            self._text_db = None
+            return None
 
     def _check(self, found: dict, wanted: dict) -> None:
         if found.get("format") != STORE_FORMAT:
@@ -214,9 +222,38 @@ class EmbeddingStore:
             raise StoreWriteError(f"embedding store {self.path} cannot be written ({type(exc).__name__}: {exc}); "
                                   "free disk space, or use another --store") from exc
 
+    def window_key(self, *parts: bytes) -> bytes:
+        """Address of a window's record under this store's namespace (and precision): ``parts`` must fix the
+        record's content given the embeddings, i.e. the window, how its prompts are rendered and the encoder."""
+        return hashlib.sha256(self._ns + b"\0window\0" + b"\0".join(parts)).digest()
+
+    def get_window(self, key: bytes, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The float32 record of ``shape`` stored under ``key``, or None."""
+        if self._window_db is None:
+            return None
+        with self.env.begin(buffers=True) as txn:
+            buf = txn.get(key, db=self._window_db)
+            if buf is None:
+                return None
+            if len(buf) != 4 * int(np.prod(shape)):
+                raise StoreMismatchError(f"corrupt window record in {self.path}: {len(buf)} bytes for {shape}")
+            return np.frombuffer(buf, dtype=np.float32).reshape(shape).copy()
+
+    def put_window(self, key: bytes, record: np.ndarray) -> None:
+        """Store a window's record (float32), durably; a no-op in a store that cannot have the table."""
+        if self._window_db is None:
+            return
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(key, np.ascontiguousarray(record, dtype=np.float32).tobytes(), db=self._window_db)
+        except lmdb.Error as exc:
+            raise StoreWriteError(f"embedding store {self.path} cannot be written ({type(exc).__name__}: {exc}); "
+                                  "free disk space, or use another --store") from exc
+
     def __len__(self) -> int:
-        with self.env.begin() as txn:  # minus the metadata record and the text index's name
-            return txn.stat()["entries"] - 1 - (self._text_db is not None)
+        """Prompt vectors held (not the metadata record, the named tables' entries or their names)."""
+        with self.env.begin() as txn:
+            return txn.stat()["entries"] - 1 - sum(txn.get(n) is not None for n in _NAMED_DBS)
 
     def close(self) -> None:
         self.env.close()
