@@ -16,6 +16,7 @@ from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.manifest import Manifest, file_record, read_manifest, write_manifest
 from timecma.core.timing import time_calls
 from timecma.core.tokens import encode_prompts, llm_feeds, pad_right
+from timecma.runtime.backends.base import HEAD_THREADS
 from timecma.runtime.backends.ort import ort_session
 from timecma.runtime.compile.openvino import GATE_FILE, build_openvino, calibration_feeds
 
@@ -71,7 +72,7 @@ def split_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
     window per call; both graphs' ORT timings recorded beside the whole graph's."""
     paths = {k: os.path.join(tmp, f) for k, f in FORECASTER_SPLIT_ONNX.items()}
     export_split_forecaster(fc.graph, paths["prompt_encoder"], paths["head"])
-    enc, head = ort_session(paths["prompt_encoder"]), ort_session(paths["head"])
+    enc, head = ort_session(paths["prompt_encoder"], spin=False), ort_session(paths["head"], threads=HEAD_THREADS)
     y = []
     for i in range(len(fc.x)):
         e = enc.run(None, {"prompt_emb": fc.emb[i:i + 1]})[0]

@@ -71,6 +71,7 @@ def test_key_readiness_and_size(endpoint):
     assert m[("timecma_requests_total", (("route", "/forecast"), ("status", "200")))] == 2
     assert m[("timecma_store_lookups_total", (("result", "miss"),))] == 3  # one prompt per variable, then hits
     assert m[("timecma_store_lookups_total", (("result", "hit"),))] == 3
+    assert m[("timecma_window_hits_total", ())] == 1  # the repeat read its encoded prompts from the store
     assert m[("timecma_llm_calls_total", ())] >= 1
     assert m[("timecma_stage_seconds_count", (("stage", "llm"),))] == 2
 

@@ -42,6 +42,12 @@ class Backend(Protocol):
         """[1,seq_len,N] raw, [1,N,d_llm] encoded prompts -> [1,pred_len,N] raw."""
 
 
+# The head is ~0.35 ms of small ops: on one thread it is as fast as on two (GPT-2 size, 2 cores: ORT 0.37 vs 0.37 ms,
+# OpenVINO 0.33 vs 0.91), and right after the prompt encoder a second pool's threads fight the first one's
+# (prompt encoder + head back to back: 2.8 ms on one thread, 4.8 ms on two; the whole graph 2.7).
+HEAD_THREADS = 1
+
+
 def split_id(manifest: Manifest) -> str | None:
     """The ``split`` of a backend running the bundle's split forecaster graphs in fp32 (None: the bundle has none)."""
     fc = manifest.graphs["forecaster"]

@@ -26,7 +26,7 @@ from timecma.core.machine import has_native_bf16
 from timecma.core.manifest import Manifest, OVVariant
 from timecma.core.store import precision_tag
 
-from .base import forecaster_feeds, split_id
+from .base import HEAD_THREADS, forecaster_feeds, split_id
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,9 @@ class OpenVinoBackend:
         fc = manifest.graphs["forecaster"]
         self.split = split_id(manifest) if self.precision.get("forecaster") == "f32" else None
         if self.split:
-            self._run["prompt_encoder"], self._run["head"] = (
-                graph_runner(os.path.join(bundle_dir, g.file), "f32", threads)
-                for g in (fc.cpu_split.prompt_encoder, fc.cpu_split.head))
+            self._run["prompt_encoder"] = graph_runner(os.path.join(bundle_dir, fc.cpu_split.prompt_encoder.file),
+                                                       "f32", threads)
+            self._run["head"] = graph_runner(os.path.join(bundle_dir, fc.cpu_split.head.file), "f32", HEAD_THREADS)
         log.info("openvino: %s", ", ".join(f"{g} {p}" for g, p in self.precision.items()))
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

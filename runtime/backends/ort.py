@@ -11,7 +11,7 @@ from timecma.core.errors import BundleError
 from timecma.core.manifest import Manifest
 from timecma.core.store import FP32, precision_tag
 
-from .base import forecaster_feeds, split_id
+from .base import HEAD_THREADS, forecaster_feeds, split_id
 
 
 def ort_module():
@@ -20,14 +20,18 @@ def ort_module():
     return ort
 
 
-def ort_session(path: str, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False):
+def ort_session(path: str, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False,
+                spin: bool = True):
     """The one ONNX Runtime session factory (serving, export's measurements, benchmarks): all graph
-    optimisations; ``threads`` intra-op threads (None: ORT's choice); CUDA with optional CUDA graph."""
+    optimisations; ``threads`` intra-op threads (None: ORT's choice); CUDA with optional CUDA graph;
+    ``spin=False`` for a session another one runs right after (its idle threads would spin against it)."""
     ort = ort_module()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = ["CPUExecutionProvider"]
     if device == "cuda":
         providers.insert(0, ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}))
@@ -64,8 +68,9 @@ class OrtBackend:
         # batch-1 requests with a store on CPU: prompt encoder and head apart (``Backend.split``)
         self.split = split_id(manifest) if device == "cpu" else None
         if self.split:
-            self._enc, self._head = (ort_session(os.path.join(bundle_dir, g.file), device, threads)
-                                     for g in (fc.cpu_split.prompt_encoder, fc.cpu_split.head))
+            self._enc = ort_session(os.path.join(bundle_dir, fc.cpu_split.prompt_encoder.file), device, threads,
+                                    spin=False)
+            self._head = ort_session(os.path.join(bundle_dir, fc.cpu_split.head.file), device, HEAD_THREADS)
         self._fc_graph = device == "cuda" and cuda_graph
         if self._fc_graph:
             cfg = manifest.model_config

@@ -26,6 +26,8 @@ class EndpointMetrics:
                                ["stage"], buckets=_BUCKETS, registry=r)
         self.store = Counter("timecma_store_lookups", "Prompt embeddings found in the store (hit) or computed (miss)",
                              ["result"], registry=r)
+        self.window_hits = Counter("timecma_window_hits", "Single-window forecasts served from a stored window "
+                                   "record (the window was served before: no prompts, no prompt encoder)", registry=r)
         self.llm_calls = Counter("timecma_llm_calls", "LLM engine calls (one per planned batch of misses)", registry=r)
         self.in_flight = Gauge("timecma_in_flight_requests", "Forecast requests admitted and not yet answered "
                                "(running or waiting for their turn)", registry=r)
@@ -46,6 +48,7 @@ class EndpointMetrics:
         self.store.labels("hit").inc(after.hits - before.hits)
         self.store.labels("miss").inc(after.misses - before.misses)
         self.llm_calls.inc(after.llm_calls - before.llm_calls)
+        self.window_hits.inc(after.window_hits - before.window_hits)
         self.store_write_failures.inc(after.store_write_failures - before.store_write_failures)
 
     def text(self, store=None) -> str:

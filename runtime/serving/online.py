@@ -168,6 +168,8 @@ class ForecastEndpoint:
                     if "llm_input_ids" in p:
                         self.f.backend.run_llm(p["llm_input_ids"], p["llm_attention_mask"])
                     self.f.backend.run_forecaster(p["fc_x"], p["fc_prompt_emb"] if "fc_prompt_emb" in p else None)
+                    if getattr(self.f.backend, "split", None):  # the graphs single-window requests run
+                        self.f.backend.run_head(p["fc_x"], self.f.backend.run_prompt_encoder(p["fc_prompt_emb"]))
         except Exception:  # a warm-up failure must not keep the replica from serving: the first request will tell
             log.exception("warm-up failed")
         self.ready.set()
