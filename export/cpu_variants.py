@@ -73,16 +73,13 @@ def split_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
     paths = {k: os.path.join(tmp, f) for k, f in FORECASTER_SPLIT_ONNX.items()}
     export_split_forecaster(fc.graph, paths["prompt_encoder"], paths["head"])
     enc, head = ort_session(paths["prompt_encoder"], spin=False), ort_session(paths["head"], threads=HEAD_THREADS)
-    y = []
-    for i in range(len(fc.x)):
-        e = enc.run(None, {"prompt_emb": fc.emb[i:i + 1]})[0]
-        y.append(head.run(None, {"x": fc.x[i:i + 1], "prompt_enc": e})[0])
+    encoded = [enc.run(None, {"prompt_emb": fc.emb[i:i + 1]})[0] for i in range(len(fc.x))]
+    y = [head.run(None, {"x": fc.x[i:i + 1], "prompt_enc": e})[0] for i, e in enumerate(encoded)]
     err = errors(fc.units(np.concatenate(y)), fc.units(fc.y_torch))
     if err["max_abs"] > tolerance:
         raise ExportError(f"split forecaster graphs' parity {err['max_abs']:.2e} exceeds tolerance {tolerance:.0e}")
-    e1 = enc.run(None, {"prompt_emb": fc.emb[:1]})[0]
     ms = {"prompt_encoder": _median_ms(enc, {"prompt_emb": fc.emb[:1]}),
-          "head": _median_ms(head, {"x": fc.x[:1], "prompt_enc": e1})}
+          "head": _median_ms(head, {"x": fc.x[:1], "prompt_enc": encoded[0]})}
     log.info("split forecaster: prompt encoder %.3f ms + head %.3f ms on ORT CPU (parity %.1e)", ms["prompt_encoder"],
              ms["head"], err["max_abs"])
     return {**{k: {"file": f, "sha256": file_record(tmp, f).sha256} for k, f in FORECASTER_SPLIT_ONNX.items()},

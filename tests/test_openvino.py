@@ -56,10 +56,11 @@ def test_split_forecaster_with_a_store_matches_ort_cpu_and_only_in_f32(small_bun
     a forced lower-precision forecaster runs the whole graph (the split graphs are f32)."""
     m = read_manifest(str(small_bundle))
     win = make_frame(200, seed=8).iloc[30:54]
-    ref = Forecaster.load(str(small_bundle), backend="ort-cpu").predict(win)
+    ort_cpu = Forecaster.load(str(small_bundle), backend="ort-cpu")
+    ref = ort_cpu.predict(win)
     f = Forecaster.load(str(small_bundle), backend="openvino", store=str(tmp_path / "s"),
                         precision={"llm": "f32", "forecaster": "f32"})
-    assert f.backend.split == Forecaster.load(str(small_bundle), backend="ort-cpu").backend.split
+    assert f.backend.split == ort_cpu.backend.split
     scale = make_frame(500)[VARS].to_numpy().std(axis=0)
     assert (np.abs(f.predict(win) - ref) / scale).max() <= 1e-4
     assert (np.abs(f.predict(win) - ref) / scale).max() <= 1e-4 and f.stats.window_hits == 1

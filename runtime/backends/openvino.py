@@ -146,13 +146,13 @@ class OpenVinoBackend:
             self.precision[g] = prec
         self.llm_precision = precision_tag(self.name, self.precision.get("llm", "f32"))
         # batch-1 requests with a store: prompt encoder and head apart (``Backend.split``), where the forecaster
-        # runs in f32 (the split graphs are f32 graphs; a forced lower precision keeps the whole graph)
-        fc = manifest.graphs["forecaster"]
+        # runs in f32 (the split graphs are f32 graphs; a forced lower precision keeps the whole graph); compiled
+        # on first use (a Forecaster without a store never runs them)
         self.split = split_id(manifest) if self.precision.get("forecaster") == "f32" else None
-        if self.split:
-            self._run["prompt_encoder"] = graph_runner(os.path.join(bundle_dir, fc.cpu_split.prompt_encoder.file),
-                                                       "f32", threads)
-            self._run["head"] = graph_runner(os.path.join(bundle_dir, fc.cpu_split.head.file), "f32", HEAD_THREADS)
+        split = manifest.graphs["forecaster"].cpu_split
+        self._split_graphs = {} if not self.split else {
+            "prompt_encoder": (os.path.join(bundle_dir, split.prompt_encoder.file), threads),
+            "head": (os.path.join(bundle_dir, split.head.file), HEAD_THREADS)}
         log.info("openvino: %s", ", ".join(f"{g} {p}" for g, p in self.precision.items()))
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -161,11 +161,16 @@ class OpenVinoBackend:
     def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
         return self._run["forecaster"](forecaster_feeds(x, prompt_emb))
 
+    def _split_run(self, name: str) -> Callable[[dict], np.ndarray]:
+        if name not in self._run:
+            self._run[name] = graph_runner(self._split_graphs[name][0], "f32", self._split_graphs[name][1])
+        return self._run[name]
+
     def run_prompt_encoder(self, prompt_emb: np.ndarray) -> np.ndarray:
-        return self._run["prompt_encoder"]({"prompt_emb": prompt_emb})
+        return self._split_run("prompt_encoder")({"prompt_emb": prompt_emb})
 
     def run_head(self, x: np.ndarray, prompt_enc: np.ndarray) -> np.ndarray:
-        return self._run["head"]({"x": x, "prompt_enc": prompt_enc})
+        return self._split_run("head")({"x": x, "prompt_enc": prompt_enc})
 
     def close(self) -> None:
         self._run.clear()

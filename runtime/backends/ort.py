@@ -3,6 +3,7 @@ ORT session factory that serving, export's measurements, the OpenVINO gate and t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -65,12 +66,10 @@ class OrtBackend:
         b1 = fc.cpu_batch1
         if device == "cpu" and b1:
             self.fc1 = ort_session(os.path.join(bundle_dir, b1.file), device, threads or b1.info.get("threads"))
-        # batch-1 requests with a store on CPU: prompt encoder and head apart (``Backend.split``)
+        # batch-1 requests with a store on CPU: prompt encoder and head apart (``Backend.split``), loaded on first
+        # use (a Forecaster without a store never runs them)
         self.split = split_id(manifest) if device == "cpu" else None
-        if self.split:
-            self._enc = ort_session(os.path.join(bundle_dir, fc.cpu_split.prompt_encoder.file), device, threads,
-                                    spin=False)
-            self._head = ort_session(os.path.join(bundle_dir, fc.cpu_split.head.file), device, HEAD_THREADS)
+        self._bundle_dir, self._split, self._threads = bundle_dir, fc.cpu_split, threads
         self._fc_graph = device == "cuda" and cuda_graph
         if self._fc_graph:
             cfg = manifest.model_config
@@ -97,6 +96,15 @@ class OrtBackend:
 
     def close(self) -> None:
         """ORT sessions are freed with the object."""
+
+    @functools.cached_property
+    def _enc(self):
+        return ort_session(os.path.join(self._bundle_dir, self._split.prompt_encoder.file), self.device, self._threads,
+                           spin=False)
+
+    @functools.cached_property
+    def _head(self):
+        return ort_session(os.path.join(self._bundle_dir, self._split.head.file), self.device, HEAD_THREADS)
 
     def run_prompt_encoder(self, prompt_emb: np.ndarray) -> np.ndarray:
         return self._enc.run(None, {"prompt_emb": prompt_emb})[0]

@@ -281,14 +281,7 @@ class Forecaster:
             t = time.perf_counter()
             enc = self.backend.run_prompt_encoder(self._emb1)
             s["forecaster"] += time.perf_counter() - t
-            t = time.perf_counter()
-            try:
-                self.store.put_window(key, enc)
-            except StoreWriteError as exc:  # the store is a cache: forecasting goes on without it
-                if not self.stats.store_write_failures:
-                    log.warning("%s; serving goes on uncached (counted in stats.store_write_failures)", exc)
-                self.stats.store_write_failures += 1
-            s["store"] += time.perf_counter() - t
+            self._store_write(self.store.put_window, key, enc)
         t = time.perf_counter()
         self._x1[0] = values
         y = self.backend.run_head(self._x1, enc)
@@ -365,15 +358,20 @@ class Forecaster:
             s["llm"] += time.perf_counter() - t
         emb[need] = sub
         if self.store is not None:  # new vectors, and text entries for keys found by their ids
-            t = time.perf_counter()
-            try:
-                self.store.put_many(keys, sub, texts)
-            except StoreWriteError as exc:  # the store is a cache: forecasting goes on without it
-                if not self.stats.store_write_failures:
-                    log.warning("%s; serving goes on uncached (counted in stats.store_write_failures)", exc)
-                self.stats.store_write_failures += 1
-            s["store"] += time.perf_counter() - t
+            self._store_write(self.store.put_many, keys, sub, texts)
         return emb
+
+    def _store_write(self, write, *args) -> None:
+        """A store write, timed as the store stage; a failed one is counted and warned of once: the store is a
+        cache, forecasting goes on without it."""
+        t = time.perf_counter()
+        try:
+            write(*args)
+        except StoreWriteError as exc:
+            if not self.stats.store_write_failures:
+                log.warning("%s; serving goes on uncached (counted in stats.store_write_failures)", exc)
+            self.stats.store_write_failures += 1
+        self.stats.seconds["store"] += time.perf_counter() - t
 
     def _window_arrays(self, window, timestamps) -> tuple[np.ndarray, np.ndarray]:
         if hasattr(window, "columns"):  # a DataFrame (pandas is optional on deployment boxes)

@@ -15,6 +15,7 @@ instant loses only its uncommitted batch) and many concurrent reader processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -210,15 +211,22 @@ class EmbeddingStore:
                 raise ValueError(f"expected vectors of shape {(len(keys), self.dim)}, got {vectors.shape}")
         if prompts is not None and len(prompts) != len(keys):
             raise ValueError(f"{len(prompts)} prompt texts for {len(keys)} keys")
+        with self._writing() as txn:
+            if vectors is not None:
+                for k, v in zip(keys, vectors):
+                    txn.put(k, v.tobytes(), overwrite=False)
+            if prompts is not None and self._text_db is not None:
+                for k, p in zip(keys, prompts):
+                    txn.put(self.text_key(p), k, db=self._text_db)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """One durable write transaction; an LMDB failure aborts it (the store holds what it held before) and is
+        raised as ``StoreWriteError``."""
         try:
             with self.env.begin(write=True) as txn:
-                if vectors is not None:
-                    for k, v in zip(keys, vectors):
-                        txn.put(k, v.tobytes(), overwrite=False)
-                if prompts is not None and self._text_db is not None:
-                    for k, p in zip(keys, prompts):
-                        txn.put(self.text_key(p), k, db=self._text_db)
-        except lmdb.Error as exc:  # the transaction is aborted: the store holds what it held before
+                yield txn
+        except lmdb.Error as exc:
             raise StoreWriteError(f"embedding store {self.path} cannot be written ({type(exc).__name__}: {exc}); "
                                   "free disk space, or use another --store") from exc
 
@@ -243,12 +251,8 @@ class EmbeddingStore:
         """Store a window's record (float32), durably; a no-op in a store that cannot have the table."""
         if self._window_db is None:
             return
-        try:
-            with self.env.begin(write=True) as txn:
-                txn.put(key, np.ascontiguousarray(record, dtype=np.float32).tobytes(), db=self._window_db)
-        except lmdb.Error as exc:
-            raise StoreWriteError(f"embedding store {self.path} cannot be written ({type(exc).__name__}: {exc}); "
-                                  "free disk space, or use another --store") from exc
+        with self._writing() as txn:
+            txn.put(key, np.ascontiguousarray(record, dtype=np.float32).tobytes(), db=self._window_db)
 
     def __len__(self) -> int:
         """Prompt vectors held (not the metadata record, the named tables' entries or their names)."""
