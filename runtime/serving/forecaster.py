@@ -109,6 +109,7 @@ class Forecaster:
         cal = manifest.info.get("calibration")
         self.calibration = Calibration.load(os.path.join(bundle_dir, cal["file"])) if cal else None
         self.uses_llm = manifest.llm is not None
+        self._window_salt: bytes | None = None  # set below where single windows keep their encoded prompts
         if not self.uses_llm:  # timecma-no-llm, dlinear: no prompts, tokenizer or store
             self.renderer = self.tokenizer = None
             return
@@ -127,8 +128,9 @@ class Forecaster:
         # batch-1 requests keep each window's encoded prompts in the store, where the backend runs the forecaster
         # split; the record's key fixes its content: the window, how prompts are rendered, what encodes them
         split = getattr(backend, "split", None)
-        self._window_salt = None if store is None or not split else "|".join(
-            (split, json.dumps(manifest.prompt, sort_keys=True), self.frequency, __version__)).encode()
+        if store is not None and split:
+            self._window_salt = "|".join((split, json.dumps(manifest.prompt, sort_keys=True), self.frequency,
+                                          __version__)).encode()
 
     @classmethod
     def load(cls, bundle_dir: str, backend: str = "auto", store: str | None = None, store_max_gb: float | None = None,
