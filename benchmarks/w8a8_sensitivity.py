@@ -1,0 +1,83 @@
+"""Do a few outlier layers make SmolLM2's w8a8 fail its gate? Keep the linears with the largest
+activation peaks float and measure again.
+
+    python -m benchmarks.w8a8_sensitivity --bundle runs/smollm2-ckpt/bundle --keep 0,2,8 \\
+        --out benchmarks/results/w8a8-sensitivity-smollm2
+
+Ranks every constant-weight MatMul by its input's peak / median |activation| on the w8a8 calibration
+prompts (fp32), then quantises with the top-k of them float (besides the attention's activation x
+activation MatMuls, as export does) and reports the gate's embedding error on every gate prompt and the
+latency of one window's prompts, next to OpenVINO bf16.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import numpy as np
+
+from timecma.core.accuracy import embedding_errors
+from timecma.core.manifest import read_manifest
+from timecma.core.timing import time_calls
+from timecma.runtime.backends.openvino import graph_runner, ov_module
+from timecma.runtime.compile.openvino import _Gate, calibration_feeds, nncf_w8a8
+
+from .machine import machine_info, machine_line, write_results
+
+
+def _judge(ref, path: str, precision: str) -> dict:
+    run = graph_runner(path, precision, None)
+    err = embedding_errors(ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m})), ref.emb_ref)
+    feeds = {"input_ids": ref.ids[:ref.n], "attention_mask": ref.mask[:ref.n]}
+    ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=20)
+    return {**err, "window_ms_p50": float(np.median(ms))}
+
+
+@click.command()
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--keep", default="0,2,8", show_default=True, help="numbers of outlier linears kept float")
+@click.option("--out", required=True)
+def main(bundle: str, keep: str, out: str) -> None:
+    ov = ov_module()
+    core = ov.Core()
+    src = f"{bundle}/{read_manifest(bundle).graphs['llm'].files['fp32'].file}"
+    ref = _Gate(bundle, read_manifest(bundle), None)
+    cal = calibration_feeds(ref.ids, ref.mask, ref.n)
+    model = core.read_model(src)
+    ops = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    weighted = [op for op in ops if any(i.get_source_output().get_node().get_type_name() == "Constant"
+                                        for i in op.inputs())]
+    attention = [op.get_friendly_name() for op in ops if op not in weighted]
+    model.add_outputs([op.inputs()[0].get_source_output() for op in weighted])
+    probe = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    peak, ratio = np.zeros(len(weighted)), np.zeros(len(weighted))
+    for feed in cal:
+        for j, v in enumerate(list(probe(feed).values())[-len(weighted):]):
+            a = np.abs(v).reshape(-1, v.shape[-1])
+            peak[j], ratio[j] = max(peak[j], a.max()), max(ratio[j], a.max() / (np.median(a) + 1e-9))
+    order = np.argsort(-ratio)
+    names = [op.get_friendly_name() for op in weighted]
+    rows = [{"variant": "bf16", **_judge(ref, src, "bf16")}]
+    for k in (int(s) for s in keep.split(",")):
+        t = time.time()
+        dest = f"{out}/llm.w8a8.top{k}.xml"
+        ov.save_model(nncf_w8a8(core.read_model(src), cal, attention + [names[j] for j in order[:k]]), dest,
+                      compress_to_fp16=False)
+        rows.append({"variant": f"w8a8, {k} outlier linears float", "quantise_s": time.time() - t,
+                     **_judge(ref, dest, "w8a8")})
+    res = {"machine": machine_info(), "bundle": bundle, "rows": rows,
+           "outliers": [{"linear": names[j], "peak": float(peak[j]), "peak_over_median": float(ratio[j])}
+                        for j in order[:15]]}
+    lines = ["# w8a8 sensitivity: outlier linears kept float", "", machine_line(res["machine"]), "",
+             "| variant | worst prompt embedding error | median | one window, ms p50 |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['prompt_rel_l2_max']:.4f} | {r['prompt_rel_l2_median']:.4f} | "
+              f"{r['window_ms_p50']:.0f} |" for r in rows]
+    lines += ["", "Largest input peak / median |activation| (calibration prompts, fp32): " + ", ".join(
+        f"{o['linear']} {o['peak']:.0f} ({o['peak_over_median']:.0f}x)" for o in res["outliers"][:8])]
+    write_results(out, res, lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
