@@ -21,7 +21,7 @@ from timecma.core.accuracy import embedding_errors
 from timecma.core.manifest import read_manifest
 from timecma.core.timing import time_calls
 from timecma.runtime.backends.openvino import graph_runner, ov_module
-from timecma.runtime.compile.openvino import _Gate, calibration_feeds, nncf_w8a8
+from timecma.runtime.compile.openvino import _Gate, activation_matmuls, calibration_feeds, nncf_w8a8
 
 from .machine import machine_info, machine_line, write_results
 
@@ -41,14 +41,14 @@ def _judge(ref, path: str, precision: str) -> dict:
 def main(bundle: str, keep: str, out: str) -> None:
     ov = ov_module()
     core = ov.Core()
-    src = f"{bundle}/{read_manifest(bundle).graphs['llm'].files['fp32'].file}"
-    ref = _Gate(bundle, read_manifest(bundle), None)
+    manifest = read_manifest(bundle)
+    src = f"{bundle}/{manifest.graphs['llm'].files['fp32'].file}"
+    ref = _Gate(bundle, manifest, None)
     cal = calibration_feeds(ref.ids, ref.mask, ref.n)
     model = core.read_model(src)
-    ops = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
-    weighted = [op for op in ops if any(i.get_source_output().get_node().get_type_name() == "Constant"
-                                        for i in op.inputs())]
-    attention = [op.get_friendly_name() for op in ops if op not in weighted]
+    attention = activation_matmuls(model)
+    weighted = [op for op in model.get_ordered_ops()
+                if op.get_type_name() == "MatMul" and op.get_friendly_name() not in attention]
     model.add_outputs([op.inputs()[0].get_source_output() for op in weighted])
     probe = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     peak, ratio = np.zeros(len(weighted)), np.zeros(len(weighted))

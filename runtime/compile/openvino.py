@@ -127,12 +127,18 @@ def calibration_feeds(ids: np.ndarray, mask: np.ndarray, n: int) -> list[dict]:
     return feeds
 
 
+def activation_matmuls(model) -> list[str]:
+    """The MatMuls with no constant (weight) input: the attention's activation x activation products,
+    which w8a8 keeps float."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
+            and all(i.get_source_output().get_node().get_type_name() != "Constant" for i in op.inputs())]
+
+
 def quantize_w8a8(src: str, dest: str, calibration: list[dict]) -> dict:
     """The LLM graph as a w8a8 OpenVINO IR (``nncf_w8a8``); returns how it was made, for its record."""
     ov = ov_module()
     model = ov.Core().read_model(src)
-    float_matmuls = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
-                     and all(i.get_source_output().get_node().get_type_name() != "Constant" for i in op.inputs())]
+    float_matmuls = activation_matmuls(model)
     ov.save_model(nncf_w8a8(model, calibration, float_matmuls), dest, compress_to_fp16=False)
     return w8a8_record(calibration, float_matmuls)
 
