@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_frame, run_cli
+from conftest import assert_float32_close, make_frame, run_cli
 from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.manifest import FileRecord, read_manifest, verify_files
 from timecma.runtime.engines import cuda
@@ -290,7 +290,7 @@ def test_pipeline_keeps_within_engine_limits(small_bundle):
     bounded_backend = OrtBackend(str(small_bundle), m)
     bounded_backend.limits = {"llm_batch": 2, "llm_seq": 1024, "forecast_batch": 2}
     bounded = Forecaster(str(small_bundle), m, bounded_backend, None)
-    np.testing.assert_allclose(bounded.predict_many(windows, stamps), free.predict_many(windows, stamps), atol=1e-5)
+    assert_float32_close(bounded.predict_many(windows, stamps), free.predict_many(windows, stamps))
     assert bounded.stats.llm_calls >= 8 and free.stats.llm_calls < bounded.stats.llm_calls  # 15 prompts, 2 a call
     short_backend = OrtBackend(str(small_bundle), m)
     short_backend.limits = {"llm_seq": 10}

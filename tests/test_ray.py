@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_frame, run_cli
+from conftest import assert_float32_close, make_frame, run_cli
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'timecma[ray]')")
 
@@ -217,7 +217,7 @@ def test_precompute_on_ray_fills_the_same_store(cluster, tiny_llm_dir, tmp_path)
     a, found_a = stores["local"].get_many(keys)
     b, found_b = stores["ray"].get_many(keys)
     assert found_a.all() and found_b.all() and len(stores["local"]) == len(stores["ray"]) == 300
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert_float32_close(b, a)  # workers run other thread counts
     by_text, found_t = stores["ray"].get_many_by_text(prompts)  # the text index the single writer filled
     assert found_t.all()
     np.testing.assert_array_equal(by_text, b)

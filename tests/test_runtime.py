@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ETTH1, REPO, bundle_with_manifest_version, make_frame, run_cli
+from conftest import ETTH1, REPO, assert_float32_close, bundle_with_manifest_version, make_frame, run_cli
 from timecma.core.errors import BundleError
 from timecma.runtime import Forecaster, InputError
 
@@ -75,7 +75,7 @@ def test_store_written_by_token_ids_only_is_hit_and_indexed(small_bundle, tiny_l
     tokenize_s = g.stats.seconds["tokenize"]
     np.testing.assert_allclose(g.predict(df), y, rtol=0, atol=0)
     assert g.stats.seconds["tokenize"] == tokenize_s and g.stats.hits == 6
-    np.testing.assert_allclose(y, f.predict(df), rtol=0, atol=1e-5)
+    assert_float32_close(y, f.predict(df))
     g.close()
 
 
@@ -93,7 +93,7 @@ def test_second_request_runs_no_llm_and_store_changes_nothing(small_bundle, tmp_
     y3 = without.predict(df["v0 v1 v2".split()].to_numpy(), df["date"].to_numpy())
     assert y1.shape == (PRED, 3)
     np.testing.assert_array_equal(y1, y2)
-    np.testing.assert_allclose(y1, y3, rtol=0, atol=1e-6)
+    assert_float32_close(y1, y3)  # split graphs vs the whole one
     with_store.close()
 
 
@@ -119,7 +119,7 @@ def test_a_window_served_again_runs_the_head_alone(small_bundle, tmp_path):
     g.close()
     whole = Forecaster.load(str(small_bundle), backend="ort-cpu")  # no store: the whole forecaster graph
     assert whole._window_salt is None
-    np.testing.assert_allclose(whole.predict(win), y1, rtol=0, atol=1e-5)
+    assert_float32_close(whole.predict(win), y1)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -163,7 +163,7 @@ def test_serve_batch_series_and_rolling_match_predict(small_bundle, tmp_path):
     for sid, frame, end in (("a", a, 53), ("b", b, 33)):
         win = frame.iloc[end - SEQ + 1:end + 1].drop(columns="id")
         rows = got[(got.id == sid) & (got.cutoff == frame.date.iloc[end])].sort_values("step")
-        np.testing.assert_allclose(rows[["v0", "v1", "v2"]].to_numpy(), f.predict(win), rtol=0, atol=1e-5)
+        assert_float32_close(rows[["v0", "v1", "v2"]].to_numpy(), f.predict(win))  # batch 3 vs 1
         assert rows.date.iloc[0] == frame.date.iloc[end] + pd.Timedelta(hours=1)
     assert list(rows.step) == list(range(1, PRED + 1))
 
@@ -209,7 +209,7 @@ def test_concurrent_serves_share_one_store(small_bundle, tmp_path):
     ref = Forecaster.load(str(small_bundle), backend="ort-cpu")
     win = make_frame(120, seed=1).iloc[4:28]
     got = outs[1][outs[1].cutoff == win.date.iloc[-1]].sort_values("step")
-    np.testing.assert_allclose(got[["v0", "v1", "v2"]].to_numpy(), ref.predict(win), rtol=0, atol=1e-5)
+    assert_float32_close(got[["v0", "v1", "v2"]].to_numpy(), ref.predict(win))
 
 
 def test_killed_serve_leaves_store_usable_and_no_output(small_bundle, tmp_path):
@@ -309,10 +309,11 @@ def test_forecaster_is_thread_safe(small_bundle, tmp_path):
 
     frame = make_frame(400, seed=21)
     windows = [frame.iloc[i:i + SEQ] for i in range(0, 320, 10)]
-    single = Forecaster.load(str(small_bundle), backend="ort-cpu")
-    expected = [single.predict(w) for w in windows]
-    for store in (None, str(tmp_path / "store")):
-        shared = Forecaster.load(str(small_bundle), backend="ort-cpu", store=store)
+    for store in (None, "store"):  # no store: the whole graph; a store: split graphs, misses then window hits
+        single = Forecaster.load(str(small_bundle), backend="ort-cpu", store=store and str(tmp_path / "single"))
+        expected = [single.predict(w) for w in windows]
+        single.close()
+        shared = Forecaster.load(str(small_bundle), backend="ort-cpu", store=store and str(tmp_path / store))
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(shared.predict, windows + windows))
         for g, e in zip(got, expected + expected):
