@@ -1,10 +1,14 @@
-"""Do a few outlier layers make SmolLM2's w8a8 fail its gate? Keep the linears with the largest
-activation peaks float and measure again.
+"""How far each int8 step moves SmolLM2's embeddings, and whether a few outlier layers make its w8a8 fail
+its gate: int8 weights alone (f32 and bf16 compute), with OpenVINO's dynamic int8 activations, then w8a8
+with the linears of largest activation peaks kept float.
 
     python -m benchmarks.w8a8_sensitivity --bundle runs/smollm2-ckpt/bundle --keep 0,2,8 \\
         --out benchmarks/results/w8a8-sensitivity-smollm2
 
-Ranks every constant-weight MatMul by its input's peak / median |activation| on the w8a8 calibration
+The int8-weight rows compile NNCF's weight-compressed graph (what `openvino:int8` serves) with OpenVINO's
+dynamic activation quantisation off (``DYNAMIC_QUANTIZATION_GROUP_SIZE`` 0: the weights' own error) and at
+its default group of 32 (int8 VNNI compute, per-token groups of 32 activations). Then it ranks every
+constant-weight MatMul by its input's peak / median |activation| on the w8a8 calibration
 prompts (fp32), then quantises with the top-k of them float (besides the attention's activation x
 activation MatMuls, as export does) and reports the gate's embedding error on every gate prompt and the
 latency of one window's prompts, next to OpenVINO bf16.
@@ -12,6 +16,7 @@ latency of one window's prompts, next to OpenVINO bf16.
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import click
@@ -20,14 +25,23 @@ import numpy as np
 from timecma.core.accuracy import embedding_errors
 from timecma.core.manifest import read_manifest
 from timecma.core.timing import time_calls
-from timecma.runtime.backends.openvino import graph_runner, ov_module
-from timecma.runtime.compile.openvino import _Gate, activation_matmuls, calibration_feeds, nncf_w8a8
+from timecma.runtime.backends.openvino import compute_precision, ov_module
+from timecma.runtime.compile.openvino import _Gate, activation_matmuls, calibration_feeds, compress_int8, nncf_w8a8
 
 from .machine import machine_info, machine_line, write_results
 
 
-def _judge(ref, path: str, precision: str) -> dict:
-    run = graph_runner(path, precision, None)
+def _judge(ref, path: str, compute: str, dynamic_group: int | None = None) -> dict:
+    """Embedding errors on every gate prompt and one window's latency, the graph compiled without a cache."""
+    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute}
+    if dynamic_group is not None:
+        cfg["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = str(dynamic_group)
+    req = ov_module().Core().compile_model(path, "CPU", cfg).create_infer_request()
+
+    def run(feeds: dict) -> np.ndarray:
+        req.infer(feeds)
+        return np.array(req.get_output_tensor(0).data, dtype=np.float32)
+
     err = embedding_errors(ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m})), ref.emb_ref)
     feeds = {"input_ids": ref.ids[:ref.n], "attention_mask": ref.mask[:ref.n]}
     ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=20)
@@ -59,17 +73,25 @@ def main(bundle: str, keep: str, out: str) -> None:
     order = np.argsort(-ratio)
     names = [op.get_friendly_name() for op in weighted]
     rows = [{"variant": "bf16", **_judge(ref, src, "bf16")}]
-    for k in (int(s) for s in keep.split(",")):
-        t = time.time()
-        dest = f"{out}/llm.w8a8.top{k}.xml"
-        ov.save_model(nncf_w8a8(core.read_model(src), cal, attention + [names[j] for j in order[:k]]), dest,
-                      compress_to_fp16=False)
-        rows.append({"variant": f"w8a8, {k} outlier linears float", "quantise_s": time.time() - t,
-                     **_judge(ref, dest, "w8a8")})
+    with tempfile.TemporaryDirectory(prefix="timecma-int8-") as graphs:  # 135 MB a graph: not in results
+        int8 = f"{graphs}/llm.int8.xml"
+        compress_int8(src, int8)
+        for compute, group, what in (("f32", 0, "int8 weights, f32 compute"),
+                                     ("bf16", 0, "int8 weights, bf16 compute"),
+                                     ("bf16", 32, "int8 weights, dynamic int8 activations (group 32)")):
+            rows.append({"variant": what, **_judge(ref, int8, compute, group)})
+        for k in (int(s) for s in keep.split(",")):
+            t = time.time()
+            dest = f"{graphs}/llm.w8a8.top{k}.xml"
+            ov.save_model(nncf_w8a8(core.read_model(src), cal, attention + [names[j] for j in order[:k]]), dest,
+                          compress_to_fp16=False)
+            rows.append({"variant": f"w8a8, {k} outlier linears float", "quantise_s": time.time() - t,
+                         **_judge(ref, dest, compute_precision("w8a8"))})
     res = {"machine": machine_info(), "bundle": bundle, "rows": rows,
            "outliers": [{"linear": names[j], "peak": float(peak[j]), "peak_over_median": float(ratio[j])}
                         for j in order[:15]]}
-    lines = ["# w8a8 sensitivity: outlier linears kept float", "", machine_line(res["machine"]), "",
+    lines = ["# int8 on SmolLM2: weights alone, dynamic activations, w8a8 with outlier linears kept float", "",
+             machine_line(res["machine"]), "",
              "| variant | worst prompt embedding error | median | one window, ms p50 |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['prompt_rel_l2_max']:.4f} | {r['prompt_rel_l2_median']:.4f} | "
               f"{r['window_ms_p50']:.0f} |" for r in rows]
