@@ -22,29 +22,20 @@ import time
 import click
 import numpy as np
 
-from timecma.core.accuracy import embedding_errors
 from timecma.core.manifest import read_manifest
-from timecma.core.timing import time_calls
-from timecma.runtime.backends.openvino import compute_precision, ov_module
+from timecma.runtime.backends.openvino import compiled_runner, compute_precision, ov_module
 from timecma.runtime.compile.openvino import _Gate, activation_matmuls, calibration_feeds, compress_int8, nncf_w8a8
 
 from .machine import machine_info, machine_line, write_results
 
 
-def _judge(ref, path: str, compute: str, dynamic_group: int | None = None) -> dict:
-    """Embedding errors on every gate prompt and one window's latency, the graph compiled without a cache."""
+def _judge(ref, core, path: str, compute: str, dynamic_group: int | None = None) -> dict:
+    """Embedding errors on every gate prompt and one window's latency, the graph compiled without a cache
+    (the runtime's cache would keep a 135 MB blob per temporary graph)."""
     cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute}
     if dynamic_group is not None:
         cfg["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = str(dynamic_group)
-    req = ov_module().Core().compile_model(path, "CPU", cfg).create_infer_request()
-
-    def run(feeds: dict) -> np.ndarray:
-        req.infer(feeds)
-        return np.array(req.get_output_tensor(0).data, dtype=np.float32)
-
-    err = embedding_errors(ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m})), ref.emb_ref)
-    feeds = {"input_ids": ref.ids[:ref.n], "attention_mask": ref.mask[:ref.n]}
-    ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=20)
+    _, err, ms = ref.judge_llm(compiled_runner(core.compile_model(path, "CPU", cfg)), budget_s=20)
     return {**err, "window_ms_p50": float(np.median(ms))}
 
 
@@ -72,21 +63,21 @@ def main(bundle: str, keep: str, out: str) -> None:
             peak[j], ratio[j] = max(peak[j], a.max()), max(ratio[j], a.max() / (np.median(a) + 1e-9))
     order = np.argsort(-ratio)
     names = [op.get_friendly_name() for op in weighted]
-    rows = [{"variant": "bf16", **_judge(ref, src, "bf16")}]
+    rows = [{"variant": "bf16", **_judge(ref, core, src, "bf16")}]
     with tempfile.TemporaryDirectory(prefix="timecma-int8-") as graphs:  # 135 MB a graph: not in results
         int8 = f"{graphs}/llm.int8.xml"
         compress_int8(src, int8)
         for compute, group, what in (("f32", 0, "int8 weights, f32 compute"),
                                      ("bf16", 0, "int8 weights, bf16 compute"),
                                      ("bf16", 32, "int8 weights, dynamic int8 activations (group 32)")):
-            rows.append({"variant": what, **_judge(ref, int8, compute, group)})
+            rows.append({"variant": what, **_judge(ref, core, int8, compute, group)})
         for k in (int(s) for s in keep.split(",")):
             t = time.time()
             dest = f"{graphs}/llm.w8a8.top{k}.xml"
             ov.save_model(nncf_w8a8(core.read_model(src), cal, attention + [names[j] for j in order[:k]]), dest,
                           compress_to_fp16=False)
             rows.append({"variant": f"w8a8, {k} outlier linears float", "quantise_s": time.time() - t,
-                         **_judge(ref, dest, compute_precision("w8a8"))})
+                         **_judge(ref, core, dest, compute_precision("w8a8"))})
     res = {"machine": machine_info(), "bundle": bundle, "rows": rows,
            "outliers": [{"linear": names[j], "peak": float(peak[j]), "peak_over_median": float(ratio[j])}
                         for j in order[:15]]}

@@ -36,10 +36,11 @@ def revin_norm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.
     every runtime: ``x - x.mean()`` leaves a rounding ulp there, which 1/sqrt(eps) magnified into noise the
     other variables' forecasts saw through the cross-variable attention (an ETTh1 window with two flat
     variables moved 6e-3 std between ONNX Runtime and OpenVINO, both f32). Same result otherwise."""
-    d = x - x[:, :1]
+    first = x[:, :1]
+    d = x - first
     shift = d.mean(dim=1, keepdim=True)
     std = torch.sqrt(d.var(dim=1, keepdim=True, unbiased=False) + eps)
-    return (d - shift) / std, x[:, :1] + shift, std
+    return (d - shift) / std, first + shift, std
 
 
 class _ScaledDotProductAttention(nn.Module):

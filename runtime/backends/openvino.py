@@ -81,15 +81,20 @@ def compile_graph(path: str, precision: str, threads: int | None = None):
     return _core().compile_model(path, "CPU", {**cfg, "CACHE_DIR": graph_cache_dir(path, cfg)})
 
 
-def graph_runner(path: str, precision: str, threads: int | None = None) -> Callable[[dict], np.ndarray]:
-    """A compiled graph as a function: feeds -> its first output as float32 (one infer request, reused)."""
-    req = compile_graph(path, precision, threads).create_infer_request()
+def compiled_runner(compiled) -> Callable[[dict], np.ndarray]:
+    """A compiled model as a function: feeds -> its first output as float32 (one infer request, reused)."""
+    req = compiled.create_infer_request()
 
     def run(feeds: dict) -> np.ndarray:
         req.infer(feeds)
         return np.array(req.get_output_tensor(0).data, dtype=np.float32)
 
     return run
+
+
+def graph_runner(path: str, precision: str, threads: int | None = None) -> Callable[[dict], np.ndarray]:
+    """A graph file compiled the way serving compiles it (``compile_graph``), as a function."""
+    return compiled_runner(compile_graph(path, precision, threads))
 
 
 def choose(manifest: Manifest, graph: str, precision: str) -> tuple[str, OVVariant | None]:

@@ -67,6 +67,14 @@ class _Gate:
         return np.stack([run_llm(self.ids[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n])
                          for i in range(len(self.x))]).astype(np.float32)
 
+    def judge_llm(self, run, budget_s: float = 10) -> tuple[np.ndarray, dict, list[float]]:
+        """An LLM graph's embeddings of every gate prompt, their errors against fp32, and the ms of
+        one window's prompts (5 calls after a warm-up, within ``budget_s``)."""
+        emb = self.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))
+        feeds = {"input_ids": self.ids[:self.n], "attention_mask": self.mask[:self.n]}
+        ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=budget_s)
+        return emb, embedding_errors(emb, self.emb_ref), ms
+
     def forecast(self, run_fc, emb) -> np.ndarray:
         return np.concatenate([run_fc(self.x[i:i + 1], None if emb is None else emb[i:i + 1])
                                for i in range(len(self.x))])
@@ -196,12 +204,8 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
         run = graph_runner(path, prec, threads)
         emb_err = {}
         if g == "llm":
-            emb = ref.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))
-            emb_err = embedding_errors(emb, ref.emb_ref)
+            emb, emb_err, ms = ref.judge_llm(run)
             y = ref.forecast(lambda x, e: ref.fc_ref.run(None, forecaster_feeds(x, e))[0], emb)
-            n = ref.n
-            feeds = {"input_ids": ref.ids[:n], "attention_mask": ref.mask[:n]}
-            ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=10)
         else:
             y = ref.forecast(lambda x, e: run(forecaster_feeds(x, e)), ref.emb_ref)
             feeds = forecaster_feeds(ref.x[:1], None if ref.emb_ref is None else ref.emb_ref[:1])
