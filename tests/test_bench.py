@@ -113,3 +113,32 @@ def test_forecaster_profile_says_where_a_store_hit_goes(small_bundle, tmp_path):
     assert res["fastest"]["p50_ms"] == min(row["p50_ms"] for row in res["rows"])
     assert res["profile_total_us"] == pytest.approx(sum(res["profile_us"].values()), rel=1e-3)
     assert sum(res["profile_nodes"].values()) > 10
+
+
+def test_lossless_u4_rebuilds_only_weights_on_a_4_bit_group_grid_and_equals_them():
+    """benchmarks.w8a8_sensitivity: a Q4_1-style linear (16 levels per group of 32 inputs) becomes OpenVINO u4
+    weights plus group offsets with the same f32 output (1e-5 of its scale: two summation orders); a linear off
+    that grid is left float, untouched."""
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'timecma[openvino]')")
+    import numpy as np
+    from openvino import opset13 as ops
+
+    from conftest import assert_float32_close
+    from timecma.benchmarks.w8a8_sensitivity import lossless_u4
+
+    rng = np.random.default_rng(0)
+    step, low = rng.uniform(0.01, 0.1, (1, 2, 24)), rng.uniform(-1, 0, (1, 2, 24))  # 64 inputs, 24 outputs
+    q = rng.integers(0, 16, (32, 2, 24)).astype(np.float64)
+    q[0], q[1] = 0, 15  # each group spans its 16 levels, as llama.cpp's Q4_1 quantiser makes it
+    on_grid = (q * step + low).transpose(1, 0, 2).reshape(64, 24).astype(np.float32)
+    off_grid = rng.standard_normal((24, 8)).astype(np.float32)
+    x = ops.parameter([2, 3, 64], np.float32)
+    y = ops.matmul(ops.matmul(x, ops.constant(on_grid), False, False), ops.constant(off_grid), False, False)
+    model = ov.Model([y], [x])
+    feed = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    want = feed @ on_grid.astype(np.float64) @ off_grid
+    assert lossless_u4(model) == 1
+    assert ov.Type.u4 in {op.get_output_element_type(0) for op in model.get_ops() if op.get_type_name() == "Constant"}
+    # OpenVINO quantises the activations of compressed-weight MatMuls by default (what the benchmark measures)
+    exact = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+    assert_float32_close(ov.Core().compile_model(model, "CPU", exact)(feed)[0], want)
