@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .harness import ANCHORS, KINDS, STAGES
+from .harness import ANCHORS, FASTEST_TORCH, KINDS, STAGES
 from .precompute_speed import markdown_rows
 
 
@@ -15,7 +15,8 @@ def _ms(x: float) -> str:
 
 def markdown(res: dict) -> str:
     m, b = res["machine"], res["bundle"]
-    anchors = [a for a in ANCHORS if any(a in r.get("speedup_vs", {}) for r in res["backends"].values())]
+    anchors = [a for a in (*ANCHORS, FASTEST_TORCH) if any(a in r.get("speedup_vs", {}) for r in res["backends"].values())]
+    fastest = res.get("fastest_torch", {})
     lines = [
         f"# timecma-bench: batch-1 latency ({m['date']})", "",
         f"Machine: {m.get('cpu')}, {m['cores']} cores, ISA {', '.join(m.get('isa', [])) or 'n/a'}; "
@@ -27,9 +28,11 @@ def markdown(res: dict) -> str:
         f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows. Store: `miss` a new "
         "window; `prompt-hit` a new window whose prompts the store holds; `hit` a window served before (backends that "
         "run the forecaster split read its encoded prompts from the store and skip the prompt encoder).", "",
+        *_bf16_note(res, fastest),
         "## End to end (one window, N prompts), milliseconds", "",
         "| backend | store | p50 | p90 | p99 | " + " | ".join(f"{s} p50" for s in STAGES)
-        + "".join(f" | speed-up vs {a}" for a in anchors) + " | parity | gate (val MSE change) |",
+        + "".join(" | speed-up vs fastest PyTorch row" if a == FASTEST_TORCH else f" | speed-up vs {a}" for a in anchors)
+        + " | parity | gate (val MSE change) |",
         "|---|---|---|---|---|" + "---|" * (len(STAGES) + len(anchors)) + "---|---|",
     ]
     for spec, r in res["backends"].items():
@@ -41,7 +44,8 @@ def markdown(res: dict) -> str:
             sp = [r.get("speedup_vs", {}).get(a, {}).get(kind) for a in anchors]
             lines.append(f"| {spec} | {kind} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | "
                          + " | ".join(_ms(st[s]["p50"]) for s in STAGES)
-                         + "".join(f" | {x:.2f}x" if x else " | -" for x in sp)
+                         + "".join((f" | {x:.2f}x" + (f" ({fastest[kind]})" if a == FASTEST_TORCH else "")) if x
+                                   else " | -" for a, x in zip(anchors, sp))
                          + f" | {r['parity_vs_reference']['max_abs_over_series_std']:.1e} | "
                          + (", ".join(f"{g} {r['precision'][g]} {100 * c:+.2f}%"
                                       for g, c in r.get("gate_mse_rel_change", {}).items()) or "-") + " |")
@@ -56,6 +60,20 @@ def markdown(res: dict) -> str:
         lines += ["", f"## Embedding precompute throughput ({pc['prompts']} real prompts, {pc['tokens']} tokens)", "",
                   *markdown_rows(pc)]
     return "\n".join(lines) + "\n"
+
+
+def _bf16_note(res: dict, fastest: dict) -> list[str]:
+    """Where the bf16 anchors ran without native bf16, say so: they are no baseline a user there would pick."""
+    bf16 = [s for s, r in res["backends"].items() if s.startswith("torch") and "bf16" in s and "skipped" not in r]
+    if not bf16 or {"avx512_bf16", "amx_bf16"} & set(res["machine"].get("isa", [])):
+        return []
+    miss = res["backends"]["torch"]["miss"]["end_to_end_ms"]["p50"] if "torch" in res["backends"] else None
+    slower = ", ".join(f"`{s}` {res['backends'][s]['miss']['end_to_end_ms']['p50'] / miss:.1f}x"
+                       for s in bf16) if miss else ""
+    return ["This CPU has no native bf16 (neither AVX-512 BF16 nor AMX): PyTorch runs its bf16 rows emulated"
+            + (f", slower than eager fp32 on a store miss ({slower})" if slower else "")
+            + f"; the fastest PyTorch row for a store miss is `{fastest.get('miss', '?')}`, and that column is the "
+            "speed-up a user here gets.", ""]
 
 
 def plot(res: dict, path: str) -> None:

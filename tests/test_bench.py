@@ -32,7 +32,10 @@ def test_bench_runs_and_parity_is_computed(small_bundle, small_run, tmp_path):
     assert fp16["llm_graph"] == "fp16"
     sweep = {(s["backend"], s["n_vars"]) for s in res["sweep"]}
     assert {("torch", 2), ("torch", 5), ("ort-cpu", 2), ("ort-cpu", 5)} <= sweep
-    assert set(cpu["speedup_vs"]) == {"torch"}  # the anchors measured in this run
+    # the anchors measured in this run, and the fastest PyTorch row of each kind (here the one torch row)
+    assert set(cpu["speedup_vs"]) == {"torch", "fastest-torch"} and set(res["fastest_torch"].values()) == {"torch"}
+    assert cpu["speedup_vs"]["fastest-torch"] == cpu["speedup_vs"]["torch"]
+    assert "speed-up vs fastest PyTorch row" in (out / "results.md").read_text()
     pc = res["precompute"]
     # reference loop, eager fp32 plain and last-position, eager bf16, then ORT and OpenVINO f32/bf16/int8 graphs
     assert pc["prompts"] == 12 and len(pc["modes"]) == 8
@@ -142,3 +145,49 @@ def test_lossless_u4_rebuilds_only_weights_on_a_4_bit_group_grid_and_equals_them
     # OpenVINO quantises the activations of compressed-weight MatMuls by default (what the benchmark measures)
     exact = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
     assert_float32_close(ov.Core().compile_model(model, "CPU", exact)(feed)[0], want)
+
+
+def test_bf16_anchors_without_native_bf16_are_called_emulated_and_the_fastest_torch_row_is_named():
+    """On an AVX2-only CPU eager bf16 runs several times slower than fp32 (SmolLM2: 5.8x): the report says so
+    and names the fastest PyTorch row per kind, whose column is the speed-up a user there gets."""
+    from timecma.benchmarks.harness import KINDS, add_speedups
+    from timecma.benchmarks.report import _bf16_note
+
+    def row(ms: float) -> dict:
+        return {k: {"end_to_end_ms": {"p50": ms}} for k in KINDS}
+
+    res = {"machine": {"isa": ["avx2"]},
+           "backends": {"torch": row(4.0), "torch-bf16": row(24.0), "torch-compile": row(3.0), "openvino": row(2.0)}}
+    add_speedups(res)
+    assert res["fastest_torch"]["miss"] == "torch-compile"
+    assert res["backends"]["openvino"]["speedup_vs"]["fastest-torch"]["miss"] == 1.5
+    assert res["backends"]["openvino"]["speedup_vs"]["torch-bf16"]["miss"] == 12.0
+    note = " ".join(_bf16_note(res, res["fastest_torch"]))
+    assert "no native bf16" in note and "`torch-bf16` 6.0x" in note and "`torch-compile`" in note
+    res["machine"]["isa"] = ["avx2", "avx512_bf16"]
+    assert _bf16_note(res, res["fastest_torch"]) == []  # native bf16: the anchors are what users run
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prefix_computed_once_gives_the_embeddings_serving_computes(arch, tmp_path):
+    """The padding benchmark's timed alternative is the same function: a window's common prefix run once
+    with its keys and values kept, each planned call of suffixes from position P on, equals serving's
+    planned calls to float32 rounding (GPT-2 and Llama, whose tokenizer prepends BOS)."""
+    import numpy as np
+
+    from conftest import ETTH1, assert_float32_close
+    from timecma.benchmarks.padding_waste import common_prefix, planned_embeddings, shared_prefix_embeddings
+    from timecma.core.prompts import PromptRenderer, get_template
+    from timecma.core.tokens import encode_prompts
+    from timecma.data import load_series
+    from timecma.llm import build_tiny_llm, load_llm
+
+    llm = load_llm(build_tiny_llm(tmp_path / arch, arch=arch), "cpu", last_position_only=False)
+    series = load_series(str(ETTH1), "date")
+    prompts = PromptRenderer(get_template("reference"), series.frequency).render_series(
+        series.values, series.timestamps, np.array([9000]), 96)
+    ids = encode_prompts(llm.backend, prompts)
+    assert 10 < common_prefix(ids) < min(len(t) for t in ids)  # "From <start> to <end>, the values were"
+    assert len({len(t) for t in ids}) > 1  # ragged: the suffix calls are padded, the prefix positions are not
+    assert_float32_close(shared_prefix_embeddings(llm, ids, max_batch=3), planned_embeddings(llm, ids, max_batch=3))
+    assert common_prefix([np.array([5, 6]), np.array([5, 6, 7])]) == 1  # every prompt keeps a position of its own
