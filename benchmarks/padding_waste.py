@@ -84,6 +84,8 @@ def shared_prefix_embeddings(llm, ids: list[np.ndarray], max_batch: int = 64) ->
 
 def time_sharing(llm_dir: str, windows: list[list[np.ndarray]], reps: int = 3) -> dict:
     """Eager fp32 seconds per window, serving's plan vs the shared prefix (alternating, medians), and the error."""
+    import torch
+
     from timecma.core.accuracy import embedding_errors
     from timecma.llm import load_llm
 
@@ -100,7 +102,7 @@ def time_sharing(llm_dir: str, windows: list[list[np.ndarray]], reps: int = 3) -
     return {"windows": len(windows), "reps": reps, "plan_ms_p50": 1e3 * float(np.median(plain)),
             "shared_prefix_ms_p50": 1e3 * float(np.median(shared)),
             "speedup": float(np.median(plain) / np.median(shared)), "embedding_rel_l2_max": float(max(errs)),
-            "torch_threads": __import__("torch").get_num_threads()}
+            "torch_threads": torch.get_num_threads()}
 
 
 @click.command()
