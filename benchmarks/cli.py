@@ -43,18 +43,22 @@ def _ints(text: str) -> list[int]:
 @click.option("--precompute-prompts", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also measure embedding precompute throughput over this many real prompts (0: skip).")
 @click.option("--precompute-batch", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--emulated-bf16", is_flag=True,
+              help="Also run the torch bf16 rows on a CPU without native bf16 (AVX-512 BF16 or AMX), where PyTorch "
+                   "emulates bf16 many times slower than fp32 (skipped there by default, with the reason in the report).")
 @click.option("--out", "out_dir", default="bench", show_default=True)
 def bench_cmd(bundle: str, backends: str, n_vars: str, prompt_tokens: str, hit_iters: int, miss_iters: int,
               sweep_iters: int, budget_s: float, threads: int | None, data: str | None, ckpt: str | None,
               precompute_prompts: int,
-              precompute_batch: int, out_dir: str) -> None:
+              precompute_batch: int, emulated_bf16: bool, out_dir: str) -> None:
     """Measure, print a table, and write results.json, results.md and latency.png to --out."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = BenchConfig(bundle=bundle, backends=[b.strip() for b in backends.split(",") if b.strip()],
                       n_vars=_ints(n_vars), prompt_tokens=_ints(prompt_tokens), hit_iters=hit_iters,
                       miss_iters=miss_iters, sweep_iters=sweep_iters, budget_s=budget_s, threads=threads, data=data,
                       ckpt=ckpt,
-                      precompute_prompts=precompute_prompts, precompute_batch=precompute_batch)
+                      precompute_prompts=precompute_prompts, precompute_batch=precompute_batch,
+                      emulated_bf16=emulated_bf16)
     try:
         res = run(cfg, progress=lambda msg: click.echo(msg, err=True))
     except (FileNotFoundError, ValueError, BackendUnavailable) as exc:  # Input/BundleError are ValueErrors

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from timecma.core.errors import BackendUnavailable
+from timecma.core.machine import cpu_info, has_native_bf16
 from timecma.core.manifest import Manifest, read_manifest
 from timecma.core.timing import summarize, time_calls
 from timecma.runtime import Forecaster, make_backend
@@ -45,6 +47,7 @@ class BenchConfig:
     ckpt: str | None = None  # the checkpoint for the torch rows; default: its file name next to the bundle
     precompute_prompts: int = 0  # >0: embedding precompute throughput over this many real prompts
     precompute_batch: int = 32
+    emulated_bf16: bool = False  # run the torch bf16 rows on a CPU without native bf16 too (slow: see open_backend)
 
 
 def parse_backend(spec: str) -> tuple[str, dict]:
@@ -67,6 +70,12 @@ def parse_backend(spec: str) -> tuple[str, dict]:
 
 def open_backend(spec: str, cfg: BenchConfig, manifest: Manifest):
     name, kwargs = parse_backend(spec)
+    if name == "torch" and kwargs.get("dtype") == "bfloat16" and not cfg.emulated_bf16 and not has_native_bf16():
+        # 2-core AVX2 EPYC: one GPT-2-size pass (7 x 256 tokens) 376 s in bf16, 3.7 s in fp32: an hour per bench row
+        raise BackendUnavailable(
+            f"this CPU ({', '.join(cpu_info()['isa']) or 'unknown ISA'}) has no native bf16 (AVX-512 BF16 or AMX): "
+            "PyTorch emulates it, 6x (SmolLM2) to 100x (GPT-2) slower than fp32, no anchor a user here would pick; "
+            "--emulated-bf16 measures it anyway")
     if (name.startswith("ort") or name == "openvino") and cfg.threads:
         kwargs["threads"] = cfg.threads
     if name == "torch" and cfg.ckpt:
@@ -196,8 +205,8 @@ def run(cfg: BenchConfig, progress=None) -> dict:
             continue
         e2e, f = bench_bundle(manifest, backend, values, ts, cfg)
         fc = e2e.pop("forecasts")
-        if ref_fc is None:
-            ref_fc = fc
+        if ref_fc is None:  # the first row that ran is the reference (the one asked for may have been skipped)
+            ref_fc, results["reference"] = fc, spec
         k = min(len(fc), len(ref_fc))
         e2e["parity_vs_reference"] = {"max_abs_over_series_std": float((np.abs(fc[:k] - ref_fc[:k]) / scale).max()),
                                       "windows_compared": k}

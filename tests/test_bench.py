@@ -81,6 +81,26 @@ def test_torch_anchor_specs():
         parse_backend("torch-fp8")
 
 
+def test_bf16_anchors_are_skipped_with_the_reason_where_bf16_is_emulated_unless_asked(small_bundle, monkeypatch):
+    """Without native bf16 an eager bf16 row of a GPT-2-size bundle takes an hour (emulated, ~100x fp32): the
+    default run skips it, saying why and how to force it; --emulated-bf16 runs it; native bf16 runs it."""
+    from timecma.benchmarks import harness
+    from timecma.core.errors import BackendUnavailable
+    from timecma.core.manifest import read_manifest
+
+    m = read_manifest(str(small_bundle))
+    cfg = harness.BenchConfig(bundle=str(small_bundle), backends=["torch", "torch-bf16"])
+    monkeypatch.setattr(harness, "has_native_bf16", lambda: False)  # this machine's answer varies by CPU
+    with pytest.raises(BackendUnavailable, match=r"no native bf16.*--emulated-bf16"):
+        harness.open_backend("torch-compile-bf16", cfg, m)
+    assert harness.open_backend("torch", cfg, m).name == "torch"  # fp32 rows are never held back
+    cfg.emulated_bf16 = True
+    assert harness.open_backend("torch-bf16", cfg, m).llm_precision.endswith("bf16")
+    monkeypatch.setattr(harness, "has_native_bf16", lambda: True)
+    cfg.emulated_bf16 = False
+    assert harness.open_backend("torch-bf16", cfg, m).name == "torch-bf16"
+
+
 def test_torch_compile_backend_matches_eager(small_bundle):
     """The torch.compile anchor computes what eager fp32 computes (fp32 tolerance: 1e-4 of the output's scale)."""
     import numpy as np

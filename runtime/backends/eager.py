@@ -65,12 +65,14 @@ class TorchBackend:
         from timecma.core.config import ModelConfig
         from timecma.llm import load_llm, recorded_layers
 
-        self.name = ("torch-compile" if compile else "torch") + ("" if dtype == "float32" else f"-{dtype}")
+        tag = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+        # named as timecma-bench spells the row: torch, torch-bf16, torch-compile, torch-compile-bf16
+        self.name = ("torch-compile" if compile else "torch") + ("" if tag == "fp32" else f"-{tag}")
         self.torch = torch
         c = load_checkpoint(find_checkpoint(bundle_dir, manifest, ckpt))
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.llm_precision = precision_tag("torch", {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
+        self.llm_precision = precision_tag("torch", tag)
         self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
         self.scaler = Scaler.from_contract(c["data"])  # the same scaling the exported graph applies
         # the plain Hugging Face forward: the eager baseline users run today
