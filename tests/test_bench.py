@@ -211,3 +211,66 @@ def test_prefix_computed_once_gives_the_embeddings_serving_computes(arch, tmp_pa
     assert len({len(t) for t in ids}) > 1  # ragged: the suffix calls are padded, the prefix positions are not
     assert_float32_close(shared_prefix_embeddings(llm, ids, max_batch=3), planned_embeddings(llm, ids, max_batch=3))
     assert common_prefix([np.array([5, 6]), np.array([5, 6, 7])]) == 1  # every prompt keeps a position of its own
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compute_bound_counts_the_flops_the_decoder_layers_compute(arch, tmp_path):
+    """benchmarks.compute_bound: the linear weights it counts from the config are the decoder layers'
+    2-D weights (GPT-2's Conv1D, Llama's q/k/v/o with fewer KV heads and its gated MLP), and the FLOPs of N
+    prompts of T tokens are 2 per weight per token plus attention's two T x T products per layer."""
+    import re
+
+    from timecma.benchmarks.compute_bound import llm_shapes, stage_flops
+    from timecma.llm import build_tiny_llm, load_llm
+
+    d = build_tiny_llm(tmp_path / arch, arch=arch)
+    s = llm_shapes(d)
+    model = load_llm(d, "cpu", last_position_only=False).encoder.model
+    in_layers = [p.numel() for n, p in model.named_parameters() if p.dim() == 2 and re.search(r"(^|\.)(h|layers)\.\d", n)]
+    assert s["linear_weights"] == sum(in_layers) and len(in_layers) == s["layers"] * (4 if arch == "gpt2" else 7)
+    f = stage_flops(s, n=7, tokens=10)
+    assert f["linear"] == 2 * sum(in_layers) * 70
+    assert f["attention"] == 2 * 2 * s["layers"] * 7 * 10 * 10 * s["d"] and f["total"] == f["linear"] + f["attention"]
+
+
+def test_compute_bound_floors_each_precision_at_its_fastest_kernel():
+    """The floor each precision allows is the stage's FLOPs at the best dense rate of that precision (over
+    runtimes), stated as the most it can beat eager and compiled bf16 by."""
+    from timecma.benchmarks.compute_bound import bounds, stage_flops
+
+    s = {"layers": 2, "d": 8, "linear_weights": 1000}
+    gflop = stage_flops(s, 7, 16)["total"] / 1e9
+    stage = [{"backend": b, "n": 7, "tokens": 16, "ms": ms} for b, ms in (("torch-bf16", 4.0), ("torch-compile-bf16", 2.0))]
+    ceilings = [{"runtime": "torch", "precision": "bf16", "tflops": gflop / 0.5},  # GFLOP per ms is TFLOP/s
+                {"runtime": "openvino", "precision": "bf16", "tflops": gflop / 0.25},
+                {"runtime": "openvino", "precision": "int8", "tflops": gflop / 0.125}]
+    b = bounds(stage, ceilings, s)
+    assert b["bf16"]["best_runtime"] == "openvino" and b["bf16"]["floor_ms"] == pytest.approx(0.25)
+    assert b["bf16"]["ceiling_vs_torch-bf16"] == pytest.approx(16) and b["bf16"]["ceiling_vs_torch-compile-bf16"] == \
+        pytest.approx(8)
+    assert b["int8"]["ceiling_vs_torch-compile-bf16"] == pytest.approx(16)
+
+
+def test_compute_bound_times_each_stage_beside_every_ceiling_and_names_what_did_not_run(small_bundle, small_run,
+                                                                                          tmp_path):
+    """Every runtime and precision gets a dense rate (bf16 only where the CPU computes it), each backend's LLM
+    stage a rate judged against its own runtime's ceiling; a backend that cannot run is named, and a run where
+    none can is refused with a usage error that says why."""
+    from timecma.core.machine import has_native_bf16
+
+    args = ["--bundle", str(small_bundle), "--data", str(small_run[0]), "--n-vars", "3", "--prompt-tokens", "16",
+            "--rounds", "1"]
+    r = run_cli("timecma.benchmarks.compute_bound:main", *args, "--backends", "torch,ort-cpu,openvino:f32,bogus",
+                "--out", str(tmp_path / "cb"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "cb" / "results.json").read_text())
+    got = {(c["runtime"], c["precision"]) for c in res["dense_ceilings"] if c["tflops"] > 0}
+    assert {("torch", "f32"), ("onnxruntime", "f32"), ("onnxruntime", "int8"), ("openvino", "f32"),
+            ("openvino", "int8")} <= got
+    assert (("openvino", "bf16") in got) == (("torch", "bf16") in got) == has_native_bf16()
+    assert [(s["backend"], s["runtime"], s["precision"]) for s in res["llm_stage"]] == [
+        ("torch", "torch", "f32"), ("ort-cpu", "onnxruntime", "f32"), ("openvino:f32", "openvino", "f32")]
+    assert all(s["tflops"] > 0 and s["gflop"] > 0 for s in res["llm_stage"]) and "bogus" in res["skipped"]
+    assert "bogus not run" in (tmp_path / "cb" / "results.md").read_text()
+    r = run_cli("timecma.benchmarks.compute_bound:main", *args, "--backends", "bogus", "--out", str(tmp_path / "cb2"))
+    assert r.returncode == 2 and "none of ['bogus'] can run here" in r.stderr and not (tmp_path / "cb2").exists()
