@@ -27,15 +27,6 @@ from timecma.core.timing import time_calls
 
 from .machine import machine_info, machine_line, write_results
 
-# timecma-bench backend -> (runtime, precision of its linear layers' arithmetic)
-BACKEND_PRECISION = {
-    "torch": ("torch", "f32"), "torch-compile": ("torch", "f32"), "torch-bf16": ("torch", "bf16"),
-    "torch-compile-bf16": ("torch", "bf16"), "ort-cpu": ("onnxruntime", "f32"), "openvino:f32": ("openvino", "f32"),
-    "openvino:bf16": ("openvino", "bf16"), "openvino:int8": ("openvino", "int8 weights"),
-    "openvino:w8a8": ("openvino", "int8"),
-}
-
-
 def llm_shapes(llm_dir: str) -> dict:
     """The decoder's widths from its Hugging Face config (GPT-2 names mapped by transformers)."""
     from transformers import AutoConfig
@@ -55,12 +46,6 @@ def stage_flops(s: dict, n: int, tokens: int) -> dict:
     linear = 2.0 * s["linear_weights"] * n * tokens
     attention = 2.0 * 2 * s["layers"] * n * tokens * tokens * s["d"]
     return {"linear": linear, "attention": attention, "total": linear + attention}
-
-
-def _median_s(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up (first-call allocation, kernel selection)."""
-    ms, _ = time_calls(lambda k: fn(), reps, warmup=1)
-    return float(np.median(ms)) / 1e3
 
 
 def _mlp_stack(d: int, ff: int, depth: int):
@@ -179,12 +164,12 @@ def _runtime_precision(spec: str, backend) -> tuple[str, str]:
     if backend.name == "openvino":
         p = backend.precision.get("llm", "f32")
         return "openvino", {"w8a8": "int8", "int8": "int8"}.get(p, p)
-    return "onnxruntime", "f32"
+    return "onnxruntime", "int8" if getattr(backend, "llm_variant", None) in ("int8", "w8a8") else "f32"
 
 
 def bounds(stage: list[dict], ceilings: list[dict], s: dict) -> dict:
     """The fastest LLM stage each precision allows (its best dense rate over the stage's FLOPs), as a
-    speed-up over eager bf16 and torch.compile bf16 in the bench run."""
+    speed-up over eager bf16 and torch.compile bf16 as timed in this run."""
     ms = {r["backend"]: r["ms"] for r in stage}
     if not stage:
         return {}
