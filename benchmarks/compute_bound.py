@@ -14,7 +14,6 @@ drift moves both. A backend near its precision's ceiling cannot be made much fas
 only a cheaper precision (or fewer FLOPs) can, and the ceiling says by how much at most.
 """
 
-
 from __future__ import annotations
 
 import os
@@ -26,6 +25,10 @@ import numpy as np
 from timecma.core.timing import time_calls
 
 from .machine import machine_info, machine_line, write_results
+
+DEPTH = 4  # (d -> ff -> d) pairs in the dense stack: enough work per call that dispatch does not count
+INT8 = ("int8", "w8a8")  # LLM graphs whose linears run int8 arithmetic (dynamic or static activations)
+
 
 def llm_shapes(llm_dir: str) -> dict:
     """The decoder's widths from its Hugging Face config (GPT-2 names mapped by transformers)."""
@@ -60,8 +63,13 @@ def _mlp_stack(d: int, ff: int, depth: int):
     return torch.nn.Sequential(*layers).eval()
 
 
-def dense_runners(d: int, ff: int, rows: int, tmp: str, depth: int = 4) -> dict[tuple[str, str], object]:
-    """(runtime, precision) -> a call running [rows, d] through `depth` (d -> ff -> d) pairs of the LLM's MLP
+def dense_flops(d: int, ff: int, rows: int) -> float:
+    """FLOPs of one call of the dense stack."""
+    return 2.0 * rows * d * ff * 2 * DEPTH
+
+
+def dense_runners(d: int, ff: int, rows: int, tmp: str) -> dict[tuple[str, str], object]:
+    """(runtime, precision) -> a call running [rows, d] through DEPTH (d -> ff -> d) pairs of the LLM's MLP
     widths as that runtime's LLM graph runs a linear layer. bf16 only where the CPU computes it (elsewhere
     torch emulates it and OpenVINO runs f32: no one serves that)."""
     import onnxruntime as ort
@@ -72,7 +80,7 @@ def dense_runners(d: int, ff: int, rows: int, tmp: str, depth: int = 4) -> dict[
     from timecma.runtime.backends.openvino import ov_module
     from timecma.runtime.compile.openvino import nncf_w8a8
 
-    model, x = _mlp_stack(d, ff, depth), torch.randn(rows, d)
+    model, x = _mlp_stack(d, ff, DEPTH), torch.randn(rows, d)
     run: dict[tuple[str, str], object] = {}
 
     def torch_call(m, t):
@@ -91,7 +99,7 @@ def dense_runners(d: int, ff: int, rows: int, tmp: str, depth: int = 4) -> dict[
         run["onnxruntime", prec] = lambda s=sess: s.run(None, feeds)
     core, bf16 = ov_module().Core(), has_native_bf16()
     if bf16:
-        run["torch", "bf16"] = torch_call(_mlp_stack(d, ff, depth).to(torch.bfloat16), x.to(torch.bfloat16))
+        run["torch", "bf16"] = torch_call(_mlp_stack(d, ff, DEPTH).to(torch.bfloat16), x.to(torch.bfloat16))
     calib = [{"x": np.random.default_rng(i).standard_normal((rows, d), dtype=np.float32)} for i in range(2)]
     graphs = {"f32": (src, "f32"), "int8": (nncf_w8a8(core.read_model(src), calib, []), None)}
     if bf16:
@@ -129,14 +137,13 @@ def measure(cfg, specs: list[str], n: int, tokens: int, rounds: int) -> tuple[di
     if not backends:
         raise click.UsageError(f"none of {specs} can run here: {skipped}")
     flops = stage_flops(s, n, tokens)
-    dense_flops = 2.0 * n * tokens * s["d"] * s["ff"] * 2 * 4
     stage_ms: dict[str, list[float]] = {b: [] for b in backends}
     with tempfile.TemporaryDirectory() as tmp:
         dense = dense_runners(s["d"], s["ff"], n * tokens, tmp)
         dense_ms: dict[tuple[str, str], list[float]] = {k: [] for k in dense}
         for fn in [*dense.values(), *(lambda b=b: b.run_llm(ids, mask) for b in backends.values())]:
             fn(), fn()  # warm-up: kernel selection, torch.compile's first graphs
-        judged_by = {spec: _runtime_precision(spec, b) for spec, b in backends.items()}
+        judged_by = {spec: _runtime_precision(b) for spec, b in backends.items()}
         alone = [k for k in dense if k not in judged_by.values()]
         for _ in range(rounds):  # each stage next to its own ceiling, so the VM's drift moves both
             for spec, b in backends.items():
@@ -145,7 +152,8 @@ def measure(cfg, specs: list[str], n: int, tokens: int, rounds: int) -> tuple[di
                     dense_ms[judged_by[spec]] += time_calls(lambda k: dense[judged_by[spec]](), 3)[0]
             for key in alone:
                 dense_ms[key] += time_calls(lambda k: dense[key](), 3)[0]
-    ceilings = [{"runtime": r, "precision": p, "ms": float(np.median(v)), "tflops": dense_flops / np.median(v) / 1e9}
+    per_call = dense_flops(s["d"], s["ff"], n * tokens)
+    ceilings = [{"runtime": r, "precision": p, "ms": float(np.median(v)), "tflops": per_call / np.median(v) / 1e9}
                 for (r, p), v in dense_ms.items()]
     stage = []
     for spec, b in backends.items():
@@ -157,22 +165,22 @@ def measure(cfg, specs: list[str], n: int, tokens: int, rounds: int) -> tuple[di
     return s, stage, {"ceilings": ceilings, "skipped": skipped}
 
 
-def _runtime_precision(spec: str, backend) -> tuple[str, str]:
+def _runtime_precision(backend) -> tuple[str, str]:
     """What a backend's linear layers compute in: the runtime and precision of the dense row to judge it by."""
     if backend.name.startswith("torch"):
-        return "torch", "bf16" if "bf16" in spec else "f32"
+        return "torch", "bf16" if backend.name.endswith("bf16") else "f32"
     if backend.name == "openvino":
         p = backend.precision.get("llm", "f32")
-        return "openvino", {"w8a8": "int8", "int8": "int8"}.get(p, p)
-    return "onnxruntime", "int8" if getattr(backend, "llm_variant", None) in ("int8", "w8a8") else "f32"
+        return "openvino", "int8" if p in INT8 else p
+    return "onnxruntime", "int8" if getattr(backend, "llm_variant", None) in INT8 else "f32"
 
 
 def bounds(stage: list[dict], ceilings: list[dict], s: dict) -> dict:
     """The fastest LLM stage each precision allows (its best dense rate over the stage's FLOPs), as a
     speed-up over eager bf16 and torch.compile bf16 as timed in this run."""
-    ms = {r["backend"]: r["ms"] for r in stage}
     if not stage:
         return {}
+    ms = {r["backend"]: r["ms"] for r in stage}
     f = stage_flops(s, stage[0]["n"], stage[0]["tokens"])["total"]
     best: dict[str, dict] = {}
     for c in ceilings:
@@ -212,7 +220,7 @@ def main(bundle: str, data: str | None, backends: str, n_vars: int, prompt_token
              f"({s['linear_weights'] / 1e6:.1f}M linear weights)", "", machine_line(res["machine"]), "",
              f"LLM stage alone: {st['n']} real prompts x {st['tokens']} tokens, {st['gflop']:.0f} GFLOP (attention "
              f"{100 * st['attention_share']:.0f}%). Dense ceilings: the LLM's MLP matrices, [{st['n'] * st['tokens']}, "
-             f"{s['d']}] through 4 x ({s['d']} -> {s['ff']} -> {s['d']}). Medians over {rounds} alternating rounds.", "",
+             f"{s['d']}] through {DEPTH} x ({s['d']} -> {s['ff']} -> {s['d']}). Medians over {rounds} alternating rounds.", "",
              "| runtime | precision | dense ceiling TFLOP/s |", "|---|---|---|"]
     lines += [f"| {c['runtime']} | {c['precision']} | {c['tflops']:.3f} |" for c in ceil]
     lines += ["", "| backend | computes in | LLM stage ms | TFLOP/s | share of its runtime's ceiling |",
