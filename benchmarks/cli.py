@@ -6,10 +6,10 @@ import logging
 
 import click
 
-from timecma.core.errors import BackendUnavailable, fail
+from timecma.core.errors import BackendUnavailable, WriteError, fail
 
 from .harness import BenchConfig, run
-from .report import markdown, write
+from .report import check_outputs, data_record, markdown, write
 
 
 def _ints(text: str) -> list[int]:
@@ -60,9 +60,16 @@ def bench_cmd(bundle: str, backends: str, n_vars: str, prompt_tokens: str, hit_i
                       precompute_prompts=precompute_prompts, precompute_batch=precompute_batch,
                       emulated_bf16=emulated_bf16)
     try:
+        check_outputs(out_dir)  # before minutes of measuring
         res = run(cfg, progress=lambda msg: click.echo(msg, err=True))
+        from timecma.core.manifest import read_manifest
+
+        assert data is not None, "run() measures real windows of --data only"
+        res["data"] = data_record(data, read_manifest(bundle, verify=False).data.source)  # run() read it: exists
+        paths = write(res, out_dir)
     except (FileNotFoundError, ValueError, BackendUnavailable) as exc:  # Input/BundleError are ValueErrors
         fail("timecma-bench", exc)
-    paths = write(res, out_dir)
+    except OSError as exc:
+        fail("timecma-bench", WriteError(f"cannot write the results to {out_dir}: {exc.strerror or exc}"))
     click.echo(markdown(res))
     click.echo(f"wrote {paths['json']}, {paths['md']}, plot {paths['png']}")

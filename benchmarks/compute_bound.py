@@ -16,8 +16,10 @@ only a cheaper precision (or fewer FLOPs) can, and the ceiling says by how much 
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+from typing import Callable
 
 import click
 import numpy as np
@@ -68,7 +70,7 @@ def dense_flops(d: int, ff: int, rows: int) -> float:
     return 2.0 * rows * d * ff * 2 * DEPTH
 
 
-def dense_runners(d: int, ff: int, rows: int, tmp: str) -> dict[tuple[str, str], object]:
+def dense_runners(d: int, ff: int, rows: int, tmp: str) -> dict[tuple[str, str], Callable[[], object]]:
     """(runtime, precision) -> a call running [rows, d] through DEPTH (d -> ff -> d) pairs of the LLM's MLP
     widths as that runtime's LLM graph runs a linear layer. bf16 only where the CPU computes it (elsewhere
     torch emulates it and OpenVINO runs f32: no one serves that)."""
@@ -81,7 +83,7 @@ def dense_runners(d: int, ff: int, rows: int, tmp: str) -> dict[tuple[str, str],
     from timecma.runtime.compile.openvino import nncf_w8a8
 
     model, x = _mlp_stack(d, ff, DEPTH), torch.randn(rows, d)
-    run: dict[tuple[str, str], object] = {}
+    run: dict[tuple[str, str], Callable[[], object]] = {}
 
     def torch_call(m, t):
         def call():
@@ -96,7 +98,7 @@ def dense_runners(d: int, ff: int, rows: int, tmp: str) -> dict[tuple[str, str],
     quantize_dynamic(src, q, weight_type=QuantType.QInt8)
     for prec, f in (("f32", src), ("int8", q)):
         sess = ort.InferenceSession(f, providers=["CPUExecutionProvider"])
-        run["onnxruntime", prec] = lambda s=sess: s.run(None, feeds)
+        run["onnxruntime", prec] = functools.partial(sess.run, None, feeds)
     core, bf16 = ov_module().Core(), has_native_bf16()
     if bf16:
         run["torch", "bf16"] = torch_call(_mlp_stack(d, ff, DEPTH).to(torch.bfloat16), x.to(torch.bfloat16))
@@ -107,7 +109,7 @@ def dense_runners(d: int, ff: int, rows: int, tmp: str) -> dict[tuple[str, str],
     for prec, (g, hint) in graphs.items():
         cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": hint} if hint else {})}
         req = core.compile_model(g, "CPU", cfg).create_infer_request()
-        run["openvino", prec] = lambda r=req: r.infer(feeds)
+        run["openvino", prec] = functools.partial(req.infer, feeds)
     return run
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from typing import Any
 
 import click
 import numpy as np
@@ -51,11 +52,11 @@ def main(bundle: str, iters: int, out: str) -> None:
         graphs["batch 1"] = fc.cpu_batch1.file
     graphs.update({f"IR {v.precision}": v.file for v in m.openvino if v.graph == "forecaster" and v.file})
     core = ov.Core()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, file in graphs.items():
         for prec in ("f32", "bf16"):
             for threads in (0, 1):
-                cfg_ov = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": prec}
+                cfg_ov: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": prec}
                 if threads:
                     cfg_ov["INFERENCE_NUM_THREADS"] = threads
                 req = core.compile_model(os.path.join(bundle, file), "CPU", cfg_ov).create_infer_request()
@@ -68,7 +69,8 @@ def main(bundle: str, iters: int, out: str) -> None:
         cfg_ov["INFERENCE_NUM_THREADS"] = best["threads"]
     req = core.compile_model(os.path.join(bundle, best["file"]), "CPU", cfg_ov).create_infer_request()
     _median_ms(req, feeds, 50)
-    by_op, count = collections.Counter(), collections.Counter()
+    by_op: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
     for p in req.get_profiling_info():
         key = f"{p.node_type} ({p.exec_type})"
         by_op[key] += p.real_time.total_seconds() * 1e6

@@ -1,4 +1,4 @@
-"""Batch-1 latency harness (DESIGN §11): every backend on the same inputs, per stage and end to
+"""Batch-1 latency harness (docs/design.md §11): every backend on the same inputs, per stage and end to
 end, store hit and miss, sweeps over the number of variables and the prompt length, and a
 parity column next to every timing (a fast wrong answer is not a result).
 
@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,7 @@ def bench_end_to_end(f: Forecaster, values: np.ndarray, ts: np.ndarray, cfg: Ben
     """Store miss (each request a new window), prompt hit (a new window whose prompts the store holds: filled by
     a batched request, as a backtest or precompute would) and hit (one window again and again: where the
     backend runs the forecaster split, its stored encoded prompts skip rendering and the prompt encoder too)."""
-    res = {}
+    res: dict[str, Any] = {}
     n = max(1, min(cfg.miss_iters, (len(values) - 1) // 2))
     for kind in KINDS:
         stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
@@ -153,6 +154,7 @@ def bench_end_to_end(f: Forecaster, values: np.ndarray, ts: np.ndarray, cfg: Ben
 
 def sweep_inputs(f: Forecaster, values: np.ndarray, ts: np.ndarray, n: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """n real prompts (from successive windows) cut or tiled to ``tokens`` tokens each."""
+    assert f.renderer is not None and f.tokenizer is not None, "LLM prompts of a bundle with the LLM branch"
     prompts: list[str] = []
     w = 0
     while len(prompts) < n:
@@ -173,6 +175,7 @@ def bench_precompute(bundle: str, manifest: Manifest, data: str | None, n_prompt
 
     from .precompute_speed import precompute_modes
 
+    assert manifest.prompt is not None and manifest.llm is not None, "the prompts of a bundle with the LLM branch"
     n_vars = manifest.model_config.num_nodes
     values, ts = real_windows(manifest, n_prompts // n_vars + 1, data)
     renderer = PromptRenderer.from_record(manifest.prompt, manifest.data.frequency)
@@ -195,7 +198,8 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                                 "seq_len": manifest.model_config.seq_len,
                                 "pred_len": manifest.model_config.pred_len},
                      "backends": {}, "sweep": []}
-    ref_fc, ref_emb = None, {}
+    ref_fc: np.ndarray | None = None
+    ref_emb: dict[tuple[int, int], np.ndarray] = {}
     for spec in order:
         try:
             backend = open_backend(spec, cfg, manifest)

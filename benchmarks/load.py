@@ -1,15 +1,19 @@
-"""Closed-loop load on ``timecma-serve`` over loopback (issue 24): throughput and latency against 1-32
-concurrent clients with dynamic batching on and off, store misses and hits; overload past
-``--max-concurrent``; two replicas with one SIGKILLed mid-run.
+"""Closed-loop load on ``timecma-serve`` over loopback, in one run: the single process (uvicorn, the default),
+Ray Serve with its default proxy, and Ray Serve with the latency settings (HAProxy in front of the replica's
+own HTTP server: ``RAY_SERVE_ENABLE_HA_PROXY=1``, ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``); store hits and
+misses at 1 to 32 clients; and in-process ``Forecaster.predict`` on the same windows as the floor.
 
-    python -m benchmarks.load --bundle runs/demo/etth1/bundle --out benchmarks/results/load-demo
+    python -m benchmarks.load --bundle runs/load-demo/etth1/bundle --out benchmarks/results/load-demo
 
-Each client holds one kept-alive connection and sends its next request when the previous one is
-answered (closed loop). A miss request is a window no request sent before (successive ETTh1 windows,
-shifted by a constant after the data runs out), so each of its N prompts misses the store; a hit
-request repeats one of a few windows sent once before the clock starts. Every run is bounded in time;
-a request still in flight at the end is waited for and counted. The Ray cluster and each deployment
-start before the clock starts.
+Each server runs as ``timecma-serve`` would (a subprocess of this one, one replica of the whole machine's
+CPUs for Ray), with ``--max-concurrent`` at the largest client count so that nothing is refused. Each
+client holds one kept-alive connection and sends its next request when the previous one is answered
+(closed loop). A miss request is a window no request sent before to that server (successive ETTh1
+windows, shifted by a constant after the data runs out: every server, and the floor, sees the same
+sequence), so each of its N prompts misses the store; a hit request repeats one of a few windows sent
+once before the clock starts. The clients run in this process, on the same cores as the server: their
+Python is part of every figure. The load average before and after each server is recorded (another
+job on the machine shows up there).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import click
 import numpy as np
@@ -32,13 +39,19 @@ import pyarrow.csv as pcsv
 
 from timecma.core.manifest import read_manifest
 
-from .machine import machine_info
+from .machine import machine_info, machine_line
 
 HOST = "127.0.0.1"
+MODES = {  # name -> (timecma-serve arguments, what it is)
+    "single": ([], "one process, uvicorn (the default)"),
+    "ray-default": (["--ray", "--ray-proxy", "ray"], "Ray Serve, its own proxy"),
+    "ray-latency": (["--ray", "--ray-proxy", "haproxy"], "Ray Serve, HAProxy + throughput-optimized"),
+}
 
 
 class Windows:
-    """Request bodies: ``fresh()`` a window never sent before, ``repeat(k)`` one of a fixed few."""
+    """Request bodies: ``fresh()`` the next window of a sequence (``reset()`` starts it again), ``repeat(k)``
+    one of a fixed few; ``arrays(i)`` the same window as arrays (for the in-process floor)."""
 
     def __init__(self, data: str, time_col: str, variables: list[str], seq_len: int, start_row: int = 0):
         t = pcsv.read_csv(data, convert_options=pcsv.ConvertOptions(timestamp_parsers=["%Y-%m-%d %H:%M:%S"]))
@@ -49,20 +62,33 @@ class Windows:
         self._next = itertools.count()
         self._lock = threading.Lock()
 
-    def body(self, i: int) -> bytes:
+    def _rows(self, i: int) -> tuple[np.ndarray, list[str]]:
         """Window i: rows i..i+seq_len (mod the data), values shifted by 0.5 per pass so no two are alike."""
         start, shift = i % self.span, 0.5 * (i // self.span)
-        rows = self.values[start:start + self.seq_len] + shift
-        return json.dumps({"timestamps": self.stamps[start:start + self.seq_len],
-                           "values": np.round(rows, 4).tolist()}).encode()
+        return np.round(self.values[start:start + self.seq_len] + shift, 4), self.stamps[start:start + self.seq_len]
+
+    def body(self, i: int) -> bytes:
+        rows, stamps = self._rows(i)
+        return json.dumps({"timestamps": stamps, "values": rows.tolist()}).encode()
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, stamps = self._rows(i)
+        return rows, np.array(stamps, dtype="datetime64[ns]")
+
+    def reset(self) -> None:
+        with self._lock:
+            self._next = itertools.count()
 
     def fresh(self) -> bytes:
         with self._lock:
             i = next(self._next)
         return self.body(i)
 
+    def hit_index(self, k: int) -> int:
+        return self.span - 1 - k  # the data's last windows: far from what fresh() reaches first
+
     def repeat(self, k: int) -> bytes:
-        return self.body(self.span - 1 - k)  # the data's last windows: far from what fresh() reaches first
+        return self.body(self.hit_index(k))
 
 
 @dataclass
@@ -188,132 +214,218 @@ def time_to_recover(rate: list[float], kill_at: float, level: float = 0.9) -> di
     return {"throughput_before_rps": base, "seconds_to_full_throughput": back, "recovery_span_s": span}
 
 
-def deploy(bundle: str, port: int, store: str, *, replicas: int, cpus: float, backend: str, limits) -> None:
-    from timecma.runtime.serving.online import start
+# -- the run -------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
 
-    start(bundle, port=port, replicas=replicas, backend=backend, store=store, cpus_per_replica=cpus, limits=limits)
+
+def _repeating(windows: Windows, n: int) -> Callable[[], bytes]:
+    """Requests for the first ``n`` windows in turn, again and again (store hits once each was served)."""
+    it = itertools.count()
+    return lambda: windows.repeat(next(it) % n)
 
 
-def sweep(bundle: str, windows: Windows, port: int, work: str, *, backend: str, cpus: float, levels: list[int],
-          duration_s: float, batching: bool, hit_windows: int = 8) -> list[dict]:
-    """One replica; every client count, misses then hits."""
-    from ray import serve
+def _load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
-    from timecma.runtime.serving.online import Limits
 
-    top = max(levels)
-    limits = Limits(max_concurrent=top, max_batch_windows=0 if batching else 1, deadline_s=600.0)
-    deploy(bundle, port, os.path.join(work, f"store-{int(batching)}"), replicas=1, cpus=cpus, backend=backend,
-           limits=limits)
-    rows = []
+def floor(bundle: str, windows: Windows, backend: str, work: str, *, hit_windows: int, iters: int,
+          miss_windows: int) -> dict:
+    """In-process ``Forecaster.predict`` on the windows the servers get: hits (after one call each) and misses."""
+    from timecma.runtime import Forecaster
+
+    out: dict[str, Any] = {}
+    with Forecaster.load(bundle, backend=backend, store=os.path.join(work, "store-floor")) as f:
+        hits = [windows.arrays(windows.hit_index(k)) for k in range(hit_windows)]
+        for v, t in hits:
+            f.predict(v, t)
+        lat = []
+        for i in range(iters):
+            v, t = hits[i % hit_windows]
+            s = time.perf_counter()
+            f.predict(v, t)
+            lat.append(time.perf_counter() - s)
+        out["hit"] = _stats(lat)
+        lat = []
+        for i in range(miss_windows):
+            v, t = windows.arrays(i)
+            s = time.perf_counter()
+            f.predict(v, t)
+            lat.append(time.perf_counter() - s)
+        out["miss"] = _stats(lat)
+        out["served_by"] = f.backend.name
+    return out
+
+
+def _stats(lat: list[float]) -> dict:
+    a = np.array(lat) * 1e3
+    return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "throughput_rps": float(1e3 / a.mean())}
+
+
+class Server:
+    """``timecma-serve`` in a subprocess (its own Ray cluster for the Ray modes), stopped with SIGINT."""
+
+    def __init__(self, bundle: str, mode: str, port: int, work: str, backend: str, max_concurrent: int):
+        self.log_path = os.path.join(work, f"serve-{mode}.log")
+        home = os.path.join(work, "home")  # Ray keeps its auth token under $HOME/.ray: not the user's
+        os.makedirs(home, exist_ok=True)
+        env = {**os.environ, "HOME": home, "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("RAY_AUTH_MODE", None)
+        cmd = [sys.executable, "-m", "timecma.runtime.serving.serve_cli", "--bundle", bundle, "--port", str(port),
+               "--backend", backend, "--store", os.path.join(work, f"store-{mode}"), "--max-concurrent",
+               str(max_concurrent), *MODES[mode][0]]
+        if mode != "single":
+            cmd += ["--cpus-per-replica", str(os.cpu_count() or 1)]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.port = port
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}): {self.tail()}")
+            try:
+                if get(self.port, "/health")[0] == 200:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s: {self.tail()}")
+
+    def tail(self, n: int = 2000) -> str:
+        with open(self.log_path) as f:
+            return f.read()[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:  # its whole session (Ray's processes too)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def run_mode(bundle: str, mode: str, windows: Windows, work: str, *, backend: str, levels: list[int],
+             duration_s: float, hit_windows: int) -> dict:
+    port = _free_port()
+    res: dict = {"mode": mode, "what": MODES[mode][1], "load_before": _load_avg(), "rows": []}
+    server = Server(bundle, mode, port, work, backend, max(levels))
     try:
-        be = get(port, "/info")[1]["backend"]
-        served = f"{be['name']} ({', '.join(f'{g} {p}' for g, p in be['precision'].items())})"
+        t = time.perf_counter()
+        server.wait_ready()
+        res["start_s"] = time.perf_counter() - t
+        res["served_by"] = get(port, "/info")[1]["backend"]
         for k in range(hit_windows):  # into the store before any clock
             if post(port, windows.repeat(k)) != 200:
                 raise RuntimeError(f"warming request {k} was refused")
+        windows.reset()
         for phase in ("miss", "hit"):
             for c in levels:
-                nxt = windows.fresh if phase == "miss" else (lambda it=itertools.count(): windows.repeat(
-                    next(it) % hit_windows))
+                nxt = windows.fresh if phase == "miss" else _repeating(windows, hit_windows)
                 s = closed_loop(port, nxt, c, duration_s).summary()
-                s.update(batching=batching, store=phase, clients=c, served_by=served)
-                rows.append(s)
-                click.echo(f"batching {'on ' if batching else 'off'} {phase:4s} {c:3d} clients: "
-                           f"{s['throughput_rps']:7.1f} req/s  p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms  "
+                s.update(mode=mode, store=phase, clients=c)
+                res["rows"].append(s)
+                click.echo(f"{mode:12s} {phase:4s} {c:3d} clients: {s['throughput_rps']:7.1f} req/s  "
+                           f"p50 {s['p50_ms'] or float('nan'):7.2f} ms  p99 {s['p99_ms'] or float('nan'):7.2f} ms  "
                            f"{s['statuses']}")
+    except RuntimeError as exc:
+        res["error"] = str(exc)
+        click.echo(f"{mode}: {exc}", err=True)
     finally:
-        serve.delete("timecma")
-    return rows
+        server.stop()
+    res["load_after"] = _load_avg()
+    return res
 
 
-def overload(bundle: str, windows: Windows, port: int, work: str, *, backend: str, cpus: float, clients: int,
-             max_concurrent: int, duration_s: float) -> dict:
-    """More clients than ``max_concurrent``: every request gets 2xx or 429/503, none is dropped or hangs."""
-    from ray import serve
-
-    from timecma.runtime.serving.online import Limits
-
-    deploy(bundle, port, os.path.join(work, "store-overload"), replicas=1, cpus=cpus, backend=backend,
-           limits=Limits(max_concurrent=max_concurrent))
-    try:
-        load = closed_loop(port, windows.fresh, clients, duration_s)
-    finally:
-        serve.delete("timecma")
-    s = load.summary()
-    refused = [r.end - r.start for r in load.records if r.status in ("429", "503")]
-    s.update(clients=clients, max_concurrent=max_concurrent,
-             refusal_p50_ms=float(np.percentile(refused, 50) * 1e3) if refused else None,
-             refusal_p99_ms=float(np.percentile(refused, 99) * 1e3) if refused else None,
-             unanswered=sum(r.status.startswith("error") for r in load.records))
-    click.echo(f"overload {clients} clients, max-concurrent {max_concurrent}: {s['statuses']}, "
-               f"refusal p99 {s['refusal_p99_ms']} ms")
-    return s
+def _row(res: dict, mode: str, store: str, clients: int) -> dict | None:
+    m = next((m for m in res["modes"] if m["mode"] == mode), None)
+    return next((r for r in (m or {}).get("rows", []) if r["store"] == store and r["clients"] == clients), None)
 
 
-def replica_kill(bundle: str, windows: Windows, port: int, work: str, *, backend: str, clients: int,
-                 max_concurrent: int, duration_s: float, kill_at: float) -> dict:
-    """Two replicas of 1 CPU; one SIGKILLed at ``kill_at`` s; failures and the time to full throughput."""
-    from ray import serve
-
-    from timecma.runtime.serving.online import Limits
-
-    deploy(bundle, port, os.path.join(work, "store-kill"), replicas=2, cpus=1.0, backend=backend,
-           limits=Limits(max_concurrent=max_concurrent))
-    pids = replica_pids(port, 2)
-    victim = min(pids)
-    killed: dict = {}
-
-    def kill(t0):
-        time.sleep(max(0.0, t0 + kill_at - time.perf_counter()))
-        os.kill(victim, signal.SIGKILL)
-        killed["at"] = time.perf_counter() - t0
-
-    try:
-        load = closed_loop(port, windows.fresh, clients, duration_s, during=kill)
-        after = replica_pids(port, 2)
-    finally:
-        serve.delete("timecma")
-    s = load.summary()
-    s.update(recovery(load, killed["at"]), clients=clients, max_concurrent=max_concurrent, killed_at_s=killed["at"],
-             replicas_before=sorted(pids), replicas_after=sorted(after))
-    click.echo(f"replica kill at {killed['at']:.1f} s: {s['failed']} failed {s['failed_statuses']}, "
-               f"full throughput again after {s['seconds_to_full_throughput']} s")
-    return s
+def targets(res: dict) -> list[dict]:
+    """The issue's three targets, judged on this run."""
+    out = []
+    fl = res["floor"]["hit"]["p50_ms"]
+    single1 = _row(res, "single", "hit", 1)
+    if single1:
+        d = single1["p50_ms"] - fl
+        out.append({"target": "single-process hit p50 at 1 client within 1 ms of in-process predict",
+                    "value": f"{single1['p50_ms']:.2f} ms vs {fl:.2f} ms: +{d:.2f} ms", "met": d <= 1.0})
+    peak = max((r["throughput_rps"] for m in res["modes"] if m["mode"] == "single" for r in m.get("rows", [])
+                if r["store"] == "hit"), default=None)
+    if peak is not None:
+        out.append({"target": "hit throughput >= 5x the 104 req/s of issue 40 (520 req/s)",
+                    "value": f"{peak:.0f} req/s (single process, best client count)", "met": peak >= 520})
+    ray1 = _row(res, "ray-latency", "hit", 1)
+    if single1 and ray1:
+        d = ray1["p50_ms"] - single1["p50_ms"]
+        out.append({"target": "Ray Serve with the latency settings within 2 ms of the single process at 1 client",
+                    "value": f"{ray1['p50_ms']:.2f} ms vs {single1['p50_ms']:.2f} ms: +{d:.2f} ms", "met": d <= 2.0})
+    return out
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict) -> list[str]:
     mi = res["machine"]
-    lines = [f"# timecma-serve under load ({mi['date']})", "",
-             f"{mi['cpu']}, {mi['cores']} cores, ISA {', '.join(mi['isa'])}; Ray {res['ray']}, local cluster; "
-             f"loopback HTTP; clients in the same machine (they share its cores). Bundle: {res['bundle']}; "
-             f"backend `{res['backend']}`: {res['sweep'][0].get('served_by', '?')}.", "",
-             f"## Closed loop, one replica ({res['cpus']:g} CPUs), {res['duration_s']:g} s per row", "",
-             "Batching on: windows that arrive within max-wait-ms share a forecast call (their misses one LLM "
-             "call under the token budget); off: one window per call (`--max-batch-windows 1`).", "",
-             "| store | clients | batching | requests | req/s | p50 ms | p99 ms | statuses |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(res["sweep"], key=lambda r: (r["store"] != "miss", r["clients"], not r["batching"])):
-        lines.append(f"| {r['store']} | {r['clients']} | {'on' if r['batching'] else 'off'} | {r['requests']} | "
-                     f"{r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['statuses']} |")
-    o = res["overload"]
-    lines += ["", f"## Overload: {o['clients']} clients, `--max-concurrent {o['max_concurrent']}`, "
-                  f"{o['wall_s']:.0f} s, all misses", "",
-              f"{o['requests']} requests: {o['statuses']}; unanswered (dropped, reset or timed out): "
-              f"{o['unanswered']}. Refusals answered in p50 {o['refusal_p50_ms']:.1f} ms, p99 "
-              f"{o['refusal_p99_ms']:.1f} ms; clients back off 100 ms after one."]
-    k = res["kill"]
-    lines += ["", f"## Two replicas (1 CPU each), one SIGKILLed at {k['killed_at_s']:.1f} s of {k['wall_s']:.0f} s, "
-                  f"{k['clients']} clients, all misses", "",
-              f"{k['requests']} requests, {k['failed']} failed ({', '.join(k['failed_statuses']) or 'none'})"
-              + (f", the last of them {k['failed_within_s_of_kill']:.1f} s after the kill" if k["failed"] else "")
-              + f". Throughput before the kill {k['throughput_before_rps']:.1f} req/s; back to 90% of it after "
-              + (f"{k['seconds_to_full_throughput']:.0f} s" if k["seconds_to_full_throughput"] is not None
-                 else "more than the run")
-              + f" (throughput averaged over {k.get('recovery_span_s', 1)} s spans)"
-              + " (Ray Serve starts a replacement, which loads the bundle and warms up before it takes traffic). "
-              f"Requests per second, 1 s bins: "
-              f"{', '.join(f'{x:.0f}' for x in k['rate_per_bin'])}."]
-    return "\n".join(lines) + "\n"
+    fl = res["floor"]
+    lines = [f"# timecma-serve under load: single process vs Ray Serve ({mi['date']})", "", machine_line(mi), "",
+             f"Load average (1, 5, 15 min) at the start: {res['load_start']}, at the end: {res['load_end']} "
+             f"(`uptime`: {res['uptime_start']}). {res.get('note', '')}".rstrip(), "",
+             f"Bundle: {res['bundle']}; backend `{res['backend']}` ({fl['served_by']}). Loopback HTTP; the clients run "
+             f"on the same {mi['cores']} cores (closed loop, one kept-alive connection each); {res['duration_s']:g} s "
+             f"per row; `--max-concurrent {max(res['clients'])}`, dynamic batching on. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
+             "## The floor: in-process `Forecaster.predict`, one thread, the same windows", "",
+             "| store | p50 ms | p99 ms | req/s |", "|---|---|---|---|"]
+    for k in ("hit", "miss"):
+        lines.append(f"| {k} | {fl[k]['p50_ms']:.2f} | {fl[k]['p99_ms']:.2f} | {fl[k]['throughput_rps']:.0f} |")
+    lines += ["", "## Closed loop over HTTP", ""]
+    for m in res["modes"]:
+        lines.append(f"- `{m['mode']}`: {m['what']}"
+                     + (f"; ready {m['start_s']:.0f} s after start" if "start_s" in m else "")
+                     + f"; load average before {m['load_before']}, after {m['load_after']}"
+                     + (f"; **not measured: {m['error'][:300]}**" if "error" in m else ""))
+    modes = [m["mode"] for m in res["modes"]]
+    lines += ["", "| store | clients | " + " | ".join(f"{m} req/s | {m} p50 ms | {m} p99 ms" for m in modes) + " |",
+              "|---|---|" + "---|---|---|" * len(modes)]
+    for store in ("hit", "miss"):
+        for c in res["clients"]:
+            cells = []
+            for m in modes:
+                r = _row(res, m, store, c)
+                cells += ([f"{r['throughput_rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
+                          if r and r["p50_ms"] is not None else ["-", "-", "-"])
+            lines.append(f"| {store} | {c} | " + " | ".join(cells) + " |")
+    if res.get("profile"):
+        lines += ["", "## What bounds the single process at one client", "", res["profile"]]
+    bad = [(m["mode"], r["store"], r["clients"], r["statuses"]) for m in res["modes"] for r in m.get("rows", [])
+           if set(r["statuses"]) != {"200"}]
+    lines += ["", "Every request answered 200." if not bad else f"Not all 200: {bad}.", "", "## Targets (issue 40)", "",
+              "| target | this run | met |", "|---|---|---|"]
+    for t in res["targets"]:
+        lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+    return lines
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("fastapi", "starlette", "uvicorn", "pydantic", "ray"):
+        try:
+            out[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            out[name] = None
+    from timecma.runtime.serving.ray_serve import haproxy_binary
+
+    binary = haproxy_binary()
+    if binary:
+        first = subprocess.run([binary, "-v"], capture_output=True, text=True).stdout.splitlines()
+        out["haproxy"] = first[0].split()[2] if first else "?"
+    return out
 
 
 @click.command()
@@ -321,40 +433,46 @@ def markdown(res: dict) -> str:
 @click.option("--data", default="timecma/datasets/ETTh1.csv", show_default=True)
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--clients", "levels", default="1,2,4,8,16,32", show_default=True)
-@click.option("--duration-s", default=8.0, show_default=True, help="Per closed-loop row.")
-@click.option("--port", default=8765, show_default=True)
+@click.option("--duration-s", default=2.5, show_default=True, help="Per closed-loop row.")
+@click.option("--modes", default=",".join(MODES), show_default=True)
+@click.option("--note", default="", help="A sentence for results.md (e.g. what else ran on the machine).")
 @click.option("--out", required=True)
-def main(bundle: str, data: str, backend: str, levels: str, duration_s: float, port: int, out: str) -> None:
-    import ray
-
-    from timecma.core.ray_setup import LOCAL, connect
-
+@click.option("--markdown-only", is_flag=True, help="Rewrite results.md from --out's results.json (no run).")
+def main(bundle: str, data: str, backend: str, levels: str, duration_s: float, modes: str, note: str, out: str,
+         markdown_only: bool) -> None:
+    if markdown_only:
+        with open(os.path.join(out, "results.json")) as f:
+            saved = json.load(f)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write("\n".join(markdown(saved)) + "\n")
+        return
     m = read_manifest(bundle)
     windows = Windows(data, m.data.time_col, m.data.variables, m.model_config.seq_len)
+    clients = [int(x) for x in levels.split(",")]
     work = tempfile.mkdtemp(prefix="timecma-load-")
-    connect(LOCAL, progress=False)
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    res: dict = {"machine": machine_info(), "ray": ray.__version__, "backend": backend, "cpus": cpus,
-                 "duration_s": duration_s,
+    res: dict = {"machine": machine_info(), "versions": _versions(), "backend": backend, "duration_s": duration_s,
+                 "clients": clients, "load_start": _load_avg(), "note": note,
+                 "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                  "bundle": f"{m.model_config.model}, LLM {m.llm.id if m.llm else None} (d_llm {m.model_config.d_llm}), "
                            f"N = {len(m.data.variables)}, seq_len {m.model_config.seq_len}, "
                            f"pred_len {m.model_config.pred_len}"}
-    clients = [int(x) for x in levels.split(",")]
     try:
-        res["sweep"] = [r for batching in (True, False) for r in sweep(
-            bundle, windows, port, work, backend=backend, cpus=cpus, levels=clients, duration_s=duration_s,
-            batching=batching)]
-        res["overload"] = overload(bundle, windows, port, work, backend=backend, cpus=cpus, clients=max(clients),
-                                   max_concurrent=4, duration_s=duration_s)
-        res["kill"] = replica_kill(bundle, windows, port, work, backend=backend, clients=8, max_concurrent=8,
-                                   duration_s=4 * duration_s, kill_at=duration_s)
+        res["floor"] = floor(bundle, windows, backend, work, hit_windows=8, iters=400, miss_windows=40)
+        click.echo(f"floor: hit p50 {res['floor']['hit']['p50_ms']:.2f} ms, miss p50 "
+                   f"{res['floor']['miss']['p50_ms']:.2f} ms")
+        res["modes"] = [run_mode(bundle, mode, windows, work, backend=backend, levels=clients, duration_s=duration_s,
+                                 hit_windows=8) for mode in modes.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    res["load_end"] = _load_avg()
+    res["targets"] = targets(res)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(res))
+        f.write("\n".join(markdown(res)) + "\n")
+    for t in res["targets"]:
+        click.echo(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}")
     click.echo(f"wrote {out}/results.json and results.md")
 
 

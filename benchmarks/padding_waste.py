@@ -90,7 +90,9 @@ def time_sharing(llm_dir: str, windows: list[list[np.ndarray]], reps: int = 3) -
     from timecma.llm import load_llm
 
     llm = load_llm(llm_dir, "cpu", last_position_only=False)  # both paths run the plain forward
-    plain, shared, errs = [], [], []
+    plain: list[float] = []
+    shared: list[float] = []
+    errs: list[float] = []
     for ids in windows:
         ref, emb = planned_embeddings(llm, ids), shared_prefix_embeddings(llm, ids)  # also the warm-up
         errs.append(embedding_errors(emb, ref)["prompt_rel_l2_max"])

@@ -1,5 +1,5 @@
 """Rows per second: single-process serve-batch against serve-batch on Ray with 1 and 2 workers, same input,
-same machine, one run (DESIGN §13). Each configuration runs twice: with an empty store (every prompt a miss,
+same machine, one run (docs/design.md §13). Each configuration runs twice: with an empty store (every prompt a miss,
 the LLM stage included) and again with the store it filled (every prompt a hit).
 
     python -m benchmarks.ray_scaling --bundle runs/demo/etth1/bundle --out benchmarks/results/ray-scaling
@@ -34,7 +34,7 @@ def make_fleet(data: str, out_dir: str, series: int, files: int, start_row: int,
     """``series`` offset copies of the rows from ``start_row`` on, interleaved over ``files`` files."""
     t = pcsv.read_csv(data).slice(start_row)
     os.makedirs(out_dir, exist_ok=True)
-    per_file = [[] for _ in range(files)]
+    per_file: list[list[pa.Table]] = [[] for _ in range(files)]
     for s in range(series):
         cols = {"id": pa.array([f"s{s:03d}"] * t.num_rows), time_col: t.column(time_col)}
         for v in variables:

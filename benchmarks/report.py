@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 
+from timecma.core.files import atomic_write_bytes, check_replaceable
+
 from .harness import ANCHORS, FASTEST_TORCH, KINDS, STAGES
 from .precompute_speed import markdown_rows
+
+FILES = {"json": "results.json", "md": "results.md", "png": "latency.png"}
+PNG_TITLE = "timecma-bench latency"  # in latency.png's metadata: how a later run knows the plot is its own
+
+
+def data_record(path: str, bundle_source: dict) -> dict:
+    """The data file the windows were read from (name and sha256), beside the one the bundle was made from."""
+    from timecma.core.files import file_sha256
+
+    sha = file_sha256(path)
+    return {"file": os.path.basename(path), "sha256": sha,
+            "bundle_data": {k: bundle_source.get(k) for k in ("file", "sha256", "rows")},
+            "same_as_bundle_data": sha == bundle_source.get("sha256")}
+
+
+def _data_words(res: dict) -> str:
+    """Which data file the windows came from: a results file must name the data it measured."""
+    d = res.get("data") or {}
+    name = d.get("file") or os.path.basename((res.get("config") or {}).get("data") or "")
+    if not name:
+        return "Real windows of a data file the results do not name"
+    words = f"Real windows of `{name}`"
+    if d.get("sha256"):
+        trained = (d.get("bundle_data") or {}).get("file")
+        words += f" (sha256 {d['sha256'][:12]}; " + (
+            "the data the bundle was made from)" if d.get("same_as_bundle_data")
+            else f"NOT the data the bundle was made from, `{trained}`)")
+    return words
 
 
 def _ms(x: float) -> str:
@@ -24,7 +56,7 @@ def markdown(res: dict) -> str:
         f"({m.get('torch_threads')} threads), numpy {m['numpy']}.", "",
         f"Bundle: model `{b.get('model', 'timecma')}`, "
         + (f"LLM `{b['llm']}` (d_llm {b['d_llm']})" if b["llm"] else "no LLM") + f", N = {b['n_vars']} variables, seq_len {b['seq_len']}, "
-        f"pred_len {b['pred_len']}. Real ETTh1 windows; the same inputs for every backend. Reference for parity and "
+        f"pred_len {b['pred_len']}. {_data_words(res)}; the same inputs for every backend. Reference for parity and "
         f"speed-up: `{res['reference']}`. Parity: max |forecast - reference| / series std over the miss windows. Store: `miss` a new "
         "window; `prompt-hit` a new window whose prompts the store holds; `hit` a window served before (backends that "
         "run the forecaster split read its encoded prompts from the store and skip the prompt encoder).", "",
@@ -124,17 +156,43 @@ def plot(res: dict, path: str) -> None:
     m = res["machine"]
     fig.suptitle(f"timecma-bench — {m.get('cpu')} ({m['cores']} cores), d_llm {res['bundle']['d_llm']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Title": PNG_TITLE})
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _ours(kind: str, path: str) -> bool:
+    """Whether ``path`` is a file an earlier timecma-bench run wrote (the only files it replaces)."""
+    try:
+        if kind == "json":
+            with open(path) as f:
+                res = json.load(f)
+            return isinstance(res, dict) and {"machine", "backends", "reference"} <= set(res)
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except (OSError, ValueError):
+        return False
+    if kind == "md":
+        return head.startswith(b"# timecma-bench")
+    return head.startswith(b"\x89PNG") and (PNG_TITLE.encode() in head
+                                            or _ours("json", os.path.join(os.path.dirname(path), FILES["json"])))
+
+
+def check_outputs(out_dir: str) -> None:
+    """Before measuring: the three files may be replaced only where an earlier run wrote them (or they are
+    empty); anything else is refused (InputError naming it), untouched."""
+    for kind, name in FILES.items():
+        check_replaceable(os.path.join(out_dir, name), functools.partial(_ours, kind),
+                          f"a {name} that timecma-bench wrote")
 
 
 def write(res: dict, out_dir: str) -> dict[str, str]:
+    """results.json, results.md and latency.png in ``out_dir``, each written atomically (temporary + rename)."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f) for k, f in (("json", "results.json"), ("md", "results.md"),
-                                                       ("png", "latency.png"))}
-    with open(paths["json"], "w") as f:
-        json.dump(res, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(res))
+    check_outputs(out_dir)
+    paths = {k: os.path.join(out_dir, f) for k, f in FILES.items()}
+    atomic_write_bytes(paths["json"], json.dumps(res, indent=2).encode())
+    atomic_write_bytes(paths["md"], markdown(res).encode())
     plot(res, paths["png"])
     return paths

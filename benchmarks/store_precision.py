@@ -36,11 +36,13 @@ def main(bundle: str, llm_id: str, data: str, windows: int, out: str) -> None:
     starts = make_windows(b, cfg.seq_len, cfg.pred_len)["test"].starts
     starts = starts[np.linspace(0, len(starts) - 1, min(windows, len(starts))).astype(int)]
     llm = load_llm(llm_id)
+    if m.prompt is None:
+        raise click.UsageError(f"{bundle}: its model has no LLM branch, so no prompt embeddings to store")
     renderer = PromptRenderer.from_record(m.prompt, s.frequency)
     be = make_backend("ort-cpu", bundle, m)
     train = s.values[b["train"][0]:b["train"][1]]
     mean, std = train.mean(axis=0), train.std(axis=0)
-    sq = {"float32": [], "float16": []}
+    sq: dict[str, list[float]] = {"float32": [], "float16": []}
     worst = 0.0
     for s0 in starts:
         ids = encode_prompts(llm.backend, renderer.render_series(s.values, s.timestamps, [s0], cfg.seq_len))

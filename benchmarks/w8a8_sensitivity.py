@@ -107,6 +107,7 @@ def main(bundle: str, keep: str, out: str) -> None:
     manifest = read_manifest(bundle)
     src = f"{bundle}/{manifest.graphs['llm'].files['fp32'].file}"
     ref = _Gate(bundle, manifest, None)
+    assert ref.ids is not None and ref.mask is not None, "the gate windows of a bundle with an LLM graph have prompts"
     cal = calibration_feeds(ref.ids, ref.mask, ref.n)
     model = core.read_model(src)
     attention = activation_matmuls(model)
@@ -125,7 +126,7 @@ def main(bundle: str, keep: str, out: str) -> None:
     with tempfile.TemporaryDirectory(prefix="timecma-int8-") as graphs:  # 135 MB a graph: not in results
         int8, u4 = f"{graphs}/llm.int8.xml", f"{graphs}/llm.u4.xml"
         compress_int8(src, int8)
-        judged = [(int8, "f32", 0, "int8 weights, f32 compute", {}),
+        judged: list[tuple[str, str, int, str, dict]] = [(int8, "f32", 0, "int8 weights, f32 compute", {}),
                   (int8, "bf16", 0, "int8 weights, bf16 compute", {}),
                   (int8, "bf16", 32, "int8 weights, dynamic int8 activations (group 32)", {})]
         lossless = core.read_model(src)

@@ -1,4 +1,4 @@
-"""`timecma-export`: checkpoint -> self-contained bundle (DESIGN §8), as the sequence of its steps.
+"""`timecma-export`: checkpoint -> self-contained bundle (docs/design.md §8), as the sequence of its steps.
 
 Load what export starts from and check the LLM (``source``); export both graphs and check them
 against PyTorch on real windows (``graphs``); add the CPU variants that earn their place
@@ -23,10 +23,13 @@ import numpy as np
 from timecma import __version__
 from timecma.core.conformal import FILE as CALIBRATION_FILE, METHOD, Calibration
 from timecma.core.errors import BackendUnavailable, InputError
+from timecma.core.files import check_replaceable
 from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
-from timecma.core.manifest import MANIFEST_VERSION, PARITY_FILE, Manifest, file_record, list_bundle_files, read_manifest, write_manifest
+from timecma.core.manifest import (BUNDLE, MANIFEST_VERSION, PARITY_FILE, Engine, Manifest, file_record, is_bundle,
+                                   list_bundle_files, read_manifest, write_manifest)
 from timecma.llm import LoadedLLM, release_weights
-from timecma.runtime.compile.tensorrt import EngineProfile, build_engines, default_profile
+from timecma.runtime.compile.tensorrt import (PARITY_KEY, EngineProfile, build_engines, default_profile,
+                                             parity_summary)
 from timecma.runtime.engines.trt_flavour import installed, load_flavour
 
 from .cpu_variants import batch1_forecaster, gate_inputs, llm_cpu_variants, openvino_variants, split_forecaster
@@ -45,8 +48,7 @@ def export_bundle(src: Source, llm: LoadedLLM | None, opts: ExportOptions) -> Ma
     t0 = time.time()
     out_dir = os.path.abspath(opts.out_dir)
     recover_bundle(out_dir)
-    if os.path.exists(out_dir) and not opts.force:
-        raise ExportError(f"{out_dir} exists; pass --force to replace it")
+    check_out_dir(out_dir, opts.force)
     check_llm(src, llm)
     if opts.tensorrt == "require":  # fail before minutes of export, not after
         try:
@@ -77,9 +79,19 @@ def export_bundle(src: Source, llm: LoadedLLM | None, opts: ExportOptions) -> Ma
     return manifest
 
 
+def check_out_dir(out_dir: str, force: bool) -> None:
+    """What may be at ``--out``: nothing, or with ``--force`` an empty folder or a bundle (its manifest), which
+    is replaced. Anything else is refused before any work starts, and nothing is touched."""
+    if os.path.lexists(out_dir) and not force:
+        raise ExportError(f"{out_dir} exists; pass --force to replace it")
+    check_replaceable(out_dir, is_bundle, BUNDLE, ExportError)
+
+
 def _put_in_place(tmp: str, out_dir: str) -> None:
-    """Rename the finished bundle into place; a previous one is moved aside first and removed after."""
-    if not os.path.exists(out_dir):
+    """Rename the finished bundle into place; a previous one (a bundle or an empty folder, checked again
+    here: minutes passed since export started) is moved aside first and removed after."""
+    check_replaceable(out_dir, is_bundle, BUNDLE, ExportError)
+    if not os.path.lexists(out_dir):
         os.replace(tmp, out_dir)
         return
     parent, name = os.path.split(out_dir)
@@ -240,21 +252,24 @@ def _versions() -> dict:
 
 
 def _engines(opts: ExportOptions, tmp: str, manifest: Manifest) -> Manifest:
-    """TensorRT engines through the same code as `timecma-engines build`; the manifest after it."""
+    """TensorRT engines through the same code as `timecma-engines build`, at the profile it would take (its
+    opt point from the bundle's own validation prompts and N) unless --trt-batch / --trt-seq say otherwise;
+    the manifest after it, whose ``tensorrt_note`` names the engines the gate refused, with their figures."""
     if opts.tensorrt == "skip":
         manifest.info["tensorrt_note"] = ("TensorRT build skipped (--tensorrt skip); ONNX-only bundle. Add engines "
                                           "later with timecma-engines build")
         return manifest
-    d = default_profile(manifest)
-    profile = EngineProfile(opts.trt_batch, opts.trt_seq or d.llm_seq, opts.trt_forecast_batch)
+    d = default_profile(manifest, tmp)  # tmp holds parity/gate.npz: the real prompts' lengths
+    profile = EngineProfile(opts.trt_batch or d.llm_batch, opts.trt_seq or d.llm_seq, opts.trt_forecast_batch)
     by_precisions: dict[tuple, list[str]] = {}  # a graph whose fp16 twin was refused gets no fp16 engine
     for name, g in manifest.graphs.items():
         by_precisions.setdefault(tuple(p for p in opts.trt_precisions if p in g.files), []).append(name)
+    refused: list[Engine] = []
     try:
         for precisions, graphs in by_precisions.items():
             if precisions:
-                build_engines(tmp, precisions, opts.trt_flavour, profile, list(opts.trt_targets) or None,
-                              graphs=tuple(graphs))
+                refused += build_engines(tmp, precisions, opts.trt_flavour, profile, list(opts.trt_targets) or None,
+                                         graphs=tuple(graphs)).refused
     except BackendUnavailable as exc:
         if opts.tensorrt == "require":
             raise ExportError(f"--tensorrt require, but {exc}") from exc
@@ -264,7 +279,21 @@ def _engines(opts: ExportOptions, tmp: str, manifest: Manifest) -> Manifest:
     except InputError as exc:
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
     m = read_manifest(tmp, verify=False)
-    m.info["tensorrt_note"] = (f"engines built with {', '.join(sorted({f'{e.flavour} {e.version}' for e in m.engines}))}"
-                               if m.engines else f"no graph has a {'/'.join(opts.trt_precisions)} variant that passed "
-                                                 "its CPU check; no engines built")
+    m.info["tensorrt_note"] = tensorrt_note(m.engines, refused, opts.trt_precisions)
     return m
+
+
+def tensorrt_note(engines: list[Engine], refused: list[Engine], precisions: tuple[str, ...]) -> str:
+    """What export's engine step did, in one line for the manifest and the command's output: the engines built,
+    and those the gate refused on this GPU (not added to the bundle), each with its figures."""
+    if engines:
+        note = f"engines built with {', '.join(sorted({f'{e.flavour} {e.version}' for e in engines}))}"
+    elif refused:
+        note = "no engine added"
+    else:
+        note = f"no graph has a {'/'.join(precisions)} variant that passed its CPU check; no engines built"
+    if refused:
+        note += "; refused by the gate on this GPU, not added to the bundle: " + "; ".join(
+            f"{e.graph} {e.precision} ({os.path.basename(e.file)}): {parity_summary(e.info.get(PARITY_KEY, {}))}"
+            for e in refused)
+    return note

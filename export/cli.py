@@ -17,7 +17,8 @@ from timecma.runtime.compile.cli import triple as _triple
 @click.command(epilog=EXIT_CODES_HELP)
 @click.option("--ckpt", required=True, help="best.pt from timecma-train (or best_model.pth with --from-reference).")
 @click.option("--out", "out_dir", default=None, help="Bundle directory [default: next to the checkpoint, bundle/].")
-@click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle directory (only a bundle or an empty folder: "
+                                           "anything else at --out is refused).")
 @click.option("--data", "data_path", default=None, help="Data file (parity windows; required with --from-reference).")
 @click.option("--llm", "llm_id", default=None, help="LLM hub id or directory [default: the one in the checkpoint].")
 @click.option("--from-reference", is_flag=True, help="CKPT is a bare state_dict from the public TimeCMA repository.")
@@ -36,9 +37,11 @@ from timecma.runtime.compile.cli import triple as _triple
               help="Build TensorRT engines with the same code as `timecma-engines build`: where a flavour is "
                    "installed (build), or fail without one (require), or not at all (skip).")
 @flavour_option
-@click.option("--trt-batch", default="1,7,64", show_default=True, help="LLM engine prompts per call MIN,OPT,MAX.")
-@click.option("--trt-seq", default=None, help="LLM engine tokens MIN,OPT,MAX [default: 1,256,1024 capped at the "
-                                              "LLM's positions].")
+@click.option("--trt-batch", default=None, help="LLM engine prompts per call MIN,OPT,MAX [default: 1,N,64: OPT a "
+                                                "window's N prompts, at most 64].")
+@click.option("--trt-seq", default=None, help="LLM engine tokens per prompt MIN,OPT,MAX [default: OPT the length the "
+                                              "bundle's validation windows pad their prompts to (the median), MAX 1024 "
+                                              "(or the longest validation prompt), capped at the LLM's positions].")
 @click.option("--trt-forecast-batch", default="1,1,64", show_default=True)
 @click.option("--trt-precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
 @click.option("--fp16-gate", default=1e-2, show_default=True, type=click.FloatRange(min=0),
@@ -62,7 +65,7 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
     engines where TensorRT exists, and a JSON manifest."""
     from timecma.core.logs import setup_logging
 
-    from .bundle import export_bundle
+    from .bundle import check_out_dir, export_bundle
     from .options import ExportError, ExportOptions
     from .source import source_from_checkpoint, source_from_reference
 
@@ -72,15 +75,16 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
                          quantize=tuple(quantize),
                          quantize_windows=quantize_windows, openvino=openvino, fp16_gate=fp16_gate,
                          parity_windows=parity_windows, tensorrt=tensorrt, trt_flavour=trt_flavour,
-                         trt_batch=_triple(trt_batch), trt_seq=_triple(trt_seq) if trt_seq else None,
+                         trt_batch=_triple(trt_batch) if trt_batch else None,
+                         trt_seq=_triple(trt_seq) if trt_seq else None,
                          trt_forecast_batch=_triple(trt_forecast_batch),
                          trt_precisions=_precisions(trt_precision),
                          trt_targets=tuple(parse_targets(targets) or ()))
     try:
-        if os.path.exists(out_dir) and not force:
-            raise ExportError(f"{out_dir} exists; pass --force to replace it")
-        from timecma.llm import load_llm, recorded_layers
+        check_out_dir(out_dir, force)  # before the checkpoint and the LLM load
+        from timecma.llm import LoadedLLM, load_llm, recorded_layers
 
+        llm: LoadedLLM | None
         if from_reference:
             if not data_path or not llm_id:
                 raise ExportError("--from-reference needs --data and --llm (the reference saves neither)")
@@ -89,7 +93,8 @@ def export_cmd(ckpt, out_dir, force, data_path, llm_id, from_reference, time_col
                                         channel=channel, e_layer=e_layer, d_layer=d_layer, d_ff=d_ff, head=head)
         else:
             src = source_from_checkpoint(ckpt)
-            llm = load_llm(llm_id or src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm else None
+            name = llm_id or (src.llm or {}).get("id")  # neither: check_llm says what to pass
+            llm = load_llm(name, layers=recorded_layers(src.llm)) if src.cfg.uses_llm and name else None
         manifest = export_bundle(src, llm, opts)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-export", exc)

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from .onnx_export import ForecasterGraph, cached_llm_graph, convert_fp16, export
 from .options import FORECASTER_ONNX, LLM_ONNX, ExportError, errors
 from .source import Source
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 log = logging.getLogger(__name__)
 
 
@@ -39,13 +42,13 @@ class LLMPart:
     """The exported LLM graph and what later steps reuse: the saved tokenizer, the parity prompts'
     token ids, the PyTorch embeddings they are judged against, and the manifest records."""
 
-    tokenizer: object  # tokenizers.Tokenizer loaded from the bundle's tokenizer.json
+    tokenizer: Tokenizer  # loaded from the bundle's tokenizer.json
     renderer: PromptRenderer
     pad_id: int
     ids: list  # token ids of the parity windows' prompts, window-major
     n_windows: int
     torch_emb: np.ndarray  # [n_windows * N, d_llm] from the unmodified HF forward
-    session: object  # ORT session of the fp32 graph
+    session: Any  # ORT session of the fp32 graph
     parity: dict  # inputs and ORT outputs kept for engine parity
     graph: dict  # the manifest's graph record
     files: dict = field(default_factory=dict)
@@ -80,11 +83,17 @@ class ForecasterPart:
     emb: np.ndarray | None = None  # [W, N, d_llm] or None without the LLM branch
     y_torch: np.ndarray | None = None
     y_ort: np.ndarray | None = None  # ORT fp32, one window per call
-    session: object = None
+    session: Any = None  # ORT session of the graph
     parity: dict = field(default_factory=dict)
 
+    def checked(self) -> tuple[np.ndarray, np.ndarray]:
+        """The parity windows and PyTorch's forecasts for them, which ``check_forecaster`` fills in."""
+        if self.x is None or self.y_torch is None:
+            raise RuntimeError("the forecaster part has not been through check_forecaster")
+        return self.x, self.y_torch
+
     def feeds(self, i: slice) -> dict:
-        return forecaster_feeds(self.x[i], None if self.emb is None else self.emb[i])
+        return forecaster_feeds(self.checked()[0][i], None if self.emb is None else self.emb[i])
 
     def units(self, y: np.ndarray) -> np.ndarray:
         """Forecasts in the units the model computes in: standard-normalised (the paper's scale), or for
@@ -204,7 +213,7 @@ def fp16_twin(tmp: str, file: str, measure: Callable[[object], tuple[float, dict
 def forecaster_fp16(tmp: str, fc: ForecasterPart, gate: float) -> tuple[dict | None, dict]:
     """Judged by the forecast itself: the largest change in the model's units (``ForecasterPart.units``)."""
     def measure(sess):
-        err = errors(fc.units(sess.run(None, fc.feeds(slice(None)))[0]), fc.units(fc.y_torch))
+        err = errors(fc.units(sess.run(None, fc.feeds(slice(None)))[0]), fc.units(fc.checked()[1]))
         return err["max_abs"], err
 
     return fp16_twin(tmp, FORECASTER_ONNX, measure, gate)
@@ -214,17 +223,23 @@ def llm_fp16(tmp: str, part: LLMPart, fc: ForecasterPart, gate: float) -> tuple[
     """Judged on the parity windows' real prompts by the embedding each prompt gets (relative L2 error
     against PyTorch fp32, the worst prompt) and by the forecast made from those embeddings (the
     largest change in the model's units): the gate takes the larger. The first window's
-    prompts, one at a time, calibrate which matmuls must stay fp32."""
+    prompts, one at a time, calibrate which matmuls must stay fp32, so they are scored on the other
+    windows (on all of them only when there is one window, and the record says so)."""
     n = len(part.ids) // part.n_windows
     calibration = [llm_feeds([ids], part.pad_id) for ids in part.ids[:n]]
+    scored = slice(1, None) if part.n_windows > 1 else slice(None)
+    rows = slice(n, None) if part.n_windows > 1 else slice(None)
 
     def measure(sess):
         emb = part.run_windows(sess)
-        y = fc.session.run(None, forecaster_feeds(fc.x, emb.reshape(part.n_windows, n, -1)))[0]
+        y = fc.session.run(None, forecaster_feeds(fc.checked()[0], emb.reshape(part.n_windows, n, -1)))[0]
         y32 = fc.session.run(None, fc.feeds(slice(None)))[0]
-        change = float(np.abs(fc.units(y) - fc.units(y32)).max())
-        record = {**errors(emb, part.torch_emb), **embedding_errors(emb, part.torch_emb),
-                  "forecast_max_abs_change_normalized": change}
+        change = float(np.abs(fc.units(y[scored]) - fc.units(y32[scored])).max())
+        record = {**errors(emb[rows], part.torch_emb[rows]), **embedding_errors(emb[rows], part.torch_emb[rows]),
+                  "forecast_max_abs_change_normalized": change,
+                  "calibrated_on": "window 0's prompts",
+                  "scored_on": f"windows 1-{part.n_windows - 1}" if part.n_windows > 1
+                  else "window 0 (the calibration window: only one parity window)"}
         return max(record["prompt_rel_l2_max"], change), record
 
     return fp16_twin(tmp, LLM_ONNX, measure, gate, calibration)

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from typing import Callable
 
 import onnx
 import torch
@@ -23,7 +24,9 @@ from torch import nn
 
 from timecma.core.scaling import CLIP, FLOOR, Scaler
 from timecma.core.files import user_cache_dir
+from timecma.core.leftovers import remove_dead_temporaries
 from timecma.llm import LastTokenEncoder, LoadedLLM
+from timecma.model import ForecastModel, TimeCMA
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,18 @@ class ForecasterGraph(nn.Module):
     """Dataset scaling around the model: raw units in, raw units out. The formulas are those of
     ``timecma.core.scaling.Scaler`` (standard, or log with offset, floor clamp and +-20 clip)."""
 
-    def __init__(self, model: nn.Module, scaler: Scaler, encoded: bool = False):
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+    offset: torch.Tensor
+
+    def __init__(self, model: ForecastModel, scaler: Scaler, encoded: bool = False):
         super().__init__()
         self.model, self.scaler = model, scaler
         # encoded: the second input is the prompt encoder's output (``PromptEncoderGraph``), not the embeddings
-        self._run = model.forecast_encoded if encoded else model
+        run: Callable[..., torch.Tensor] = model
+        if encoded:
+            run = _with_prompt_encoder(model).forecast_encoded
+        self._run = run
         self.log = scaler.kind == "log"
         self.register_buffer("mean", torch.as_tensor(scaler.mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(scaler.std, dtype=torch.float32))
@@ -57,12 +67,18 @@ class ForecasterGraph(nn.Module):
 class PromptEncoderGraph(nn.Module):
     """prompt_emb [B,N,d_llm] -> prompt_enc [B,N,d_llm]: the forecaster's prompt encoder alone."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: TimeCMA):
         super().__init__()
         self.model = model
 
     def forward(self, prompt_emb: torch.Tensor) -> torch.Tensor:
         return self.model.encode_prompts(prompt_emb)
+
+
+def _with_prompt_encoder(model: ForecastModel) -> TimeCMA:
+    if not isinstance(model, TimeCMA):
+        raise TypeError(f"a {type(model).__name__} has no prompt encoder to export apart")
+    return model
 
 
 def _export(module: nn.Module, args: tuple, path: str, input_names: list[str], output_names: list[str],
@@ -85,6 +101,7 @@ def _export(module: nn.Module, args: tuple, path: str, input_names: list[str], o
             )
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
+    assert program is not None, "torch.onnx.export(dynamo=True) returns the program"
     program.save(path)
     del program  # the checker loads the saved graph again: one copy at a time
     gc.collect()
@@ -124,7 +141,7 @@ def export_split_forecaster(graph: ForecasterGraph, encoder_path: str, head_path
     alone, so serving keeps its output per window) and the head (window + encoded prompts -> y)."""
     cfg = graph.model.cfg
     emb = torch.randn(1, cfg.num_nodes, cfg.d_llm)
-    encoder = PromptEncoderGraph(graph.model)
+    encoder = PromptEncoderGraph(_with_prompt_encoder(graph.model))
     _export(encoder, (emb,), encoder_path, ["prompt_emb"], ["prompt_enc"], None)
     head = ForecasterGraph(graph.model, graph.scaler, encoded=True).eval()
     with torch.no_grad():
@@ -132,20 +149,26 @@ def export_split_forecaster(graph: ForecasterGraph, encoder_path: str, head_path
     _export(head, (torch.randn(1, cfg.seq_len, cfg.num_nodes), enc), head_path, ["x", "prompt_enc"], ["y"], None)
 
 
+EXPORT_TMP = ".export-"  # cached_llm_graph's temporaries: .export-<pid>-...
+
+
 def cached_llm_graph(llm: LoadedLLM) -> tuple[str, float]:
     """The LLM's last-token graph, exported once per store namespace (weights, tokenizer, wrapper version and
     layer count: the graph is a function of these) into the user cache dir, where training's precompute on a
     runtime engine and export both find it; returns its path and the export's seconds (0 when cached).
-    Written to a temporary folder and moved into place, the graph file last: a killed export leaves none."""
+    Written to a temporary folder and moved into place, the graph file last: a killed export leaves no graph.
+    The temporary (``.export-<pid>-``) goes when the export fails; one a killed export left (its PID no longer
+    runs) goes on the next call, never one of a live process."""
     enc = llm.encoder  # the namespace fixes the embeddings; these two fix the graph that computes them
     attn = getattr(enc.model.config, "_attn_implementation", None) or "default"
     folder = user_cache_dir("llm-graphs", f"{llm.info.namespace[:32]}-{'last' if enc.last_position_only else 'all'}"
                                           f"-{attn}")
+    remove_dead_temporaries(folder, EXPORT_TMP, "an unfinished LLM graph export")
     path = os.path.join(folder, "llm_last_token.onnx")
     if os.path.exists(path):
         return path, 0.0
     t = time.time()
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=folder)
+    tmp = tempfile.mkdtemp(prefix=f"{EXPORT_TMP}{os.getpid()}-", dir=folder)
     try:
         export_llm(llm.encoder, os.path.join(tmp, "llm_last_token.onnx"), llm.info.max_positions)
         for name in sorted(os.listdir(tmp), key=lambda n: n == "llm_last_token.onnx"):

@@ -35,8 +35,9 @@ class ExportOptions:
     parity_windows: int = 8
     tensorrt: str = "build"  # build (where a flavour is installed) | require | skip
     trt_flavour: str = "auto"  # auto | standard | rtx
-    trt_batch: tuple[int, int, int] = (1, 7, 64)  # prompts per LLM call: min, opt, max
-    trt_seq: tuple[int, int, int] | None = None  # tokens; default (1, 256, 1024) capped at the LLM's positions
+    # LLM engine profile; None: default_profile's (runtime/compile/tensorrt.py), from the bundle's own prompts
+    trt_batch: tuple[int, int, int] | None = None  # prompts per LLM call: min, opt, max; default (1, N, 64)
+    trt_seq: tuple[int, int, int] | None = None  # tokens; default opt the validation prompts' padded length
     trt_forecast_batch: tuple[int, int, int] = (1, 1, 64)
     trt_precisions: tuple[str, ...] = ("fp16",)
     trt_targets: tuple[str, ...] = ()  # compute capabilities (RTX); empty = the flavour's default

@@ -1,4 +1,4 @@
-"""The layering of DESIGN §1, checked with import-linter on the package as installed.
+"""The layering of docs/design.md §1, checked with import-linter on the package as installed.
 
 `.ci/lint-imports` (what `make lint` runs) installs the package (no deps) into a folder and checks
 the contracts of pyproject.toml there: the editable install maps export/ and runtime/ into the
@@ -46,8 +46,8 @@ def test_import_contracts_hold(installed):
     ("runtime/backends/leak.py", "from timecma.runtime.serving import forecaster\n", "runtime wings"),
     ("runtime/serving/leak.py", "from timecma.runtime.compile import tensorrt\n", "runtime wings"),
     ("export/source.py", "from . import graphs\n", "export steps"),
-    # a circle inside one wing: batcher -> online -> batcher
-    ("runtime/serving/batcher.py", "from . import online\n", "no import circles"),
+    # a circle inside one wing: batcher -> service -> batcher
+    ("runtime/serving/batcher.py", "from . import service\n", "no import circles"),
 ])
 def test_import_contracts_catch_a_violation(installed, tmp_path, module, line, contract):
     """The contracts see the mapped sub-packages: a forbidden import added there breaks the named contract."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from timecma.core.bounded_store import BoundedStore
+from timecma.core.bounded_store import BoundedStore, StoreBusy
 from timecma.core.errors import InputError
 
 NS, DIM = "ab" * 32, 256  # 1 KiB vectors
@@ -79,3 +79,64 @@ def test_window_records_survive_rotation_when_used(tmp_path):
     assert st.evictions >= 2
     assert st.get_window(cold, rec.shape) is None
     st.close()
+
+
+def test_one_process_owns_a_bounded_store(tmp_path):
+    """A second owner is refused, naming the first (a rotation deletes files another owner has open); another
+    process holding it is refused the same way; the lock goes with close() or the process."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "s"
+    a = BoundedStore(path, NS, DIM, max_bytes=2 << 20)
+    with pytest.raises(StoreBusy, match=f"owned by process {os.getpid()}.*its own directory"):
+        BoundedStore(path, NS, DIM, max_bytes=2 << 20)
+    a.close()
+    code = ("import sys, time; from timecma.core.bounded_store import BoundedStore; "
+            f"s = BoundedStore({str(path)!r}, {NS!r}, {DIM}, max_bytes=2 << 20); print('held', flush=True); "
+            "sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreBusy, match=f"owned by process {holder.pid}"):
+            BoundedStore(path, NS, DIM, max_bytes=2 << 20)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    BoundedStore(path, NS, DIM, max_bytes=2 << 20).close()  # free again once its owner has ended
+
+
+def test_claim_gives_each_owner_its_own_directory(tmp_path):
+    """What several replicas on one node do: each claims a directory; one's rotations never touch another's."""
+    a = BoundedStore.claim(tmp_path, NS, DIM, max_bytes=2 << 20)
+    b = BoundedStore.claim(tmp_path, NS, DIM, max_bytes=2 << 20)
+    assert a.path != b.path and {a.path, b.path} == {str(tmp_path / "proc-0"), str(tmp_path / "proc-1")}
+    b.put_many([_key(0)], _vec(0)[None])
+    for k in range(60):  # a rotates several times
+        ids = range(1 + 50 * k, 1 + 50 * (k + 1))
+        a.put_many([_key(i) for i in ids], np.stack([_vec(i) for i in ids]))
+    assert a.evictions >= 2
+    got, found = b.get_many([_key(0)])
+    assert found.all() and (got == _vec(0)).all()  # b's generations were never a's to delete
+    a.close()
+    c = BoundedStore.claim(tmp_path, NS, DIM, max_bytes=2 << 20)  # a's directory, free again, with its vectors
+    assert c.path == str(tmp_path / "proc-0") and c.get_many([_key(3000)])[1].all()
+    b.close()
+    c.close()
+
+
+def test_forecasters_given_one_bounded_store_take_one_directory_each(small_bundle, tmp_path):
+    """``--replicas N --store-max-gb X``: every replica on the node is given the same --store."""
+    from conftest import make_frame
+    from timecma.runtime import Forecaster
+
+    f1 = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "s"), store_max_gb=0.002)
+    f2 = Forecaster.load(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "s"), store_max_gb=0.002)
+    try:
+        assert f1.store.path != f2.store.path
+        win = make_frame(24, seed=9)
+        np.testing.assert_array_equal(f1.predict(win), f2.predict(win))
+    finally:
+        f1.close()
+        f2.close()

@@ -3,6 +3,7 @@ forecast or an InputError that names the problem, with no partial output and no 
 exception type. `make test` prints how many cases each property ran
 (--hypothesis-show-statistics)."""
 
+import json
 import os
 from decimal import Decimal
 
@@ -199,3 +200,158 @@ def test_timezone_aware_frames_are_read_in_utc(forecaster):
     a = forecaster.predict(pd.DataFrame({"date": utc, **{v: values[:, j] for j, v in enumerate(VARS)}}))
     b = forecaster.predict(pd.DataFrame({"date": paris, **{v: values[:, j] for j, v in enumerate(VARS)}}))
     np.testing.assert_array_equal(a, b)
+
+
+# -- the HTTP endpoint: raw bodies, content types and headers through a real socket ------------------------
+HTTP_FUZZ = settings(max_examples=int(os.environ.get("TIMECMA_HTTP_FUZZ_EXAMPLES", "150")), deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+HTTP_KEY = "fuzz-key"
+HTTP_LIMIT = 8192
+PATHS = ["/forecast", "/v2/models/timecma/infer", "/v2/models/other/infer", "/health", "/metadata", "/info",
+         "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/timecma", "/v2/models/timecma/ready", "/nope",
+         "/forecast/", "/v2/models/%00/infer", "/openapi.json"]
+# what may appear in place of a number: what used to escape as a 500 (OverflowError, ValueError, RecursionError)
+PATCHES = ["1" * 400, "7" * 5000, "[" * 3000 + "]" * 3000, "[" * 60 + "1" + "]" * 60, "1e999", "-1e999", "NaN",
+           "-Infinity", "null", "true", '"12"', '"\\ud800"', "{}", "[]", "1.5e308", "-0", "9" * 30, '"' + "x" * 300 + '"']
+# headers that change HTTP framing or the protocol are the HTTP server's, never the app's: not varied here
+FRAMING = {"content-length", "transfer-encoding", "host", "connection", "upgrade", "expect", "te", "trailer",
+           "keep-alive", "http2-settings"}
+
+
+def _valid_docs() -> list[dict]:
+    values, ts = np.random.default_rng(1).normal(size=(SEQ, 3)) * 10, np.datetime64("2021-03-01T00:00") + \
+        np.arange(SEQ) * np.timedelta64(1, "h")
+    stamps = [str(t) for t in ts]
+    window = {"timestamps": stamps, "values": np.round(values, 3).tolist()}
+    records = [{"date": t, **{v: float(x) for v, x in zip(VARS, row)}} for t, row in zip(stamps, np.round(values, 3))]
+    oip = {"inputs": [{"name": "values", "datatype": "FP64", "shape": [SEQ, 3], "data": np.round(values, 3).tolist()},
+                      {"name": "timestamps", "datatype": "BYTES", "shape": [SEQ], "data": stamps}]}
+    return [window, {"records": records, "levels": [80]}, records, oip]
+
+
+@st.composite
+def http_bodies(draw):
+    kind = draw(st.sampled_from(["valid", "patched", "mutated", "bytes", "text", "empty", "large"]))
+    doc = draw(st.sampled_from(_valid_docs()))
+    text = json.dumps(doc)
+    if kind == "valid":
+        return text.encode()
+    if kind == "patched":  # one number (or string) replaced by something Python's own parsers choke on
+        import re
+
+        tokens = list(re.finditer(r"-?\d+\.\d+|\"2021[^\"]*\"|\b\d+\b", text))
+        m = tokens[draw(st.integers(0, len(tokens) - 1))]
+        return (text[:m.start()] + draw(st.sampled_from(PATCHES)) + text[m.end():]).encode()
+    if kind == "mutated":  # the structure: a key dropped, renamed, a value swapped for another JSON value
+        leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=False),
+                         st.text(max_size=20))
+        value = st.recursive(leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                         max_size=4), max_leaves=10)
+        if isinstance(doc, dict) and doc:
+            key = draw(st.sampled_from(sorted(doc)))
+            op = draw(st.sampled_from(["drop", "swap", "rename"]))
+            doc = dict(doc)
+            if op == "drop":
+                doc.pop(key)
+            elif op == "swap":
+                doc[key] = draw(value)
+            else:
+                doc[key + "x"] = doc.pop(key)
+        else:
+            doc = draw(value)
+        return json.dumps(doc).encode()
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    if kind == "text":
+        return draw(st.text(max_size=300)).encode("utf-8", "surrogatepass")
+    if kind == "large":
+        return b" " * draw(st.sampled_from([HTTP_LIMIT - 1, HTTP_LIMIT + 1, 3 * HTTP_LIMIT])) + text.encode()
+    return b""
+
+
+header_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-ABCXYZ0123456789", min_size=1, max_size=20).filter(
+    lambda n: n.lower() not in FRAMING)
+header_values = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
+
+
+@st.composite
+def http_requests(draw):
+    headers = {}
+    ctype = draw(st.sampled_from([None, "application/json", "text/plain", "application/octet-stream",
+                                  "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                                  "application/json; charset=latin-1", "application/vnd.api+json", "*/*", "json"]))
+    if ctype:
+        headers["Content-Type"] = ctype
+    auth = draw(st.sampled_from(["key"] * 7 + ["none", "wrong", "basic", "junk"]))
+    headers.update({"key": {"Authorization": f"Bearer {HTTP_KEY}"}, "none": {},
+                    "wrong": {"Authorization": "Bearer nope"}, "basic": {"Authorization": f"Basic {HTTP_KEY}"},
+                    "junk": {"Authorization": draw(header_values)}}[auth])
+    for name, value in draw(st.dictionaries(header_names, header_values, max_size=3)).items():
+        headers[name] = value
+    special = draw(st.sampled_from([None, None, None, "Inference-Header-Content-Length", "Content-Encoding", "Accept"]))
+    if special:
+        headers[special] = draw(st.sampled_from(["0", "10", "99999999", "-1", "abc", "gzip", "identity", "*/*"]))
+    target = draw(st.sampled_from(["forecast", "forecast", "forecast", "infer", "infer", "any"]))
+    if target == "any":
+        method, path = draw(st.sampled_from(["POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "HEAD"])), \
+            draw(st.sampled_from(PATHS))
+    else:  # mostly what reaches the parsers
+        method = draw(st.sampled_from(["POST"] * 9 + ["GET"]))
+        path = "/forecast" if target == "forecast" else "/v2/models/timecma/infer"
+    return {"method": method, "path": path, "body": draw(http_bodies()), "headers": headers,
+            "chunked": draw(st.booleans())}
+
+
+@pytest.fixture(scope="module")
+def http_endpoint(small_bundle, tmp_path_factory):
+    pytest.importorskip("fastapi")
+    from timecma.runtime.serving.service import ForecastService, Limits
+    from timecma.runtime.serving.single_process import BackgroundServer
+
+    svc = ForecastService(str(small_bundle), backend="ort-cpu", store=str(tmp_path_factory.mktemp("http-store")),
+                          api_key=HTTP_KEY, warm_up="now",
+                          limits=Limits(max_concurrent=2, max_body_bytes=HTTP_LIMIT, deadline_s=20))
+    with BackgroundServer(svc) as url:
+        yield svc, int(url.rsplit(":", 1)[1])
+    svc.close()
+
+
+def _refusals(port: int) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {HTTP_KEY}"})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "timecma_refusals_total")
+
+
+@HTTP_FUZZ
+@given(req=http_requests())
+def test_http_endpoint_on_random_requests(http_endpoint, req):
+    """Whatever arrives over the socket: never a 5xx but the 503/504 the design gives, and every refusal (4xx or
+    5xx) counted once in /metrics."""
+    import http.client
+
+    svc, port = http_endpoint
+    before = _refusals(port)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body = req["body"]
+    try:
+        if req["chunked"] and body:
+            conn.request(req["method"], req["path"], body=iter([body[:len(body) // 2], body[len(body) // 2:]]),
+                         headers=req["headers"], encode_chunked=True)
+        else:
+            conn.request(req["method"], req["path"], body=body, headers=req["headers"])
+        r = conn.getresponse()
+        r.read()
+        status = r.status
+    finally:
+        conn.close()
+    event(f"{req['method']} {status}")
+    assert status < 500 or status in (503, 504), (status, req["method"], req["path"], req["headers"], body[:200])
+    assert _refusals(port) - before == (1 if status >= 400 else 0), (status, req["path"])

@@ -123,6 +123,11 @@ def test_joint_lora_trains_exports_and_serves(tiny_llm_dir, small_run, tmp_path)
     ckpt = torch.load(joint / "best.pt", weights_only=True)
     assert ckpt["llm"]["id"] == str(joint / "llm") and ckpt["llm"]["extra"]["joint"]["mode"] == "lora"
     assert not any(k.startswith(("lm.", "forecaster.")) for k in ckpt["state_dict"])
+    frozen_llm = torch.load(frozen / "best.pt", weights_only=True)["llm"]
+    made = metrics["training"]["llm"]  # how the LLM was made: fine-tuned, from which base (its digest)
+    assert made == {"made": "joint-lora", "from": tiny_llm_dir, "from_weights_digest": frozen_llm["weights_digest"],
+                    "weights_digest": ckpt["llm"]["weights_digest"]}
+    assert made["weights_digest"] != made["from_weights_digest"]
     with pytest.raises(InputError, match="Use a different store directory"):
         EmbeddingStore(str(frozen / "store"), ckpt["llm"]["namespace"], ckpt["llm"]["d_llm"])
     r = run_cli("timecma.export.cli:export_cmd", "--ckpt", str(joint / "best.pt"), "--openvino", "skip",
@@ -130,6 +135,8 @@ def test_joint_lora_trains_exports_and_serves(tiny_llm_dir, small_run, tmp_path)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((joint / "bundle" / "manifest.json").read_text())
     assert manifest["prompt"]["name"] == "log-values" and len(manifest["prompt"]["log_scaler"]["offset"]) == 3
+    assert manifest["metrics"]["training"]["llm"] == made and manifest["metrics"]["training"]["recipe"] == \
+        "timecma-reference"
     window = pd.read_csv(data, parse_dates=["date"]).iloc[-24:]
     with Forecaster.load(str(joint / "bundle"), backend="ort-cpu") as f:
         assert f.manifest.llm.namespace == ckpt["llm"]["namespace"]

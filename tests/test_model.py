@@ -1,4 +1,4 @@
-"""State-dict compatibility with the public reference (DESIGN §6)."""
+"""State-dict compatibility with the public reference (docs/design.md §6)."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def _dec_layer_keys(prefix: str, d: int) -> dict[str, tuple]:
 
 
 def reference_keys(e_layer: int = 1, d_layer: int = 2) -> dict[str, tuple]:
-    """The reference's saved key set and shapes, written out from DESIGN §6 (channel=64, N=7)."""
+    """The reference's saved key set and shapes, written out from docs/design.md §6 (channel=64, N=7)."""
     keys = {"length_to_feature.weight": (C, L), "length_to_feature.bias": (C,),
             "c_to_length.weight": (P, C), "c_to_length.bias": (P,)}
     for i in range(e_layer):

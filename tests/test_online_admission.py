@@ -1,8 +1,10 @@
-"""The endpoint's admission rules on a plain replica object (what each Ray Serve replica runs): bearer key,
-readiness, body size, concurrency, deadline, and the Prometheus metrics that count them."""
+"""The endpoint's admission rules over a real socket (the app on uvicorn on 127.0.0.1, as `timecma-serve` runs
+it, and as each Ray Serve replica runs it): bearer key, readiness, body size, concurrency, deadline, dynamic
+batching, and the Prometheus metrics that count them."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -12,13 +14,16 @@ import pytest
 
 from conftest import make_frame
 
+pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from timecma.runtime.serving.online import ForecastEndpoint, Limits  # noqa: E402
+from timecma.runtime.serving.service import ForecastService, Limits  # noqa: E402
+from timecma.runtime.serving.single_process import BackgroundServer  # noqa: E402
 
 VARS = ["v0", "v1", "v2"]
 KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _body(seed: int = 5) -> bytes:
@@ -26,8 +31,20 @@ def _body(seed: int = 5) -> bytes:
     return json.dumps({"timestamps": [str(t) for t in win.date], "values": win[VARS].to_numpy().tolist()}).encode()
 
 
-def _samples(ep: ForecastEndpoint) -> dict:
-    status, text, _ = ep.handle("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+def _call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        raw = r.read()
+        doc = json.loads(raw) if r.getheader("content-type", "").startswith("application/json") else raw.decode()
+        return r.status, doc, {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        conn.close()
+
+
+def _samples(port: int) -> dict:
+    status, text, _ = _call(port, "GET", "/metrics", headers=AUTH)
     assert status == 200
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
@@ -35,38 +52,40 @@ def _samples(ep: ForecastEndpoint) -> dict:
 
 @pytest.fixture()
 def endpoint(small_bundle, tmp_path):
-    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"), warm_up="off",
-                          api_key=KEY,
-                          limits=Limits(max_concurrent=1, max_body_bytes=20_000, deadline_s=0.3))
-    return ep
+    svc = ForecastService(str(small_bundle), backend="ort-cpu", store=str(tmp_path / "store"), warm_up="off",
+                          api_key=KEY, limits=Limits(max_concurrent=1, max_body_bytes=20_000, deadline_s=0.3))
+    with BackgroundServer(svc) as url:
+        yield svc, int(url.rsplit(":", 1)[1])
+    svc.close()
 
 
 def test_key_readiness_and_size(endpoint):
-    ep, auth = endpoint, {"Authorization": f"Bearer {KEY}"}
-    assert ep.handle("GET", "/health") == (503, {"status": "starting"}, {"Retry-After": "1"})  # open, not ready
-    status, _, headers = ep.handle("POST", "/forecast", _body(), auth)
-    assert status == 503 and headers["Retry-After"] == "1"
-    ep.warm_up()
-    assert ep.handle("GET", "/health")[:2] == (200, {"status": "ok"})  # /health needs no key
+    svc, port = endpoint
+    status, doc, headers = _call(port, "GET", "/health")
+    assert (status, doc, headers["retry-after"]) == (503, {"status": "starting"}, "1")  # open, not ready
+    status, _, headers = _call(port, "POST", "/forecast", _body(), AUTH)
+    assert status == 503 and headers["retry-after"] == "1"
+    svc.warm_up()
+    assert _call(port, "GET", "/health")[:2] == (200, {"status": "ok"})  # /health needs no key
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"authorization": f"Basic {KEY}"}):
-        status, doc, extra = ep.handle("POST", "/forecast", _body(), headers)
-        assert status == 401 and extra == {"WWW-Authenticate": "Bearer"} and KEY not in json.dumps(doc)
-    assert ep.handle("GET", "/info")[0] == 401 and ep.handle("GET", "/metrics")[0] == 401
-    status, out, _ = ep.handle("POST", "/forecast", _body(), {"authorization": f"bearer {KEY}"})
+        status, doc, extra = _call(port, "POST", "/forecast", _body(), headers)
+        assert status == 401 and extra["www-authenticate"] == "Bearer" and KEY not in json.dumps(doc)
+    assert _call(port, "GET", "/info")[0] == 401 and _call(port, "GET", "/metrics")[0] == 401
+    status, out, _ = _call(port, "POST", "/forecast", _body(), {"authorization": f"bearer {KEY}"})
     assert status == 200 and np.array(out["forecast"]).shape == (12, 3)
-    assert ep.handle("POST", "/forecast", _body(), auth)[1] == out  # the same window again: a store hit
-    status, doc, _ = ep.handle("POST", "/forecast", b"x" * 20_001, auth)
+    assert _call(port, "POST", "/forecast", _body(), AUTH)[1] == out  # the same window again: a store hit
+    status, doc, _ = _call(port, "POST", "/forecast", b"x" * 20_001, AUTH)
     assert status == 413 and "20001 bytes" in doc["error"]
-    status, info, _ = ep.handle("GET", "/info", headers=auth)
+    status, info, _ = _call(port, "GET", "/info", headers=AUTH)
     assert status == 200 and KEY not in json.dumps(info)
     assert info["limits"] == {"max_concurrent": 1, "max_body_bytes": 20_000, "deadline_s": 0.3, "max_wait_ms": 2.0,
                               "max_batch_tokens": 16384, "max_batch_windows": 0}
     assert info["replica"]["pid"] > 0
     assert info["backend"]["name"] == "ort-cpu" and info["backend"]["llm_store_precision"] == "fp32"
     assert info["api_key_required"] and info["ready"] and info["llm"]["d_llm"] > 0
-    m = _samples(ep)
+    m = _samples(port)
     assert m[("timecma_refusals_total", (("reason", "unauthorized"),))] == 6
-    assert m[("timecma_refusals_total", (("reason", "starting"),))] == 1
+    assert m[("timecma_refusals_total", (("reason", "starting"),))] == 2  # /health while starting, and /forecast
     assert m[("timecma_refusals_total", (("reason", "too_large"),))] == 1
     assert m[("timecma_requests_total", (("route", "/forecast"), ("status", "200")))] == 2
     assert m[("timecma_store_lookups_total", (("result", "miss"),))] == 3  # one prompt per variable, then hits
@@ -77,25 +96,25 @@ def test_key_readiness_and_size(endpoint):
 
 
 def test_overload_is_refused_at_once_and_a_late_start_times_out(endpoint):
-    ep, auth = endpoint, {"Authorization": f"Bearer {KEY}"}
-    ep.warm_up()
+    svc, port = endpoint
+    svc.warm_up()
     results = {}
-    ep.f._lock.acquire()  # the replica is busy with a forecast that takes longer than the deadline
+    svc.f._lock.acquire()  # the replica is busy with a forecast that takes longer than the deadline
     try:
-        first = threading.Thread(target=lambda: results.update(first=ep.handle("POST", "/forecast", _body(), auth)))
+        first = threading.Thread(target=lambda: results.update(first=_call(port, "POST", "/forecast", _body(), AUTH)))
         first.start()
         deadline = time.time() + 5
-        while ep.metrics.in_flight._value.get() < 1 and time.time() < deadline:  # the first holds the only slot
+        while svc.metrics.in_flight._value.get() < 1 and time.time() < deadline:  # the first holds the only slot
             time.sleep(0.01)
         t = time.perf_counter()
-        status, doc, headers = ep.handle("POST", "/forecast", _body(), auth)
-        assert status == 429 and headers == {"Retry-After": "1"} and time.perf_counter() - t < 0.1  # at once
+        status, doc, headers = _call(port, "POST", "/forecast", _body(), AUTH)
+        assert status == 429 and headers["retry-after"] == "1" and time.perf_counter() - t < 0.2  # at once
         first.join(5)
     finally:
-        ep.f._lock.release()
+        svc.f._lock.release()
     assert results["first"][0] == 504 and "0.3 s" in results["first"][1]["error"]
-    assert ep.handle("POST", "/forecast", _body(), auth)[0] == 200  # the slot and the turn are free again
-    m = _samples(ep)
+    assert _call(port, "POST", "/forecast", _body(), AUTH)[0] == 200  # the slot and the turn are free again
+    m = _samples(port)
     assert m[("timecma_refusals_total", (("reason", "overloaded"),))] == 1
     assert m[("timecma_refusals_total", (("reason", "deadline"),))] == 1
     assert m[("timecma_in_flight_requests", ())] == 0
@@ -105,7 +124,7 @@ def test_overload_is_refused_at_once_and_a_late_start_times_out(endpoint):
 def test_deployment_bounds_its_queues_and_autoscales_on_depth():
     pytest.importorskip("ray")
     from timecma.core.errors import InputError
-    from timecma.runtime.serving.online import deployment
+    from timecma.runtime.serving.ray_serve import deployment
 
     fixed = deployment(replicas=2, limits=Limits(max_concurrent=6))
     cfg = fixed._deployment_config
@@ -122,45 +141,55 @@ def test_concurrent_requests_share_forecast_calls_and_get_their_batch_1_answers(
     (fp32 tolerance: 1e-5 of the forecast's scale), and some calls held more than one window."""
     from timecma.runtime import Forecaster
 
-    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up="off",
+    svc = ForecastService(str(small_bundle), backend="ort-cpu", warm_up="now",
                           limits=Limits(max_concurrent=8, max_wait_ms=200, max_batch_tokens=600))
-    ep.warm_up()
     bodies = [_body(seed) for seed in range(20, 28)]
     out: dict = {}
     go = threading.Barrier(8)
+    with BackgroundServer(svc) as url:
+        port = int(url.rsplit(":", 1)[1])
 
-    def client(i):
-        go.wait()
-        out[i] = ep.handle("POST", "/forecast", bodies[i])
+        def client(i):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.connect()
+            go.wait()
+            conn.request("POST", "/forecast", body=bodies[i])
+            r = conn.getresponse()
+            out[i] = (r.status, json.loads(r.read()))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        m = _samples(port)
+    svc.close()
     alone = Forecaster.load(str(small_bundle), backend="ort-cpu")
-    for i, body in enumerate(bodies):
-        status, doc, _ = out[i]
+    for i in range(8):
+        status, doc = out[i]
         assert status == 200, doc
-        win = make_frame(24, seed=20 + i)
-        y = alone.predict(win)
+        y = alone.predict(make_frame(24, seed=20 + i))
         np.testing.assert_allclose(np.array(doc["forecast"]), y, rtol=0, atol=1e-5 * np.abs(y).max())
-    m = _samples(ep)
     calls, windows = m[("timecma_batch_windows_count", ())], m[("timecma_batch_windows_sum", ())]
     assert windows == 8 and calls < 8  # concurrent windows shared forecast calls
     assert m[("timecma_llm_calls_total", ())] >= 2  # 24 misses of ~230 tokens: the 600-token budget splits them
 
 
-def test_intervals_on_request(endpoint):
-    """``"levels"`` in the body adds split-conformal bounds shaped like the forecast; a bad level is a 400."""
-    ep, auth = endpoint, {"Authorization": f"Bearer {KEY}"}
-    ep.warm_up()
-    doc = json.loads(_body())
-    status, out, _ = ep.handle("POST", "/forecast", json.dumps({**doc, "levels": [80, 95]}).encode(), auth)
-    assert status == 200 and set(out["intervals"]) == {"80", "95"}
-    y, lo80, hi95 = (np.array(a) for a in (out["forecast"], out["intervals"]["80"]["lo"], out["intervals"]["95"]["hi"]))
-    assert lo80.shape == y.shape == (12, 3) and (lo80 <= y).all() and (y <= hi95).all()
-    status, err, _ = ep.handle("POST", "/forecast", json.dumps({**doc, "levels": [100]}).encode(), auth)
-    assert status == 400 and "outside 1..99" in err["error"]
-    status, info, _ = ep.handle("GET", "/info", headers=auth)
-    assert info["intervals"]["file"] == "calibration.npz" and "80" in info["intervals"]["test"]
+def test_a_lone_request_does_not_wait_for_company(small_bundle):
+    """At one client the batch does not wait --max-wait-ms for requests that are not coming (it used to)."""
+    svc = ForecastService(str(small_bundle), backend="ort-cpu", warm_up="now",
+                          limits=Limits(max_concurrent=4, max_wait_ms=300))
+    with BackgroundServer(svc) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert _call(port, "POST", "/forecast", _body(3))[0] == 200
+        t = time.perf_counter()
+        for seed in range(30, 35):
+            assert _call(port, "POST", "/forecast", _body(seed))[0] == 200
+        assert (time.perf_counter() - t) / 5 < 0.3
+        # and through the worker thread (the forecaster busy for a moment): no 300 ms wait either
+        svc.f._lock.acquire()
+        threading.Timer(0.05, svc.f._lock.release).start()
+        t = time.perf_counter()
+        assert _call(port, "POST", "/forecast", _body(40))[0] == 200
+        assert time.perf_counter() - t < 0.3
+    svc.close()

@@ -234,3 +234,27 @@ def test_bf16_after_f32_of_the_same_graph_is_compiled_in_bf16(tmp_path):
     assert np.array_equal(bf16, uncached.get_output_tensor(0).data)
     assert not np.array_equal(bf16, f32)
     assert compile_graph(path, "bf16").get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+
+
+
+def test_a_variant_with_non_finite_outputs_is_refused_and_recorded(small_bundle, tmp_path):
+    """A forecaster that returns NaN: refused by the one decision every variant takes, its record saying why
+    (``finite`` False, inf figures), and the manifest with those figures still reads back."""
+    import onnx
+    from onnx import numpy_helper
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    m = read_manifest(str(bundle))
+    model = onnx.load(str(bundle / m.graphs["forecaster"].files["fp32"].file))
+    for w in model.graph.initializer:  # every weight matrix NaN: a variant whose outputs are all NaN
+        a = numpy_helper.to_array(w)
+        if a.ndim >= 2 and a.dtype == np.float32:
+            w.CopyFrom(numpy_helper.from_array(np.full_like(a, np.nan), w.name))
+    os.makedirs(bundle / "openvino", exist_ok=True)
+    onnx.save(model, str(bundle / "openvino" / "forecaster.nan.onnx"))
+    (v,) = build_openvino(str(bundle), precisions=(), candidates={("forecaster", "nan"): "openvino/forecaster.nan.onnx"})
+    assert not v.accepted and v.info["finite"] is False
+    assert v.mse_rel_change == np.inf and v.info["max_abs_change_normalized"] == np.inf
+    (r,) = [x for x in read_manifest(str(bundle)).openvino if x.precision == "nan"]
+    assert not r.accepted and r.info["finite"] is False and r.mse_rel_change == np.inf

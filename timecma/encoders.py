@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,19 +80,40 @@ def _graph_runner(llm: LoadedLLM, kind: str, prec: str) -> tuple[Callable[[list[
             from timecma.runtime.backends.openvino import graph_runner
 
             if prec == "int8":
-                from timecma.runtime.compile.openvino import compress_int8
-
-                ir = os.path.join(os.path.dirname(path), "openvino", "llm_last_token.int8.xml")
-                if not os.path.exists(ir):
-                    os.makedirs(os.path.dirname(ir), exist_ok=True)
-                    compress_int8(path, ir)
-                path = ir
+                path = cached_int8_ir(path)
             run = graph_runner(path, prec)
     except ImportError as exc:
         extra = "openvino" if kind == "openvino" else "export"
         raise BackendUnavailable(f"precompute backend {kind} is not installed: pip install 'timecma[{extra}]' "
                                  f"({exc})") from exc
     return (lambda ids: run(llm_feeds(ids, llm.info.pad_id))), export_s
+
+
+INT8_DIR = "openvino-int8"  # beside the cached LLM graph: the int8 IR, a folder that appears whole or not at all
+INT8_TMP = ".openvino-int8-"  # its temporaries, named with the writer's PID (core.leftovers)
+
+
+def cached_int8_ir(graph: str) -> str:
+    """The int8 OpenVINO IR (.xml + .bin) of the cached LLM graph ``graph``, compressed once. It is written to
+    a temporary folder beside it and renamed into place complete, so a folder in place is always whole (a
+    killed writer leaves only its temporary, removed by the next call); concurrent writers keep the first."""
+    from timecma.core.files import publish_dir
+    from timecma.core.leftovers import remove_dead_temporaries
+    from timecma.runtime.compile.openvino import compress_int8
+
+    folder = os.path.dirname(graph)
+    final = os.path.join(folder, INT8_DIR)
+    ir = os.path.join(final, "llm_last_token.int8.xml")
+    remove_dead_temporaries(folder, INT8_TMP, "an unfinished int8 graph")
+    if os.path.isfile(ir):
+        return ir
+    tmp = tempfile.mkdtemp(prefix=f"{INT8_TMP}{os.getpid()}-", dir=folder)
+    try:
+        compress_int8(graph, os.path.join(tmp, os.path.basename(ir)))
+        publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ir
 
 
 def prompt_encoder(llm: LoadedLLM, choice: str, sample: list[np.ndarray], gate: float = EMBEDDING_GATE) -> PromptEncoder:

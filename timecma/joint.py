@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,12 +102,13 @@ class JointModel(nn.Module):
     the decoder's final hidden state, as the frozen encoder does) and forecasts; ``text_loss`` is the
     next-token loss of the same forward (or of ``text`` chunks) on at most ``TEXT_PROMPTS`` sequences."""
 
-    def __init__(self, forecaster: nn.Module, lm: nn.Module, n_vars: int):
+    def __init__(self, forecaster: nn.Module, lm: Any, n_vars: int):
+        """``lm``: a Hugging Face causal LM, or peft's wrapper of one (their methods are looked up by name)."""
         super().__init__()
         self.forecaster, self.lm, self.n_vars = forecaster, lm, n_vars
-        self._hidden: tuple | None = None
+        self._hidden: tuple[torch.Tensor, Prompts] | None = None
 
-    def _causal_lm(self) -> nn.Module:
+    def _causal_lm(self) -> Any:
         """The Hugging Face model (under peft's wrapper with LoRA): its decoder and its LM head."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
@@ -128,6 +130,8 @@ class JointModel(nn.Module):
         if text is not None:
             hidden, _ = self.embed(text)
             p = text
+        elif self._hidden is None:
+            raise RuntimeError("text_loss() without text follows a forward in training mode (its prompts)")
         else:
             hidden, p = self._hidden
         if len(p.ids) > TEXT_PROMPTS:  # the LM head over a 50k vocabulary is costly: a random subset

@@ -1,4 +1,4 @@
-"""Frozen LLM as a batched last-token encoder (DESIGN §4).
+"""Frozen LLM as a batched last-token encoder (docs/design.md §4).
 
 Prompts are right-padded with an attention mask and plain position ids; the gather of the
 last real position happens inside the module, so only [B, d_llm] leaves it (the same
@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,7 +200,7 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
         extra=extra,
     )
     encoder = LastTokenEncoder(model, last_position_only).to(device)
-    log.info("loaded LLM %s (d=%d, %d of %d layers, %d positions, weights %s)", name_or_dir, d_llm, used, total,
+    log.info("loaded LLM %s (d=%d, %s of %s layers, %d positions, weights %s)", name_or_dir, d_llm, used, total,
              max_positions, w[:12])
     return LoadedLLM(encoder, tokenizer, info)
 
@@ -207,16 +209,23 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
 _LAYER_LISTS = (("h", "n_layer"), ("layers", "num_hidden_layers"))
 
 
-def keep_first_layers(model: nn.Module, k: int | None) -> int:
+def keep_first_layers(model: nn.Module, k: int | None) -> int | None:
     """Cut a decoder to its first ``k`` layers (its final norm stays); returns the model's own depth.
 
     The prompt embedding is then the last token's state after layer k and the final norm, as
-    OFA/GPT4TS use the first 6 of GPT-2's 12 layers: serving cost falls about as k / depth."""
+    OFA/GPT4TS use the first 6 of GPT-2's 12 layers: serving cost falls about as k / depth.
+    ``k=None`` changes nothing and works for every model the loader takes (an encoder such as BERT
+    keeps its layers elsewhere): the depth is then read from the config, None where it has none."""
     for attr, count_key in _LAYER_LISTS:
         blocks = getattr(model, attr, None)
         if isinstance(blocks, nn.ModuleList):
             break
     else:
+        if k is None:
+            cfg = getattr(model, "config", None)
+            depth = next((getattr(cfg, key) for _, key in _LAYER_LISTS if isinstance(getattr(cfg, key, None), int)),
+                         None)
+            return depth
         raise InputError(f"cannot find the decoder layers of a {type(model).__name__}: --llm-layers supports "
                          "GPT-2 and the Llama, Mistral and Qwen2 families")
     total = len(blocks)
@@ -320,6 +329,46 @@ def _tiny_decoder(arch: str, vocab: int, n_positions: int, preset: str, special:
     return tf.Qwen2Model(tf.Qwen2Config(**common, use_sliding_window=False))
 
 
+TINY_LLM_RECORD = "timecma-tiny-llm.json"  # in every folder timecma-tiny-llm writes: how it was made
+TINY_LLM = f"an LLM folder made by timecma-tiny-llm (with its {TINY_LLM_RECORD})"
+_TINY_README = "Offline test LLM made by `timecma-tiny-llm"  # how older timecma-tiny-llm folders begin their README
+
+
+def is_tiny_llm(path: str) -> bool:
+    """A folder ``build_tiny_llm`` made: its record, or (made before the record) its README and a config.json."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, TINY_LLM_RECORD)) as f:
+            return json.load(f).get("made_by") == "timecma-tiny-llm"
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        with open(os.path.join(path, "README.md")) as f:
+            readme = f.read(len(_TINY_README))
+    except (OSError, UnicodeDecodeError):
+        return False
+    return readme == _TINY_README and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _put_tiny_llm(tmp: str, out_dir: str) -> None:
+    """Rename the finished folder ``tmp`` to ``out_dir``: where nothing is, over an empty folder or file, or
+    over a tiny LLM made before (moved aside first, removed after). Anything else is refused, untouched."""
+    from .core.files import check_replaceable, is_empty
+
+    check_replaceable(out_dir, is_tiny_llm, TINY_LLM)  # again: building took a while
+    if os.path.isfile(out_dir) and is_empty(out_dir):
+        os.unlink(out_dir)
+    if not os.path.lexists(out_dir) or is_empty(out_dir):
+        os.replace(tmp, out_dir)  # onto an empty folder a rename replaces it
+        return
+    parent, name = os.path.split(out_dir)
+    aside = tempfile.mkdtemp(prefix=f".old-tiny-llm-{name}-{os.getpid()}-", dir=parent)
+    os.replace(out_dir, os.path.join(aside, "old"))
+    os.replace(tmp, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def build_tiny_llm(
     out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 600, n_positions: int = 1024, preset: str = "tiny",
     arch: str = "gpt2",
@@ -331,14 +380,23 @@ def build_tiny_llm(
     Its weights are random: embeddings carry no language knowledge. It exists for tests and
     the offline demo; real use means ``--llm gpt2`` (or a Llama/Mistral/Qwen2 hub id or directory).
     The Llama family's tokenizers prepend a BOS token, as the real ones do; GPT-2's and Qwen2's do not.
+
+    ``out_dir`` may be new, an empty folder, or a tiny LLM made here before (``TINY_LLM_RECORD``), which
+    is replaced whole; anything else raises ``InputError`` naming it, before any work, and is left alone.
+    The model is written to a temporary folder beside it and renamed into place at the end.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from .core.files import check_replaceable
+    from .core.leftovers import remove_dead_temporaries
+
     if arch not in ARCHES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHES}")
+    given = os.fspath(out_dir)
+    out_dir = os.path.abspath(given)
+    check_replaceable(out_dir, is_tiny_llm, TINY_LLM)  # before any work
     quiet_progress()
-    out_dir = os.fspath(out_dir)
     specials = ["<|endoftext|>"] if arch in ("gpt2", "qwen2") else ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -360,11 +418,24 @@ def build_tiny_llm(
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     torch.manual_seed(seed)
     model = _tiny_decoder(arch, tok.get_vocab_size(), n_positions, preset, ids)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    fast.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(f"Offline test LLM made by `timecma-tiny-llm --arch {arch}`: {arch} architecture "
-                f"{PRESETS[preset]}, RANDOM weights, byte-level BPE of {tok.get_vocab_size()} tokens trained on "
-                "synthetic prompt text. For tests and the demo only; use --llm gpt2 for real forecasts.\n")
-    return out_dir
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    for prefix in (f".tiny-llm-{name}-", f".old-tiny-llm-{name}-"):
+        remove_dead_temporaries(parent, prefix, "an unfinished timecma-tiny-llm folder")
+    tmp = tempfile.mkdtemp(prefix=f".tiny-llm-{name}-{os.getpid()}-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(f"{_TINY_README} --arch {arch}`: {arch} architecture "
+                    f"{PRESETS[preset]}, RANDOM weights, byte-level BPE of {tok.get_vocab_size()} tokens trained on "
+                    "synthetic prompt text. For tests and the demo only; use --llm gpt2 for real forecasts.\n")
+        with open(os.path.join(tmp, TINY_LLM_RECORD), "w") as f:
+            json.dump({"made_by": "timecma-tiny-llm", "arch": arch, "preset": preset, "seed": seed,
+                       "vocab_size": tok.get_vocab_size(), "n_positions": n_positions}, f, indent=2)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        _put_tiny_llm(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return given

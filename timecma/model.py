@@ -1,4 +1,4 @@
-"""The TimeCMA forecaster (DESIGN §6), state_dict-compatible with the public reference.
+"""The TimeCMA forecaster (docs/design.md §6), state_dict-compatible with the public reference.
 
 Written without no-op reshapes (the reference squeezes a non-unit dimension, which
 exports to an ONNX Squeeze that fails at load time), so the same module exports cleanly.
@@ -23,8 +23,8 @@ def seasonal_naive_index(cfg: ModelConfig) -> torch.Tensor | None:
 
 def add_residual_base(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y + the seasonal-naive forecast of x, inside the graph (its inputs do not change)."""
-    idx = module.snaive_index
-    if idx is None:
+    idx = module.snaive_index  # a buffer: a tensor, or None for a model without the residual base
+    if not isinstance(idx, torch.Tensor):
         return y
     return y + torch.gather(x, 1, idx.unsqueeze(0).expand(x.shape[0], -1, -1))
 
@@ -146,7 +146,11 @@ class TimeCMA(nn.Module):
         self.register_buffer("snaive_index", seasonal_naive_index(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, prompt_emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forecast_encoded(x, self.encode_prompts(prompt_emb) if self.uses_llm else None)
+        if not self.uses_llm:
+            return self.forecast_encoded(x, None)
+        if prompt_emb is None:
+            raise ValueError("a model with the LLM branch forecasts from prompt embeddings: prompt_emb is None")
+        return self.forecast_encoded(x, self.encode_prompts(prompt_emb))
 
     def encode_prompts(self, prompt_emb: torch.Tensor) -> torch.Tensor:
         """[B, N, d_llm] prompt embeddings -> [B, N, d_llm] encoded: a function of the stored embeddings
@@ -160,6 +164,8 @@ class TimeCMA(nn.Module):
         h = self.length_to_feature(x.transpose(1, 2))  # [B, N, C]
         h = self.ts_encoder(h)  # [B, N, C]
         if self.uses_llm:
+            if prompt_enc is None:
+                raise ValueError("a model with the LLM branch forecasts from encoded prompts: prompt_enc is None")
             e = prompt_enc.transpose(1, 2)  # [B, d_llm, N]
             h = self.cross(h.transpose(1, 2), e, e).transpose(1, 2)  # [B, N, C]
         d = self.decoder(h, h)  # [B, N, C]
@@ -194,7 +200,10 @@ class DLinear(nn.Module):
         return add_residual_base(self, x, y.transpose(1, 2))
 
 
-def make_model(cfg: ModelConfig) -> nn.Module:
+ForecastModel = TimeCMA | DLinear  # what ``cfg.model`` can name
+
+
+def make_model(cfg: ModelConfig) -> ForecastModel:
     """The network ``cfg.model`` names."""
     return DLinear(cfg) if cfg.model == "dlinear" else TimeCMA(cfg)
 

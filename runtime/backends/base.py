@@ -42,6 +42,18 @@ class Backend(Protocol):
         """[1,seq_len,N] raw, [1,N,d_llm] encoded prompts -> [1,pred_len,N] raw."""
 
 
+class WholeForecaster:
+    """For a backend that runs the forecaster graph whole (``split`` None): serving never asks it for the halves."""
+
+    split: str | None = None
+
+    def run_prompt_encoder(self, prompt_emb: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} runs the forecaster whole (its split is None)")
+
+    def run_head(self, x: np.ndarray, prompt_enc: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} runs the forecaster whole (its split is None)")
+
+
 # The head is ~0.35 ms of small ops: on one thread it is as fast as on two (GPT-2 size, 2 cores: ORT 0.37 vs 0.37 ms,
 # OpenVINO 0.33 vs 0.91), and right after the prompt encoder a second pool's threads fight the first one's
 # (prompt encoder + head back to back: 2.8 ms on one thread, 4.8 ms on two; the whole graph 2.7).

@@ -8,6 +8,7 @@ import contracts in pyproject.toml name it as that exception.
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from timecma.core.files import file_sha256
 from timecma.core.manifest import Manifest
 from timecma.core.scaling import Scaler
 from timecma.core.store import precision_tag
+
+from .base import WholeForecaster
 
 
 def find_checkpoint(bundle_dir: str, manifest: Manifest, ckpt: str | None = None) -> str:
@@ -46,11 +49,11 @@ def llm_source(bundle_dir: str, manifest: Manifest, ckpt: str | None = None) -> 
     return load_checkpoint(find_checkpoint(bundle_dir, manifest, ckpt))["llm"]["id"]
 
 
-class TorchBackend:
+class TorchBackend(WholeForecaster):
     """Eager PyTorch on the checkpoint the bundle was exported from (for comparison only)."""
 
     limits: dict[str, int] = {}
-    split = None  # the reference runs the forecaster whole, as a user's own script would
+    split: str | None = None  # the reference runs the forecaster whole, as a user's own script would
 
     def __init__(self, bundle_dir: str, manifest: Manifest, ckpt: str | None = None, device: str = "cpu",
                  dtype: str = "float32", compile: bool = False):
@@ -73,10 +76,11 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.llm_precision = precision_tag("torch", tag)
-        self.model = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
+        # modules, or what torch.compile makes of them
+        self.model: Callable[..., Any] = build_model(ModelConfig(**c["model_config"]), c["state_dict"]).to(self.device)
         self.scaler = Scaler.from_contract(c["data"])  # the same scaling the exported graph applies
         # the plain Hugging Face forward: the eager baseline users run today
-        self.llm = (load_llm(c["llm"]["id"], self.device, last_position_only=False,
+        self.llm: Callable[..., Any] | None = (load_llm(c["llm"]["id"], self.device, last_position_only=False,
                              layers=recorded_layers(c["llm"])).encoder.to(self.dtype)
                     if c["llm"] else None)  # models without the LLM branch
         if compile:
@@ -84,6 +88,7 @@ class TorchBackend:
             self.llm = torch.compile(self.llm, dynamic=True) if self.llm is not None else None
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        assert self.llm is not None, "run_llm on a model without the LLM branch"
         t = self.torch
         with t.inference_mode():
             out = self.llm(t.from_numpy(input_ids).to(self.device), t.from_numpy(attention_mask).to(self.device))

@@ -75,7 +75,7 @@ def graph_cache_dir(path: str, config: dict) -> str:
 
 def compile_graph(path: str, precision: str, threads: int | None = None):
     """One graph (ONNX or IR) compiled for the CPU plugin: latency hint, precision hint, its own cache folder."""
-    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute_precision(precision)}
+    cfg: dict[str, str | int] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute_precision(precision)}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
     return _core().compile_model(path, "CPU", {**cfg, "CACHE_DIR": graph_cache_dir(path, cfg)})
@@ -121,11 +121,11 @@ def choose(manifest: Manifest, graph: str, precision: str) -> tuple[str, OVVaria
     if precision != "f32" and precision not in variants:
         raise BundleError(f"the bundle has no gated OpenVINO {precision} variant of the {graph} graph (it has "
                           f"{sorted(variants) or 'none'}); run: timecma-engines openvino BUNDLE")
-    v = variants.get(precision)
-    if v is not None and not v.accepted:
+    chosen = variants.get(precision)
+    if chosen is not None and not chosen.accepted:
         log.warning("OpenVINO %s %s failed its accuracy gate (%s); used because it was asked for", graph, precision,
-                    v.verdict)
-    return precision, v
+                    chosen.verdict)
+    return precision, chosen
 
 
 class OpenVinoBackend:
@@ -155,7 +155,7 @@ class OpenVinoBackend:
         # on first use (a Forecaster without a store never runs them)
         self.split = split_id(manifest) if self.precision.get("forecaster") == "f32" else None
         split = manifest.graphs["forecaster"].cpu_split
-        self._split_graphs = {} if not self.split else {
+        self._split_graphs = {} if not self.split or split is None else {
             "prompt_encoder": (os.path.join(bundle_dir, split.prompt_encoder.file), threads),
             "head": (os.path.join(bundle_dir, split.head.file), HEAD_THREADS)}
         log.info("openvino: %s", ", ".join(f"{g} {p}" for g, p in self.precision.items()))

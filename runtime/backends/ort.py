@@ -85,6 +85,7 @@ class OrtBackend:
             self._binding.bind_ortvalue_output("y", self._y)
 
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        assert self.llm is not None, "run_llm on a bundle without an LLM graph"
         if self.device == "cpu":
             return self.llm.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
         binding = self.llm.io_binding()
@@ -99,11 +100,13 @@ class OrtBackend:
 
     @functools.cached_property
     def _enc(self):
+        assert self._split is not None, "the split graphs of a bundle without them (Backend.split is None)"
         return ort_session(os.path.join(self._bundle_dir, self._split.prompt_encoder.file), self.device, self._threads,
                            spin=False)
 
     @functools.cached_property
     def _head(self):
+        assert self._split is not None, "the split graphs of a bundle without them (Backend.split is None)"
         return ort_session(os.path.join(self._bundle_dir, self._split.head.file), self.device, HEAD_THREADS)
 
     def run_prompt_encoder(self, prompt_emb: np.ndarray) -> np.ndarray:

@@ -16,10 +16,11 @@ from timecma.core.errors import BackendUnavailable
 from timecma.core.manifest import Engine, Manifest
 from timecma.core.store import FP32, precision_tag
 
+from ..engines import cuda as _cuda
 from ..engines.cuda import CudaRuntime
 from ..engines.trt_flavour import LABELS, RTX_EXPLICIT, RTX_PORTABLE, flavour_named, installed
 from ..engines.trt_runner import EngineIO, EngineRunner
-from .base import forecaster_feeds
+from .base import WholeForecaster, forecaster_feeds
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,29 @@ def build_command(bundle_dir: str, flavour: str, precision: str, gpu_cc: str | N
     return cmd
 
 
+PARITY_KEY = "parity_vs_ort_fp32"  # the gate's record in an engine's manifest entry (runtime.compile.tensorrt)
+# engines by what the gate knows of them: passed on this GPU generation, passed on another one, never run
+_GATE_RANK = {"accepted here": 0, "accepted elsewhere": 1, "not gated": 2}
+
+
+def gate_state(entry: Engine, gpu_cc: str) -> str:
+    """What the build's gate found for an engine: ``accepted here`` (on this compute capability),
+    ``accepted elsewhere`` (on another GPU it targets), ``refused``, or ``not gated`` (built without a
+    GPU it targets, or recorded by an older timecma)."""
+    p = entry.info.get(PARITY_KEY) or {}
+    if "accepted" not in p:
+        return "not gated"
+    if not p["accepted"]:
+        return "refused"
+    return "accepted here" if p.get("gpu") == f"sm{gpu_cc}" else "accepted elsewhere"
+
+
 def select_engines(manifest: Manifest, bundle_dir: str, gpu_cc: str, flavours: dict[str, str],
                    precision: str = "fp16") -> dict[str, Engine]:
     """One engine per graph that runs here: an installed flavour of the same version, this GPU among
-    its targets, built from the bundle's current ONNX graph; the wanted precision first.
+    its targets, built from the bundle's current ONNX graph, not refused by the gate. Engines that
+    passed the gate on this GPU come first, then those that passed on another, then those never run
+    on a GPU; within each, the wanted precision first, then standard TensorRT.
 
     Otherwise BackendUnavailable saying what the bundle has, what this machine needs and the
     command that builds it.
@@ -57,10 +77,14 @@ def select_engines(manifest: Manifest, bundle_dir: str, gpu_cc: str, flavours: d
     for graph in manifest.graphs:  # "forecaster", and "llm" where the model has an LLM branch
         shas = {v.file: manifest.sha256(v.file) for v in manifest.graphs[graph].files.values()}
         cands = [e for e in engines if e.graph == graph and usable_flavours.get(e.flavour) == e.version
-                 and gpu_cc in e.compute_capabilities and shas.get(e.onnx_file) == e.onnx_sha256]
-        cands.sort(key=lambda e: (e.precision != precision, e.flavour != "tensorrt"))
+                 and gpu_cc in e.compute_capabilities and shas.get(e.onnx_file) == e.onnx_sha256
+                 and gate_state(e, gpu_cc) != "refused"]
+        cands.sort(key=lambda e: (_GATE_RANK[gate_state(e, gpu_cc)], e.precision != precision,
+                                  e.flavour != "tensorrt"))
         if not cands:
             have = sorted({f"{LABELS.get(e.flavour, e.flavour)} {e.version} {e.precision} for {e.target}"
+                           + (f" (refused by its gate on {e.info[PARITY_KEY].get('gpu')})"
+                              if gate_state(e, gpu_cc) == "refused" else "")
                            for e in engines if e.graph == graph})
             need = ", ".join(f"{LABELS[k]} {v}" for k, v in usable_flavours.items())
             raise BackendUnavailable(f"no {graph} engine runs here: the bundle has {have or 'none'}; this machine "
@@ -69,20 +93,28 @@ def select_engines(manifest: Manifest, bundle_dir: str, gpu_cc: str, flavours: d
     return chosen
 
 
-class TensorRTBackend:
+class TensorRTBackend(WholeForecaster):
     name = "tensorrt"
-    split = None  # the forecaster engine runs whole: no engines are built for the split graphs
+    split: str | None = None  # the forecaster engine runs whole: no engines are built for the split graphs
 
     def __init__(self, bundle_dir: str, manifest: Manifest, precision: str = "fp16"):
-        self.cuda = CudaRuntime()
-        gpu_cc = self.cuda.capability()
+        gpu_cc = _cuda.current_capability()
+        if gpu_cc is None:
+            raise BackendUnavailable("no CUDA GPU is visible to this process")
         chosen = select_engines(manifest, bundle_dir, gpu_cc, installed(), precision)
-        self.stream = self.cuda.stream()
+        for e in chosen.values():
+            if gate_state(e, gpu_cc) == "not gated":
+                log.warning("engine %s has not been checked against ONNX Runtime on a GPU (%s); `timecma-engines "
+                            "build` on this machine builds one that is", e.file,
+                            (e.info.get(PARITY_KEY) or {}).get("not_measured", "no gate record"))
+        self.cuda = CudaRuntime()  # the first CUDA call beyond asking which GPU this is
+        stream = self.cuda.stream()
+        self.stream: int | None = stream  # None once closed
         self.runners: dict[str, EngineRunner] = {}
         try:
             for graph, entry in chosen.items():
                 self.runners[graph] = EngineRunner(flavour_named(entry.flavour),
-                                                   os.path.join(bundle_dir, entry.file), self.cuda, self.stream,
+                                                   os.path.join(bundle_dir, entry.file), self.cuda, stream,
                                                    expected=EngineIO.from_manifest(entry))
         except BaseException:
             self.close()
@@ -106,6 +138,7 @@ class TensorRTBackend:
         for r in getattr(self, "runners", {}).values():
             r.close()
         self.runners = {}
-        if getattr(self, "stream", None):
-            self.cuda.destroy_stream(self.stream)
+        stream = getattr(self, "stream", None)
+        if stream:
+            self.cuda.destroy_stream(stream)
             self.stream = None

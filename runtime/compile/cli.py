@@ -27,7 +27,7 @@ def triple(value: str) -> tuple[int, int, int]:
         parts = ()
     if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
         raise click.BadParameter(f"expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {value!r}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def precisions(value: str) -> tuple[str, ...]:
@@ -63,9 +63,11 @@ def engines_cmd(verbose: bool) -> None:
 @click.argument("bundle", type=click.Path())
 @click.option("--precision", "precision", default="fp16", show_default=True, help="Comma list of fp16,fp32.")
 @flavour_option
-@click.option("--llm-batch", default="1,7,64", show_default=True, help="LLM prompts per call MIN,OPT,MAX.")
-@click.option("--llm-seq", default=None, help="LLM tokens per prompt MIN,OPT,MAX [default: 1,256,1024 capped at "
-                                              "the LLM's positions].")
+@click.option("--llm-batch", default=None, help="LLM prompts per call MIN,OPT,MAX [default: 1,N,64: OPT a window's "
+                                                "N prompts].")
+@click.option("--llm-seq", default=None, help="LLM tokens per prompt MIN,OPT,MAX [default: OPT the bundle's validation "
+                                              "prompts' padded length, MAX 1024 (or the longest prompt), capped at the "
+                                              "LLM's positions].")
 @click.option("--forecast-batch", default="1,1,64", show_default=True, help="Forecaster windows per call.")
 @click.option("--max-batch", type=int, default=None, help="Shortcut: the MAX of --llm-batch and --forecast-batch.")
 @click.option("--max-seq", type=int, default=None, help="Shortcut: the MAX of --llm-seq.")
@@ -73,13 +75,20 @@ def engines_cmd(verbose: bool) -> None:
 @click.option("--graph", type=click.Choice(["all", "llm", "forecaster"]), default="all", show_default=True)
 def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch, max_batch, max_seq,
               targets, graph):
-    """Build engines from BUNDLE's ONNX graphs and add them to it, atomically."""
+    """Build engines from BUNDLE's ONNX graphs and add them to it, atomically.
+
+    Where a GPU the engines target is visible, each is gated on the bundle's validation windows against
+    ONNX Runtime fp32 (worst prompt's embedding, largest forecast change): one over the gate is refused,
+    not added, and the command exits 3 after adding the others. Built without such a GPU, an engine is
+    added as "not measured". A plan is written only where nothing is, over an empty file, or over a plan
+    the manifest lists: any other file under its name is refused (exit 2) and left alone."""
     from .tensorrt import EngineProfile, build_engines, default_profile
 
     try:
         manifest = read_manifest(bundle)
-        d = default_profile(manifest)
-        lb, ls, fb = triple(llm_batch), triple(llm_seq) if llm_seq else d.llm_seq, triple(forecast_batch)
+        d = default_profile(manifest, bundle)
+        lb = triple(llm_batch) if llm_batch else d.llm_batch
+        ls, fb = triple(llm_seq) if llm_seq else d.llm_seq, triple(forecast_batch)
         if max_batch is not None:
             lb, fb = (min(lb[0], max_batch), min(lb[1], max_batch), max_batch), \
                      (min(fb[0], max_batch), min(fb[1], max_batch), max_batch)
@@ -92,11 +101,16 @@ def build_cmd(bundle, precision, trt_flavour, llm_batch, llm_seq, forecast_batch
     for e in new:
         click.echo(f"built {e.file} ({e.bytes / 1e6:.1f} MB, {e.info['build_seconds']} s, {e.target}); "
                    f"parity: {_parity(e)}")
+    if new.refused:
+        names = ", ".join(f"{e.graph} {e.precision}" for e in new.refused)
+        fail(PROG, BundleError(f"refused by the gate on this GPU, not added to the bundle: {names}: "
+                               + "; ".join(_parity(e) for e in new.refused)))
 
 
 def _parity(e: Engine) -> str:
-    p = e.info.get("parity_vs_ort_fp32", {})
-    return p["not_measured"] if "not_measured" in p else f"max abs {p['max_abs']:.2e} vs ONNX Runtime fp32"
+    from .tensorrt import PARITY_KEY, parity_summary
+
+    return parity_summary(e.info.get(PARITY_KEY, {}))
 
 
 @engines_cmd.command("openvino", epilog=EPILOG)
@@ -152,7 +166,8 @@ def verify_cmd(bundle):
     """Check every file of BUNDLE against its sha256; summarise graphs, parity, engines and which
     backends can run it on this machine (and why not)."""
     from ..backends.select import available_backends
-    from ..backends.tensorrt import select_engines
+    from ..backends.tensorrt import gate_state, select_engines
+    from ..engines.cuda import current_capability
     from ..engines.trt_flavour import installed
 
     try:
@@ -172,11 +187,15 @@ def verify_cmd(bundle):
         click.echo(f"  engine {e.graph} {e.precision}: {e.flavour} {e.version}, {e.target}; {_parity(e)}")
     avail = available_backends()
     for name, why in avail.items():
+        detail = ""
         if name == "tensorrt" and why == "available":
-            from .cuda import CudaRuntime
-
             try:
-                select_engines(manifest, bundle, CudaRuntime().capability(), installed())
-            except BackendUnavailable as exc:
+                gpu_cc = current_capability()
+                if gpu_cc is None:
+                    raise BackendUnavailable("no CUDA GPU is visible to this process")
+                chosen = select_engines(manifest, bundle, gpu_cc, installed())
+                detail = f" on sm{gpu_cc}: " + "; ".join(f"{g} {e.precision} {e.flavour} ({gate_state(e, gpu_cc)})"
+                                                         for g, e in chosen.items())
+            except (BackendUnavailable, RuntimeError) as exc:  # RuntimeError: a CUDA call failed
                 why = str(exc)
-        click.echo(f"  backend {name}: {'can run here' if why == 'available' else why}")
+        click.echo(f"  backend {name}: {'can run here' + detail if why == 'available' else why}")

@@ -4,10 +4,11 @@ A lower precision is judged the way a user would judge it: on the forecast. Expo
 validation windows (``parity/gate.npz``: raw windows, their prompts' token ids, the truth in
 the paper's normalised units). Per graph and precision, that graph runs in OpenVINO at that
 precision while the other stays the fp32 ONNX Runtime reference; the forecast MSE against the
-truth is compared with the all-fp32 MSE; a variant whose MSE moves by 1% or more, or any of whose
-forecasts moves by ``FORECAST_GATE`` (normalised units, the fp16 graphs' rule) or more, or (LLM)
-whose worst prompt's embedding moves by ``EMBEDDING_GATE`` or more, is recorded as refused
-(``auto`` does not use it). int8 is NNCF weight compression, saved as an
+truth is compared with the all-fp32 MSE; a variant with a non-finite output, or whose MSE moves by
+1% or more, or any of whose forecasts moves by ``FORECAST_GATE`` (normalised units, the fp16 graphs'
+rule) or more, or (LLM) whose worst prompt's embedding moves by ``EMBEDDING_GATE`` or more, is
+recorded as refused (``auto`` does not use it): ``timecma.core.accuracy.judge_variant``, the decision
+TensorRT engines and export's int8 graphs take too. int8 is NNCF weight compression, saved as an
 IR in the bundle; w8a8 (LLM only) is NNCF static quantisation of weights and activations with
 SmoothQuant, calibrated on the gate's own validation prompts; bf16 is OpenVINO's
 inference-precision hint on the fp32 graph, gated only on a CPU with native bf16. The verdicts, MSEs and latencies go into the manifest.
@@ -21,7 +22,7 @@ import os
 
 import numpy as np
 
-from timecma.core.accuracy import EMBEDDING_GATE, FORECAST_GATE, embedding_errors
+from timecma.core.accuracy import MSE_GATE, embedding_errors, judge_variant
 from timecma.core.errors import BundleError
 from timecma.core.machine import cpu_info, has_native_bf16
 from timecma.core.manifest import OVVariant, file_record, read_manifest, write_manifest
@@ -34,7 +35,7 @@ from ..backends.openvino import LLM_ONLY, compute_precision, graph_runner, ov_mo
 log = logging.getLogger(__name__)
 
 GATE_FILE = "parity/gate.npz"
-GATE = 0.01  # largest accepted relative change of the validation forecast MSE
+GATE = MSE_GATE  # largest accepted relative change of the validation forecast MSE
 CALIBRATION_WINDOWS = 4  # w8a8: every other gate window's prompts up to this many windows (28 prompts at N = 7)
 W8A8_SMOOTH_QUANT_ALPHA = 0.95  # NNCF's default for MatMuls; 0.5 measured no better on SmolLM2
 
@@ -79,8 +80,9 @@ class _Gate:
         return np.concatenate([run_fc(self.x[i:i + 1], None if emb is None else emb[i:i + 1])
                                for i in range(len(self.x))])
 
-    def mse(self, y: np.ndarray) -> float:
-        return float(np.mean(((y - self.mean) / self.std - self.truth) ** 2))
+    def mse(self, y: np.ndarray, keep: np.ndarray | slice = slice(None)) -> float:
+        """Forecast MSE (the paper's units) over the gate windows ``keep`` (``y`` covers them all)."""
+        return float(np.mean(((y[keep] - self.mean) / self.std - self.truth[keep]) ** 2))
 
 
 def _nncf():
@@ -124,11 +126,22 @@ def w8a8_record(calibration: list[dict], float_matmuls: list[str]) -> dict:
             "float_activation_matmuls": len(float_matmuls)}
 
 
+def calibration_windows(n_windows: int) -> list[int]:
+    """The gate windows w8a8 calibrates on: every other one, up to CALIBRATION_WINDOWS. It is scored on the others."""
+    return list(range(0, n_windows, 2))[:CALIBRATION_WINDOWS]
+
+
+def scored_windows(n_windows: int) -> np.ndarray:
+    """The gate windows a calibrated variant is judged on: those it was not calibrated on."""
+    seen = set(calibration_windows(n_windows))
+    return np.array([w for w in range(n_windows) if w not in seen] or list(range(n_windows)))
+
+
 def calibration_feeds(ids: np.ndarray, mask: np.ndarray, n: int) -> list[dict]:
-    """w8a8 calibration: the prompts of every other gate window (up to CALIBRATION_WINDOWS), one unpadded
+    """w8a8 calibration: the prompts of the calibration windows (``calibration_windows``), one unpadded
     prompt per feed, so no pad token enters an activation range; the windows between stay unseen by it."""
     feeds = []
-    for w in range(0, len(ids) // n, 2)[:CALIBRATION_WINDOWS]:
+    for w in calibration_windows(len(ids) // n):
         for i in range(w * n, (w + 1) * n):
             k = int(mask[i].sum())
             feeds.append({"input_ids": ids[i:i + 1, :k], "attention_mask": mask[i:i + 1, :k]})
@@ -202,32 +215,36 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
     for g, label, rel, prec, made in jobs:
         path = os.path.join(bundle_dir, rel or manifest.graphs[g].files["fp32"].file)
         run = graph_runner(path, prec, threads)
-        emb_err = {}
+        # a variant calibrated on some gate windows (w8a8) is scored on the others only
+        keep = scored_windows(len(ref.x)) if made.get("calibration_prompts") else np.arange(len(ref.x))
+        emb = emb_ref = None
         if g == "llm":
-            emb, emb_err, ms = ref.judge_llm(run)
-            y = ref.forecast(lambda x, e: ref.fc_ref.run(None, forecaster_feeds(x, e))[0], emb)
+            emb_all, _, ms = ref.judge_llm(run)
+            y = ref.forecast(lambda x, e: ref.fc_ref.run(None, forecaster_feeds(x, e))[0], emb_all)
+            emb, emb_ref = emb_all[keep], None if ref.emb_ref is None else ref.emb_ref[keep]
         else:
             y = ref.forecast(lambda x, e: run(forecaster_feeds(x, e)), ref.emb_ref)
             feeds = forecaster_feeds(ref.x[:1], None if ref.emb_ref is None else ref.emb_ref[:1])
             ms, _ = time_calls(lambda k: run(feeds), 200, warmup=5, budget_s=3)
-        mse = ref.mse(y)
-        change = abs(mse - ref.mse_ref) / ref.mse_ref
-        # the LLM stage is judged by its embeddings too: the forecast MSE alone hides their damage; and an
-        # MSE that barely moves on average can hide single forecasts that move far (the fp16 gate's rule)
-        emb_ok = not emb_err or emb_err["prompt_rel_l2_max"] < EMBEDDING_GATE
-        moved = float(np.max(np.abs((y - ref.y_ref) / ref.std)))
-        v = OVVariant(g, label, rel, change, bool(change < gate and emb_ok and moved < FORECAST_GATE),
-                      float(np.median(ms)),
-                      {"val_mse": mse, "val_mse_fp32": ref.mse_ref, "windows": int(len(ref.x)), "gate": gate,
-                       **({"embedding": {**emb_err, "gate": EMBEDDING_GATE}} if emb_err else {}),
-                       "max_abs_change_normalized": moved, "forecast_gate": FORECAST_GATE,
+        # the one decision every variant takes (timecma.core.accuracy): the LLM stage is judged by its embeddings
+        # too, since the forecast MSE alone hides their damage; and an MSE that barely moves on average can hide
+        # single forecasts that move far (the fp16 gate's rule)
+        j = judge_variant(y[keep], ref.y_ref[keep], ref.truth[keep], ref.mean, ref.std, emb, emb_ref, mse_gate=gate)
+        mse, mse_ref = j["val_mse"], j["val_mse_fp32"]
+        v = OVVariant(g, label, rel, j["mse_rel_change"], j["accepted"], float(np.median(ms)),
+                      {"val_mse": mse, "val_mse_fp32": mse_ref, "windows": int(len(keep)), "gate": gate,
+                       **({"scored_on": "the gate windows it was not calibrated on"}
+                          if made.get("calibration_prompts") else {}),
+                       **({"embedding": j["embedding"]} if "embedding" in j else {}),
+                       "max_abs_change_normalized": j["forecast_max_abs_change_normalized"],
+                       "forecast_gate": j["forecast_gate"], "finite": j["finite"],
                        "computes_in": compute_precision(prec), **made, **cpu,
                        "openvino": ov_module().__version__})
-        log.info("openvino %s %s: validation MSE %.5f vs fp32 %.5f: %s", g, label, mse, ref.mse_ref, v.verdict)
+        log.info("openvino %s %s: validation MSE %.5f vs fp32 %.5f: %s", g, label, mse, mse_ref, v.verdict)
         out.append(v)
 
-    keep = [v for v in manifest.openvino if (v.graph, v.precision) not in {(n.graph, n.precision) for n in out}]
-    manifest.openvino = keep + out
+    others = [v for v in manifest.openvino if (v.graph, v.precision) not in {(n.graph, n.precision) for n in out}]
+    manifest.openvino = others + out
     for v in out:
         if v.file:
             for f in (v.file, v.file[:-4] + ".bin") if v.file.endswith(".xml") else (v.file,):

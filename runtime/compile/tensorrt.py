@@ -3,9 +3,16 @@
 Used by ``timecma-engines build`` on the serving box and by ``timecma-export --tensorrt``.
 Engines are written to a temporary folder inside the bundle, moved into ``engines/`` and the
 manifest rewritten atomically, under a lock, next to the engines other GPUs already have;
-any failure leaves the bundle as it was. Where a CUDA GPU is visible the new engines are
-loaded with the serving runner and compared with ONNX Runtime's outputs stored at export
-(``parity/inputs.npz``), so export and serving check engines through one code path.
+any failure leaves the bundle as it was.
+
+Where a CUDA GPU the engine targets is visible, each new engine is gated like every other
+precision variant (``runtime.compile.openvino``, export's fp16 and int8 checks): loaded with the
+serving runner, run on the bundle's validation windows (``parity/gate.npz``) at batch sizes
+above 1 and at batch 1, in chunks that stay within its profile, and judged against ONNX
+Runtime fp32 by ``engine_verdict``: the worst prompt's embedding (relative L2) and the largest
+forecast change in normalised units. An engine over the gate is refused: it is not added to the
+bundle. Built where no such GPU is visible (TensorRT-RTX on a CPU machine), an engine is added
+with ``not_measured`` saying why, and engine selection prefers engines that passed on the GPU.
 """
 
 from __future__ import annotations
@@ -26,17 +33,26 @@ from typing import Iterator
 
 import numpy as np
 
+from timecma.core.accuracy import judge_variant
 from timecma.core.errors import BackendUnavailable, BundleError, InputError
+from timecma.core.files import check_replaceable
 from timecma.core.leftovers import remove_dead_temporaries
 from timecma.core.config import ModelConfig
-from timecma.core.manifest import PARITY_FILE, GRAPHS, Engine, Manifest, file_record, read_manifest, write_manifest
+from timecma.core.manifest import GRAPHS, Engine, Manifest, file_record, read_manifest, write_manifest
 
+from ..backends.base import forecaster_feeds
+from ..backends.tensorrt import PARITY_KEY
 from ..engines import cuda as _cuda
 from ..engines.trt_flavour import FLAVOURS, Flavour, load_flavour
+from .openvino import GATE_FILE
 
 log = logging.getLogger(__name__)
 
-
+ENGINE_GATE_WINDOWS = 8  # validation windows an engine is judged on, spread over the bundle's gate windows
+ENGINE_GATE_PROMPTS = 512  # ... as many as keep their LLM prompts to about this many (two windows at least)
+DEFAULT_MAX_BATCH = 64  # prompts per LLM call, windows per forecaster call
+DEFAULT_MAX_SEQ = 1024  # tokens per prompt (or the longest validation prompt), capped at the LLM's positions
+FALLBACK_SEQ_OPT = 256  # the tokens opt point where the bundle has no validation prompts to take it from
 
 
 @dataclass
@@ -67,9 +83,35 @@ class EngineProfile:
         return shapes
 
 
-def default_profile(manifest: Manifest) -> EngineProfile:
-    mp = manifest.llm.max_positions if manifest.llm else 1024
-    return EngineProfile(llm_seq=(1, min(256, mp), min(1024, mp)))
+def prompt_lengths(bundle_dir: str | None, n: int) -> np.ndarray | None:
+    """Token counts of the bundle's validation prompts as [windows, N] (``parity/gate.npz``); None where
+    the bundle has none (no LLM branch, exported by an older timecma, or no folder given)."""
+    if not bundle_dir:
+        return None
+    path = os.path.join(bundle_dir, GATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as g:
+        if "llm_attention_mask" not in g:
+            return None
+        counts = g["llm_attention_mask"].sum(axis=1)
+    return counts.reshape(-1, n) if counts.size and counts.size % n == 0 else None
+
+
+def default_profile(manifest: Manifest, bundle_dir: str | None = None) -> EngineProfile:
+    """The optimization profile serving runs best in: opt is a window's N prompts per LLM call (up to the
+    maximum), at the length its longest prompt pads them to (the median over the bundle's validation
+    windows, ``bundle_dir``'s ``parity/gate.npz``), and one window per forecaster call (batch-1 serving).
+    Maxima: 64 prompts or windows per call, 1024 tokens or the longest validation prompt, capped at the
+    LLM's positions. Without validation prompts the tokens opt point stays at 256."""
+    mp = manifest.llm.max_positions if manifest.llm else DEFAULT_MAX_SEQ
+    n = manifest.model_config.num_nodes
+    lengths = prompt_lengths(bundle_dir, n) if manifest.llm else None
+    opt_seq = int(np.median(lengths.max(axis=1))) if lengths is not None else FALLBACK_SEQ_OPT
+    longest = int(lengths.max()) if lengths is not None else 0
+    max_seq = min(mp, max(DEFAULT_MAX_SEQ, longest))
+    return EngineProfile(llm_batch=(1, min(n, DEFAULT_MAX_BATCH), DEFAULT_MAX_BATCH),
+                         llm_seq=(1, max(1, min(opt_seq, max_seq)), max_seq))
 
 
 def _dtype_name(trt, dt) -> str:
@@ -187,18 +229,27 @@ def bundle_lock(bundle_dir: str) -> Iterator[None]:
 
 
 def _gpu_cc() -> str | None:
-    if _cuda.device_count() == 0:
-        return None
-    return _cuda.CudaRuntime().capability()
+    return _cuda.current_capability()
+
+
+class EngineBuild(list[Engine]):
+    """The engines a build added to the bundle (a list of manifest entries), and ``refused``: those built
+    but refused by the gate on this GPU, with their figures, and not added."""
+
+    def __init__(self, committed: list[Engine], refused: list[Engine]):
+        super().__init__(committed)
+        self.refused = refused
 
 
 def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flavour: str = "auto",
                   profile: EngineProfile | None = None, targets: list[str] | None = None,
-                  graphs: tuple[str, ...] | None = None, workspace_gib: float | None = None) -> list[Engine]:
-    """Build one engine per (graph, precision) from the bundle's ONNX graphs; add them to the bundle.
+                  graphs: tuple[str, ...] | None = None, workspace_gib: float | None = None) -> EngineBuild:
+    """Build one engine per (graph, precision) from the bundle's ONNX graphs; add those the gate does not
+    refuse to the bundle.
 
-    Returns the new manifest entries. An entry for the same graph, precision, flavour, version
-    and target is replaced (its old plan removed); engines for other targets stay.
+    Returns the new manifest entries (``EngineBuild.refused``: the engines refused on this GPU). An entry
+    for the same graph, precision, flavour, version and target is replaced (its old plan removed once the
+    new manifest is written); engines for other targets stay.
     """
     bundle_dir = os.path.abspath(bundle_dir)
     manifest = read_manifest(bundle_dir)  # verifies every file first
@@ -207,7 +258,7 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
     absent = [g for g in graphs if g not in manifest.graphs]
     if absent:
         raise BundleError(f"the bundle has no {absent[0]} graph (its model, {cfg.model}, has {sorted(manifest.graphs)})")
-    profile = profile or default_profile(manifest)
+    profile = profile or default_profile(manifest, bundle_dir)
     profile.check(manifest.llm.max_positions if manifest.llm else profile.llm_seq[2])
     for graph in graphs:
         files = manifest.graphs[graph].files
@@ -237,6 +288,7 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
                     onnx_sha = manifest.sha256(onnx_file)
                     shapes = profile.shapes(graph, cfg)
                     name = engine_file_name(graph, p, fl, built_targets, onnx_sha, shapes)
+                    check_plan_replaceable(bundle_dir, manifest, f"engines/{name}")  # before minutes of building
                     log.info("building %s with %s (%s)", name, fl.label, target_description(built_targets, portable))
                     plan, report, warnings, seconds = build_plan(fl, os.path.join(bundle_dir, onnx_file), shapes,
                                                                  built_targets, portable, workspace_gib)
@@ -252,12 +304,19 @@ def build_engines(bundle_dir: str, precisions: tuple[str, ...] = ("fp16",), flav
                               "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                               "warnings": warnings}))
                     log.info("built %s: %.1f MB in %.1f s", name, len(plan) / 1e6, seconds)
+            gate = _GateOnce(bundle_dir, manifest, profile)
             for e in new:
-                e.info["parity_vs_ort_fp32"] = _engine_parity(bundle_dir, tmp, fl, e, gpu_cc)
-            _commit(bundle_dir, manifest, tmp, new)
+                e.info[PARITY_KEY] = _engine_parity(gate, tmp, fl, e, gpu_cc)
+            committed = [e for e in new if e.info[PARITY_KEY].get("accepted", True)]  # not measured: added as such
+            refused = [e for e in new if e not in committed]
+            for e in refused:
+                log.warning("%s refused on sm%s: %s; it is not added to the bundle", os.path.basename(e.file), gpu_cc,
+                            parity_summary(e.info[PARITY_KEY]))
+            if committed:
+                _commit(bundle_dir, manifest, tmp, committed)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return new
+    return EngineBuild(committed, refused)
 
 
 def _same_slot(a: Engine, b: Engine) -> bool:
@@ -265,19 +324,64 @@ def _same_slot(a: Engine, b: Engine) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
+def _keep_aside(path: str, dest: str) -> None:
+    """A second name for ``path``'s file (a hard link; a copy where links are not supported), so that
+    replacing ``path`` leaves its old content recoverable."""
+    try:
+        os.link(path, dest)
+    except OSError:
+        shutil.copy2(path, dest)
+
+
+ENGINE_PLAN = "an engine plan that this bundle's manifest lists (one timecma-engines build made)"
+
+
+def is_plan_name(rel: str) -> bool:
+    """A bundle path where engine builds put plans: ``engines/NAME.plan``."""
+    folder, name = os.path.split(rel)
+    return folder == "engines" and name.endswith(".plan") and not name.startswith(".")
+
+
+def check_plan_replaceable(bundle_dir: str, manifest: Manifest, rel: str) -> None:
+    """The one rule for what a build may write over (``timecma.core.files.check_replaceable``): nothing, an
+    empty file, or a plan the manifest lists as an engine. A file of anyone else's under that name is
+    refused (InputError naming it) and left alone."""
+    listed = {e.file for e in manifest.engines}
+
+    def ours(path: str) -> bool:
+        return rel in listed and is_plan_name(rel) and os.path.isfile(path) and not os.path.islink(path)
+
+    check_replaceable(os.path.join(bundle_dir, rel), ours, ENGINE_PLAN)
+
+
 def _commit(bundle_dir: str, manifest: Manifest, tmp: str, new: list[Engine]) -> None:
-    """Move the new plans in, then rewrite the manifest atomically; undo the moves on failure."""
+    """Move the new plans in, then rewrite the manifest atomically; on failure put every name back.
+
+    A plan is moved in with ``os.replace``, so its name always holds a whole plan, the old one or the new
+    one. Where the name is taken (the same graph, precision, flavour, targets, ONNX graph and profile:
+    a rebuild) the file there is kept aside in ``tmp`` first: a failed commit restores it, and removes
+    only the files this attempt created. A name held by anything but a plan the manifest lists is refused
+    before any file moves. Plans of replaced entries under other names are removed only after the new
+    manifest is written, and only engine plans (``engines/*.plan``): a replaced entry naming any other
+    file leaves that file and its record alone."""
+    for e in new:
+        check_plan_replaceable(bundle_dir, manifest, e.file)  # again: the build took minutes
     old = manifest.engines
     kept = [e for e in old if not any(_same_slot(e, n) for n in new)]
-    replaced = {e.file for e in old} - {e.file for e in kept} - {n.file for n in new}
-    moved = []
+    replaced = {f for f in {e.file for e in old} - {e.file for e in kept} - {n.file for n in new} if is_plan_name(f)}
+    created: list[str] = []
+    displaced: list[tuple[str, str]] = []  # (name in the bundle, its previous file kept aside)
     try:
         for e in new:
             dst = os.path.join(bundle_dir, e.file)
-            if os.path.exists(dst):  # identical name = identical inputs; keep the manifest's record consistent
-                os.unlink(dst)
-            os.replace(os.path.join(tmp, os.path.basename(e.file)), dst)
-            moved.append(dst)
+            src = os.path.join(tmp, os.path.basename(e.file))
+            if os.path.lexists(dst):
+                aside = src + ".previous"
+                _keep_aside(dst, aside)
+                displaced.append((dst, aside))
+            else:
+                created.append(dst)
+            os.replace(src, dst)
         files = {k: v for k, v in manifest.files.items() if k not in replaced}
         for e in new:
             files[e.file] = file_record(bundle_dir, e.file)
@@ -285,45 +389,223 @@ def _commit(bundle_dir: str, manifest: Manifest, tmp: str, new: list[Engine]) ->
                 raise BundleError(f"{e.file} changed while being added to the bundle")
         write_manifest(bundle_dir, dataclasses.replace(manifest, engines=kept + new, files=files))
     except BaseException:
-        for dst in moved:
-            if os.path.exists(dst):
+        for dst in created:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(dst)
+        for dst, aside in displaced:
+            os.replace(aside, dst)
         raise
     for f in replaced:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(bundle_dir, f))
 
 
-def _engine_parity(bundle_dir: str, tmp: str, fl: Flavour, entry: Engine, gpu_cc: str | None) -> dict:
-    """Engine vs the ONNX Runtime fp32 outputs stored at export, on this GPU; or why not measured."""
+# --- the gate ------------------------------------------------------------------------------------------------------
+def engine_verdict(y: np.ndarray, y_ref: np.ndarray, truth: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                   emb: np.ndarray | None = None, emb_ref: np.ndarray | None = None) -> dict:
+    """Accept or refuse an engine's outputs against ONNX Runtime fp32's, with the figures: the decision every
+    lower-precision variant takes (``timecma.core.accuracy.judge_variant``, with its gates).
+
+    ``y``, ``y_ref``: forecasts [W, pred_len, N] in raw units, of the candidate (an LLM engine: the fp32
+    forecaster on the engine's embeddings) and of the reference; ``truth`` [W, pred_len, N] in normalised
+    units; ``mean``/``std`` [N] the normalisation; ``emb``/``emb_ref`` the LLM's embeddings [P, d] where the
+    engine is the LLM."""
+    return judge_variant(y, y_ref, truth, mean, std, emb, emb_ref)
+
+
+def parity_summary(p: dict) -> str:
+    """An engine's gate record in one line (``timecma-engines`` output, logs)."""
+    if not p:
+        return "not measured"
+    if "not_measured" in p:
+        return f"not measured: {p['not_measured']}"
+    if "accepted" not in p:  # a record of an older timecma: an error figure, no verdict
+        return f"not gated (max abs {p.get('max_abs', float('nan')):.2e} vs ONNX Runtime fp32, older record)"
+    emb = p.get("embedding")
+    figures = (f"worst prompt embedding {emb['prompt_rel_l2_max']:.1e} (gate {emb['gate']}), " if emb else "") + (
+        f"forecast moved {p['forecast_max_abs_change_normalized']:.1e} (gate {p['forecast_gate']}), "
+        f"validation MSE {100 * p['mse_rel_change']:+.2f}% (gate {100 * p['mse_gate']:.0f}%)")
+    where = f" on {p['gpu']}, {p.get('windows')} windows at batch {'/'.join(map(str, p.get('batch_sizes', [])))}"
+    return f"{'accepted' if p['accepted'] else 'REFUSED'} ({figures}{where} vs ONNX Runtime fp32)"
+
+
+def _fit(rows: list[np.ndarray], lo: int) -> tuple[list[np.ndarray], int]:
+    """Arrays of one call grown to the profile's minimum batch ``lo`` by repeating their last row;
+    returns them and the real row count (the outputs past it are dropped)."""
+    k = len(rows[0])
+    if k >= lo:
+        return rows, k
+    return [np.concatenate([r, np.repeat(r[-1:], lo - k, axis=0)]) for r in rows], k
+
+
+def llm_in_profile(run, ids: np.ndarray, mask: np.ndarray, batch: tuple[int, int, int], seq: tuple[int, int, int],
+                   pad_id: int) -> tuple[np.ndarray, list[int]]:
+    """Embeddings [P, d] of right-padded prompts, computed by ``run(input_ids, attention_mask)`` in calls that
+    stay within an engine's profile: at most ``batch`` max prompts per call (chunks, when N is larger), each
+    call's columns cut to its longest prompt (at least ``seq`` min). Returns them and the batch of each call.
+    Every prompt must fit ``seq`` max (the caller keeps only windows whose prompts do)."""
+    lo_b, _, hi_b = batch
+    lo_s, _, hi_s = seq
+    out, sizes = [], []
+    for s in range(0, len(ids), hi_b):
+        a, m = ids[s:s + hi_b], mask[s:s + hi_b]
+        width = max(int(m.sum(axis=1).max()), lo_s)
+        if width > hi_s:
+            raise InputError(f"a prompt of {width} tokens exceeds the profile's {hi_s}")
+        if width > a.shape[1]:  # the profile's minimum is longer than these prompts: more right padding
+            extra = width - a.shape[1]
+            a = np.pad(a, ((0, 0), (0, extra)), constant_values=pad_id)
+            m = np.pad(m, ((0, 0), (0, extra)))
+        (a, m), k = _fit([np.ascontiguousarray(a[:, :width]), np.ascontiguousarray(m[:, :width])], lo_b)
+        out.append(np.asarray(run(a, m))[:k])
+        sizes.append(len(a))
+    return np.concatenate(out).astype(np.float32), sizes
+
+
+def forecaster_in_profile(run, x: np.ndarray, emb: np.ndarray | None, batch: tuple[int, int, int]
+                          ) -> tuple[np.ndarray, list[int]]:
+    """Forecasts [W, pred_len, N] from ``run(x, prompt_emb)`` in calls of at most ``batch`` max windows
+    (at least its min). Returns them and the batch of each call."""
+    lo, _, hi = batch
+    out, sizes = [], []
+    for s in range(0, len(x), hi):
+        rows = [x[s:s + hi]] + ([] if emb is None else [emb[s:s + hi]])
+        rows, k = _fit(rows, lo)
+        out.append(np.asarray(run(rows[0], rows[1] if emb is not None else None))[:k])
+        sizes.append(len(rows[0]))
+    return np.concatenate(out), sizes
+
+
+class EngineGate:
+    """The bundle's validation windows (``parity/gate.npz``) and ONNX Runtime fp32's outputs on them: what
+    an engine is judged against. Up to ``windows`` windows spread over the stored ones, fewer where N is
+    large (their prompts kept to about ``prompts``, two windows at least), and only windows whose prompts
+    fit ``max_seq`` tokens (the engine's profile)."""
+
+    def __init__(self, bundle_dir: str, manifest: Manifest, max_seq: int | None = None,
+                 windows: int = ENGINE_GATE_WINDOWS, prompts: int = ENGINE_GATE_PROMPTS, threads: int | None = None):
+        from ..backends.ort import ort_session
+
+        path = os.path.join(bundle_dir, GATE_FILE)
+        if not os.path.isfile(path):
+            raise BundleError(f"the bundle has no {GATE_FILE} (exported by an older timecma): re-export it to gate "
+                              "engines on its validation windows")
+        cfg = manifest.model_config
+        self.n = n = cfg.num_nodes
+        self.pad_id = manifest.llm.pad_id if manifest.llm else 0
+        with np.load(path) as g:
+            arrays = {k: g[k] for k in g.files}
+        total = len(arrays["x"])
+        usable = np.arange(total)
+        has_llm = "llm" in manifest.graphs and "llm_input_ids" in arrays
+        if has_llm:
+            longest = arrays["llm_attention_mask"].sum(axis=1).reshape(total, n).max(axis=1)
+            usable = usable[longest <= (max_seq or longest.max())]
+        if not len(usable):
+            raise BundleError(f"every validation window has a prompt longer than the profile's {max_seq} tokens")
+        k = min(len(usable), windows, max(2, prompts // n) if has_llm else windows)
+        self.windows = usable[np.unique(np.linspace(0, len(usable) - 1, k).round().astype(int))]
+        self.x = arrays["x"][self.windows]
+        self.truth, self.mean, self.std = arrays["truth"][self.windows], arrays["mean"], arrays["std"]
+        fc = ort_session(os.path.join(bundle_dir, manifest.graphs["forecaster"].files["fp32"].file), threads=threads)
+        self._fc = lambda x, e: fc.run(None, forecaster_feeds(x, e))[0]
+        self.ids = self.mask = self.emb_ref = None
+        if has_llm:
+            rows = (self.windows[:, None] * n + np.arange(n)[None]).ravel()
+            mask = arrays["llm_attention_mask"][rows]
+            width = int(mask.sum(axis=1).max())
+            self.ids, self.mask = arrays["llm_input_ids"][rows][:, :width], mask[:, :width]
+            llm = ort_session(os.path.join(bundle_dir, manifest.graphs["llm"].files["fp32"].file), threads=threads)
+            self.emb_ref = np.concatenate([  # one window's prompts per call, as serving sends a window's misses
+                llm.run(None, {"input_ids": self.ids[i:i + n], "attention_mask": self.mask[i:i + n]})[0]
+                for i in range(0, len(self.ids), n)]).astype(np.float32)
+        self.y_ref = self.forecast_fp32(self.emb_ref)
+
+    def forecast_fp32(self, emb: np.ndarray | None) -> np.ndarray:
+        """The fp32 forecaster (ONNX Runtime) on every window, one window per call."""
+        d = None if emb is None else emb.reshape(len(self.x), self.n, -1)
+        return np.concatenate([self._fc(self.x[i:i + 1], None if d is None else d[i:i + 1])
+                               for i in range(len(self.x))])
+
+    def judge(self, graph: str, run, profile: dict[str, list[list[int]]]) -> dict:
+        """Run a candidate within its profile (``Engine.profile``) and judge it: the LLM by its embeddings
+        and the fp32 forecaster's forecast from them; the forecaster by its forecast from the fp32
+        embeddings. Windows (or prompts) go in calls as large as the profile allows and, where its minimum
+        is 1, at batch 1 as well: both are judged."""
+        if graph == "llm":
+            shapes = profile["input_ids"]
+            batch = (shapes[0][0], shapes[1][0], shapes[2][0])
+            seq = (shapes[0][1], shapes[1][1], shapes[2][1])
+            emb, sizes = llm_in_profile(run, self.ids, self.mask, batch, seq, self.pad_id)
+            emb_all, ref_all = emb, self.emb_ref
+            if batch[0] <= 1 and sizes and max(sizes) > 1:  # one prompt alone, as a single store miss is sent
+                one, more = llm_in_profile(run, self.ids[:1], self.mask[:1], (1, 1, 1), seq, self.pad_id)
+                emb_all, ref_all = np.concatenate([emb, one]), np.concatenate([self.emb_ref, self.emb_ref[:1]])
+                sizes += more
+            v = engine_verdict(self.forecast_fp32(emb), self.y_ref, self.truth, self.mean, self.std, emb_all, ref_all)
+        else:
+            shapes = profile["x"]
+            batch = (shapes[0][0], shapes[1][0], shapes[2][0])
+            emb = None if self.emb_ref is None else self.emb_ref.reshape(len(self.x), self.n, -1)
+            y, sizes = forecaster_in_profile(run, self.x, emb, batch)
+            ys, refs, truths = [y], [self.y_ref], [self.truth]
+            if batch[0] <= 1 and max(sizes) > 1:  # batch-1 serving, every window
+                y1, more = forecaster_in_profile(run, self.x, emb, (1, 1, 1))
+                ys.append(y1)
+                refs.append(self.y_ref)
+                truths.append(self.truth)
+                sizes += more
+            v = engine_verdict(np.concatenate(ys), np.concatenate(refs), np.concatenate(truths), self.mean, self.std)
+        return {**v, "windows": int(len(self.x)), "batch_sizes": sorted({int(s) for s in sizes})}
+
+
+class _GateOnce:
+    """The gate's reference, computed the first time an engine needs it (never on a machine without a GPU)."""
+
+    def __init__(self, bundle_dir: str, manifest: Manifest, profile: EngineProfile):
+        self.args = (bundle_dir, manifest, profile.llm_seq[2])
+        self._gate: EngineGate | None = None
+
+    def get(self) -> EngineGate:
+        if self._gate is None:
+            self._gate = EngineGate(*self.args)
+        return self._gate
+
+
+@contextlib.contextmanager
+def open_engine(fl: Flavour, plan_path: str, graph: str) -> Iterator[tuple]:
+    """An engine loaded on this GPU with the serving runner: (``run`` taking the graph's inputs as
+    ``llm_in_profile`` / ``forecaster_in_profile`` pass them, bytes of activation memory it needs)."""
+    from ..engines.trt_runner import EngineRunner
+
+    with EngineRunner(fl, plan_path) as runner:
+        _free, total = runner.cuda.mem_info()
+        need = int(runner.engine.device_memory_size_v2)
+        if need > total:
+            raise BundleError(f"{os.path.basename(plan_path)}: the profile needs {need / 2**30:.1f} GiB of activation "
+                              f"memory, more than this GPU's {total / 2**30:.1f} GiB; build with a smaller "
+                              "--max-batch/--max-seq")
+        if graph == "llm":
+            def run(a, m):
+                return runner({"input_ids": a, "attention_mask": m})["last_hidden"]
+        else:
+            def run(x, e):
+                return runner(forecaster_feeds(x, e))["y"]
+        yield run, need
+
+
+def _engine_parity(gate: _GateOnce, tmp: str, fl: Flavour, entry: Engine, gpu_cc: str | None) -> dict:
+    """The gate's verdict on an engine, run on this GPU against ONNX Runtime fp32; or why not measured."""
     if gpu_cc is None:
         return {"not_measured": "no CUDA GPU on the build machine (engines were compiled, not executed)"}
     if gpu_cc not in entry.compute_capabilities:
         return {"not_measured": f"this GPU (sm{gpu_cc}) is not a target of the engine"}
-    path = os.path.join(bundle_dir, PARITY_FILE)
-    if not os.path.exists(path):
-        return {"not_measured": f"the bundle has no {PARITY_FILE}"}
-    from ..engines.trt_runner import EngineIO, EngineRunner
-
-    ref = np.load(path, allow_pickle=False)
-    g = entry.graph
-    if g == "llm":
-        feeds, want = {"input_ids": ref["llm_input_ids"], "attention_mask": ref["llm_attention_mask"]}, ref["llm_out"]
-    else:
-        feeds = {"x": ref["fc_x"], **({"prompt_emb": ref["fc_prompt_emb"]} if "fc_prompt_emb" in ref else {})}
-        want = ref["fc_out"]
     try:
-        EngineIO.from_manifest(entry).check(feeds)
-    except ValueError as exc:
-        return {"not_measured": f"the stored parity inputs do not fit the profile: {exc}"}
-    with EngineRunner(fl, os.path.join(tmp, os.path.basename(entry.file))) as runner:
-        free, total = runner.cuda.mem_info()
-        need = runner.engine.device_memory_size_v2
-        if need > total:
-            raise BundleError(f"{entry.file}: the profile needs {need / 2**30:.1f} GiB of activation memory, more "
-                              f"than this GPU's {total / 2**30:.1f} GiB; build with a smaller --max-batch/--max-seq")
-        got = next(iter(runner(feeds).values()))
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    scale = float(np.abs(want).max()) or 1.0
-    return {"max_abs": float(diff.max()), "max_rel_to_max": float(diff.max() / scale), "gpu": f"sm{gpu_cc}",
-            "device_memory_bytes": int(need)}
+        ref = gate.get()
+    except BundleError as exc:
+        return {"not_measured": str(exc)}
+    if entry.graph == "llm" and ref.ids is None:
+        return {"not_measured": "the bundle's validation windows have no LLM prompts (re-export it)"}
+    with open_engine(fl, os.path.join(tmp, os.path.basename(entry.file)), entry.graph) as (run, need):
+        verdict = ref.judge(entry.graph, run, entry.profile)
+    return {**verdict, "gpu": f"sm{gpu_cc}", "device_memory_bytes": need}

@@ -54,6 +54,22 @@ def device_count() -> int:
     return n.value if lib.cudaGetDeviceCount(ctypes.byref(n)) == 0 else 0
 
 
+def current_capability() -> str | None:
+    """Compute capability of the current CUDA device as digits ('86', '90', '120'); None where no CUDA
+    GPU is visible. The one question build, ``verify`` and the TensorRT backend ask about the GPU before
+    anything runs on it (tests supply the answer here to drive those paths on a CPU-only machine)."""
+    if device_count() == 0:
+        return None
+    return CudaRuntime().capability()
+
+
+def _address(handle: ctypes.c_void_p, what: str) -> int:
+    """The address a successful call wrote (ctypes reads a NULL pointer as None)."""
+    if handle.value is None:
+        raise RuntimeError(f"{what} succeeded but gave a NULL pointer")
+    return handle.value
+
+
 class CudaRuntime:
     """Allocation, copies and streams on the current device. Raise on any CUDA error."""
 
@@ -85,7 +101,7 @@ class CudaRuntime:
     def malloc(self, nbytes: int) -> int:
         ptr = ctypes.c_void_p()
         self.check(self.lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1))), f"cudaMalloc({nbytes})")
-        return int(ptr.value)
+        return _address(ptr, "cudaMalloc")
 
     def free(self, ptr: int) -> None:
         self.check(self.lib.cudaFree(ctypes.c_void_p(ptr)), "cudaFree")
@@ -93,7 +109,7 @@ class CudaRuntime:
     def stream(self) -> int:
         s = ctypes.c_void_p()
         self.check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(s), 1), "cudaStreamCreate")  # non-blocking
-        return int(s.value)
+        return _address(s, "cudaStreamCreate")
 
     def destroy_stream(self, stream: int) -> None:
         self.check(self.lib.cudaStreamDestroy(ctypes.c_void_p(stream)), "cudaStreamDestroy")

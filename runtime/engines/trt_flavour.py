@@ -57,7 +57,9 @@ class _Logger:
     """A TensorRT logger that keeps warnings and errors (they go into the manifest)."""
 
     def __new__(cls, trt: ModuleType):
-        class Logger(trt.ILogger):
+        base: Any = trt.ILogger  # the class of whichever flavour was imported, known only at run time
+
+        class Logger(base):
             def __init__(self) -> None:
                 trt.ILogger.__init__(self)
                 self.messages: list[str] = []

@@ -1,4 +1,4 @@
-"""Batch forecasts for every series of parquet files (DESIGN §10): ``BatchServer``, the input
+"""Batch forecasts for every series of parquet files (docs/design.md §10): ``BatchServer``, the input
 schemas and the atomic parquet writer; the command line is ``batch_cli``.
 
 INPUT is one parquet file, a directory of them or a glob. The input is streamed record batch
@@ -23,11 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from timecma.core.errors import InputError, WriteError
+from timecma.core.files import check_replaceable
 from timecma.core.manifest import DataRecord
 from timecma.core.timestamps import arrow_timestamps, timestamp_problem
 
 from .backtest import BacktestMetrics
-from .long_format import LongFormat, LongSink, long_schema, long_to_wide
+from .long_format import PREDICTION, LongFormat, LongSink, long_schema, long_to_wide
 
 if TYPE_CHECKING:  # a server takes a loaded forecaster; Forecaster.backtest runs one
     from .forecaster import Forecaster
@@ -68,6 +69,34 @@ class ServeSummary:
 
 
 CLAMPED_COL = "clamped_inputs"
+OUTPUT_MARK = b"timecma.output"  # schema metadata of every parquet file serve-batch writes (local and Ray)
+SERVE_OUTPUT = "a forecasts output of timecma-serve-batch (its parquet file, or with --ray its folder of them)"
+
+
+def _marked(schema: pa.Schema) -> pa.Schema:
+    return schema.with_metadata({**(schema.metadata or {}), OUTPUT_MARK: b"timecma-serve-batch"})
+
+
+def is_serve_output(path: str) -> bool:
+    """What serve-batch may replace with --force: a parquet file it wrote (its schema carries ``OUTPUT_MARK``;
+    files written before the mark: a ``cutoff`` timestamp column beside ``step`` or ``y_hat``), or a folder
+    (``--ray``) holding only such files."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        names = os.listdir(path)
+        return bool(names) and all(n.endswith(".parquet") and _is_forecast_file(os.path.join(path, n)) for n in names)
+    return os.path.isfile(path) and _is_forecast_file(path)
+
+
+def _is_forecast_file(path: str) -> bool:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException):
+        return False
+    if OUTPUT_MARK in (schema.metadata or {}):
+        return True
+    names = set(schema.names)
+    return ("cutoff" in names and pa.types.is_timestamp(schema.field("cutoff").type)
+            and ("step" in names or PREDICTION in names))
 
 
 def temp_prefix(out: str) -> str:
@@ -82,7 +111,7 @@ class _Writer:
         self.out = out
         d, name = os.path.split(os.path.abspath(out))
         self.tmp = os.path.join(d, f"{temp_prefix(out)}{os.getpid()}")
-        self.schema = schema
+        self.schema = _marked(schema)
         self.writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -98,6 +127,7 @@ class _Writer:
             if self.writer is None:  # nothing to write still yields a valid, empty file
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
             self.writer.close()
+            check_replaceable(self.out, is_serve_output, SERVE_OUTPUT)  # never a file serve-batch did not write
             os.replace(self.tmp, self.out)
         except OSError as exc:
             raise self._failed(exc) from exc
@@ -146,7 +176,7 @@ def series_name(path: str, root: str) -> str:
 
 def check_input_schema(schema: pa.Schema, time_col: str, variables: list[str], series_col: str | None,
                        where: str = "input") -> None:
-    """Refuse a file whose columns cannot be served, naming the column (DESIGN §10)."""
+    """Refuse a file whose columns cannot be served, naming the column (docs/design.md §10)."""
     names = schema.names
     if time_col not in names:
         raise InputError(f"{where} has no time column {time_col!r} (columns: {names})")
@@ -207,7 +237,7 @@ def output_schema(data: DataRecord, sid_field: pa.Field | None, levels: list[int
                for lv in levels or [] for v in data.variables for side in ("lo", "hi")]
     if data.scaler_kind == "log":  # input values the log scaler clamped at its floor, per window
         fields.append(pa.field(CLAMPED_COL, pa.int32()))
-    return pa.schema(fields)
+    return _marked(pa.schema(fields))
 
 
 class TableSink:

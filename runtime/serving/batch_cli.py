@@ -14,16 +14,40 @@ import click
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, WriteError, fail
 from timecma.core.conformal import parse_levels
-from timecma.core.files import atomic_write_bytes
+from timecma.core.files import atomic_write_bytes, check_replaceable
 from timecma.core.leftovers import remove_dead_temporaries
 
 from ..backends.base import BACKENDS, threads_option
 from .backtest import table
-from .batch import CLAMPED_COL, BatchServer, list_inputs, temp_prefix
+from .batch import CLAMPED_COL, SERVE_OUTPUT, BatchServer, is_serve_output, list_inputs, temp_prefix
 from .forecaster import Forecaster
 from .long_format import LongFormat
 
 PROG = "timecma-serve-batch"
+METRICS_REPORT = "a backtest metrics file of timecma-serve-batch"
+
+
+def is_metrics_report(path: str) -> bool:
+    """A ``--metrics`` JSON file serve-batch wrote (the keys ``BacktestMetrics.report`` always writes)."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"windows", "season_length", "units", "model"} <= set(report)
+
+
+def _check_outputs(out: str, metrics_path: str | None, force: bool) -> None:
+    """Before any work: what is at the outputs may be replaced only with --force, and only when serve-batch
+    wrote it (or it is empty); anything else is refused, untouched."""
+    for path, what, ours in ((out, SERVE_OUTPUT, is_serve_output),
+                             *([(metrics_path, METRICS_REPORT, is_metrics_report)] if metrics_path else [])):
+        if os.path.lexists(path) and not force:
+            fail(PROG, f"{path} exists; pass --force to replace it")
+        try:
+            check_replaceable(path, ours, what)
+        except InputError as exc:
+            fail(PROG, exc)
 
 
 def _ray_address(value: str | None) -> str | None:
@@ -71,7 +95,8 @@ def _ray_address(value: str | None) -> str | None:
 @click.option("--id-col", default="unique_id", show_default=True, help="--format long: the variable column.")
 @click.option("--ds-col", default="ds", show_default=True, help="--format long: the timestamp column.")
 @click.option("--target-col", default="y", show_default=True, help="--format long: the value column.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--force", is_flag=True, help="Replace an existing output (and --metrics file) that serve-batch wrote; "
+                                           "anything else there is refused.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: str | None, mode: str, stride: int,
                     backend: str, store: str | None, batch_windows: int, threads: int | None,
@@ -85,8 +110,7 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
     stem = os.path.splitext(input_path.rstrip("/").replace("*", "all"))[0]
     out = out or stem + (".forecasts" if ray_address else ".forecasts.parquet")
     remove_dead_temporaries(os.path.dirname(os.path.abspath(out)), temp_prefix(out), "a partial output")
-    if os.path.exists(out) and not force:
-        fail(PROG, f"{out} exists; pass --force to replace it")
+    _check_outputs(out, metrics_path, force)
     if stride < 1:
         fail(PROG, "--stride must be at least 1")
     try:
@@ -118,7 +142,10 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
     if metrics is not None:
         report = metrics.report(server.unscored)
         try:
+            check_replaceable(metrics_path, is_metrics_report, METRICS_REPORT)  # again: serving took a while
             atomic_write_bytes(metrics_path, json.dumps(report, indent=2).encode())
+        except InputError as exc:
+            fail(PROG, exc, f" (the forecasts are in {out})")
         except OSError as exc:
             fail(PROG, WriteError(f"cannot write the metrics {metrics_path}: {exc.strerror or exc}"),
                  f" (the forecasts are in {out})")

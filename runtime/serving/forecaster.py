@@ -113,12 +113,15 @@ class Forecaster:
         if not self.uses_llm:  # timecma-no-llm, dlinear: no prompts, tokenizer or store
             self.renderer = self.tokenizer = None
             return
-        self.renderer = PromptRenderer.from_record(manifest.prompt, self.frequency)
-        self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, manifest.tokenizer["file"]))
-        if tokenizer_digest(self.tokenizer) != manifest.tokenizer["digest"]:
+        llm, prompt, tok = manifest.llm, manifest.prompt, manifest.tokenizer
+        if llm is None or prompt is None or tok is None:
+            raise BundleError(f"{bundle_dir}: the manifest records an LLM without its prompt or tokenizer")
+        self.renderer = PromptRenderer.from_record(prompt, self.frequency)
+        self.tokenizer = Tokenizer.from_file(os.path.join(bundle_dir, tok["file"]))
+        if tokenizer_digest(self.tokenizer) != tok["digest"]:
             raise BundleError(f"{bundle_dir}: tokenizer.json differs from the one recorded at export")
-        self.pad_id = manifest.llm.pad_id
-        self.max_positions = manifest.llm.max_positions
+        self.pad_id = llm.pad_id
+        self.max_positions = llm.max_positions
         self.llm_batch = min(llm_batch, lim.get("llm_batch", llm_batch))
         self.llm_batch_tokens = llm_batch_tokens  # padded tokens per LLM call (None: bounded by llm_batch alone)
         self.max_tokens = min(self.max_positions, lim.get("llm_seq", self.max_positions))
@@ -136,19 +139,20 @@ class Forecaster:
     def load(cls, bundle_dir: str, backend: str = "auto", store: str | None = None, store_max_gb: float | None = None,
              llm_batch_tokens: int | None = None, **backend_kwargs) -> "Forecaster":
         """``store_max_gb``: keep the store within this on disk (``core.bounded_store``: two generations, the
-        older evicted when the newer is full), for endpoints that run for months."""
+        older evicted when the newer is full), for endpoints that run for months; a bounded store belongs to
+        one process, so each process takes a directory of its own under ``store`` (``proc-0``, ``proc-1``...)."""
         manifest = read_manifest(bundle_dir)
         be = make_backend(backend, bundle_dir, manifest, **backend_kwargs)
-        st = None
-        if store and manifest.llm is None:
+        st: EmbeddingStore | BoundedStore | None = None
+        llm = manifest.llm
+        if store and llm is None:
             log.info("%s has no LLM branch (%s): the store is not used", bundle_dir, manifest.model_config.model)
-        elif store:
-            llm = manifest.llm
+        elif store and llm is not None:
             # keyed by the precision the backend's LLM stage computes in: other precisions' vectors are never read
             try:
-                if store_max_gb:
-                    st = BoundedStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
-                                      precision=be.llm_precision, max_bytes=int(store_max_gb * (1 << 30)))
+                if store_max_gb:  # one process owns a bounded store: this one's own directory under ``store``
+                    st = BoundedStore.claim(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
+                                            precision=be.llm_precision, max_bytes=int(store_max_gb * (1 << 30)))
                 else:
                     st = EmbeddingStore(store, llm.namespace, llm.d_llm, describe=f"LLM {llm.id}",
                                         precision=be.llm_precision)
@@ -184,6 +188,8 @@ class Forecaster:
     def intervals(self, values: np.ndarray, y: np.ndarray, levels: list[int]) -> dict:
         """level -> (lo, hi) [W, pred_len, N] around forecasts ``y`` of windows ``values`` [W, seq_len, N]."""
         self.check_levels(levels)
+        if not levels or self.calibration is None:
+            return {}
         return {lv: (lo.astype(np.float32), hi.astype(np.float32))
                 for lv, (lo, hi) in self.calibration.intervals(values, y, levels).items()}
 
@@ -192,26 +198,12 @@ class Forecaster:
         from a window every ``stride`` rows, scored against the actuals that follow each cutoff.
 
         Returns ``(forecasts, metrics)``: a DataFrame (series, ``cutoff``, ``step``, time, variables, interval
-        columns) and the metrics dict ``timecma-serve-batch --metrics`` writes (model and naive baselines)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
+        columns) and the metrics dict ``timecma-serve-batch --metrics`` writes (model and naive baselines).
+        The work is ``frame_backtest.backtest_frame``'s, which drives the batch server: this module never
+        imports the batch server (which builds on it)."""
+        from .frame_backtest import backtest_frame
 
-        from .batch import BatchServer, TableSink, check_input_schema, output_schema
-
-        levels = parse_levels(levels)
-        table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
-        check_input_schema(table.schema, self.time_col, self.variables, series_col, "frame")
-        metrics = self.backtest_metrics(levels)
-        server = BatchServer(self, series_col, "rolling", stride, levels=levels, metrics=metrics)
-        sid_field = table.schema.field(series_col).with_nullable(False) if series_col else None
-        sink = TableSink(output_schema(self.manifest.data, sid_field, levels))
-        if series_col:
-            for sid in dict.fromkeys(table.column(series_col).to_pylist()):
-                server.feed_series(table.filter(pc.equal(table.column(series_col), sid)), sink, sid)
-        else:
-            server.feed(table, sink)
-        server.finish(sink)
-        return sink.table().to_pandas(), metrics.report(server.unscored)
+        return backtest_frame(self, frame, stride=stride, levels=levels, series_col=series_col)
 
     def backtest_metrics(self, levels: list[int]) -> "BacktestMetrics":
         """An empty accumulator for this bundle's variables, horizon and training scale."""
@@ -224,12 +216,38 @@ class Forecaster:
                               "export): re-export it to score backtests")
         return BacktestMetrics(self.variables, self.seq_len, self.pred_len, self.frequency, std, levels)
 
-    def predict_many(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
-        """Windows [W, seq_len, N] raw + timestamps [W, seq_len] -> [W, pred_len, N]."""
-        with self._lock:
-            return self._predict_many(values, timestamps)
+    def predict_many(self, values: np.ndarray, timestamps: np.ndarray, window_records: bool = False) -> np.ndarray:
+        """Windows [W, seq_len, N] raw + timestamps [W, seq_len] -> [W, pred_len, N].
 
-    def _predict_many(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        ``window_records``: where the backend runs the forecaster split and a store is open, a window served
+        before as a single window is answered from its stored record even inside a batch (the endpoint's
+        dynamic batches: a repeated window costs the head alone); the others go through the whole graph
+        together. Off by default, so a batch is one path (batch scoring compares runs bit for bit)."""
+        with self._lock:
+            return self._predict_many(values, timestamps, window_records)
+
+    def predict_if_stored(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray | None:
+        """One window [seq_len, N] -> [pred_len, N] if its encoded prompts are stored (a window served before:
+        the head alone, well under a millisecond) and no other thread is forecasting now; else None at once,
+        nothing done. For a caller that must not block long (an event loop serving a lone request)."""
+        store = self.store
+        if self._window_salt is None or store is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if values.shape != (self.seq_len, self.n_vars) or timestamps.shape != (self.seq_len,):
+                return None
+            t = time.perf_counter()
+            key = self._window_record_key(values, timestamps)
+            enc = store.get_window(key, (1, self.n_vars, self.d_llm))
+            if enc is None:
+                return None
+            self.stats.seconds["store"] += time.perf_counter() - t
+            return self._predict_many(values[None], timestamps[None], found=(key, enc))[0]
+        finally:
+            self._lock.release()
+
+    def _predict_many(self, values: np.ndarray, timestamps: np.ndarray, window_records: bool = False,
+                      found=None) -> np.ndarray:
         values = _as_array(values, np.float64, "window values")
         timestamps = _as_array(timestamps, "datetime64[ns]", "timestamps")
         if values.ndim != 3 or values.shape[1:] != (self.seq_len, self.n_vars):
@@ -252,7 +270,9 @@ class Forecaster:
             log.warning("%d input value(s) at or below the log scaler's floor (a new all-time low) were clamped "
                         "(windows %s)", int(clamped.sum()), np.flatnonzero(clamped)[:10].tolist())
         if w == 1 and self._window_salt is not None:
-            y = self._predict_window(values[0], timestamps[0])
+            y = self._predict_window(values[0], timestamps[0], found)
+        elif w > 1 and window_records and self._window_salt is not None:
+            y = self._predict_records_first(values, timestamps)
         else:
             y = self._predict_whole(values, timestamps)
         self.stats.requests += w
@@ -263,31 +283,65 @@ class Forecaster:
                              "can represent (magnitudes far beyond the training data)")
         return y
 
-    def _predict_window(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    def _predict_window(self, values: np.ndarray, timestamps: np.ndarray, found=None) -> np.ndarray:
         """One window through the split forecaster: its encoded prompts from the store (a window served
-        before: no rendering, no embeddings, no prompt encoder), else computed and stored."""
-        s = self.stats.seconds
+        before: no rendering, no embeddings, no prompt encoder), else computed and stored. ``found``: the
+        (key, record) a caller has already read."""
+        s, store, renderer = self.stats.seconds, self.store, self.renderer
+        assert store is not None and renderer is not None  # a window salt is set only with both
         t = time.perf_counter()
-        key = self.store.window_key(self._window_salt, np.ascontiguousarray(values, np.float64).tobytes(),
-                                    timestamps.astype("datetime64[ns]").view(np.int64).tobytes())
-        enc = self.store.get_window(key, (1, self.n_vars, self.d_llm))
+        if found is None:
+            key = self._window_record_key(values, timestamps)
+            enc = store.get_window(key, (1, self.n_vars, self.d_llm))
+        else:
+            key, enc = found
         s["store"] += time.perf_counter() - t
         if enc is not None:
             self.stats.window_hits += 1
             self.stats.hits += self.n_vars
         else:
             t = time.perf_counter()
-            prompts = self.renderer.render_series(values, timestamps, [0], self.seq_len)
+            prompts = renderer.render_series(values, timestamps, [0], self.seq_len)
             s["render"] += time.perf_counter() - t
             self._emb1[0] = self._embeddings(prompts)
             t = time.perf_counter()
             enc = self.backend.run_prompt_encoder(self._emb1)
             s["forecaster"] += time.perf_counter() - t
-            self._store_write(self.store.put_window, key, enc)
+            self._store_write(store.put_window, key, enc)
         t = time.perf_counter()
         self._x1[0] = values
         y = self.backend.run_head(self._x1, enc)
         s["forecaster"] += time.perf_counter() - t
+        return y
+
+    def _window_record_key(self, values: np.ndarray, timestamps: np.ndarray) -> bytes:
+        assert self.store is not None and self._window_salt is not None
+        return self.store.window_key(self._window_salt, np.ascontiguousarray(values, np.float64).tobytes(),
+                                     timestamps.astype("datetime64[ns]").view(np.int64).tobytes())
+
+    def _predict_records_first(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        """Windows with a stored record through the head alone (one batch-1 call each), the rest together
+        through the whole graph."""
+        s, w, store = self.stats.seconds, values.shape[0], self.store
+        assert store is not None
+        y = np.empty((w, self.pred_len, self.n_vars), np.float32)
+        rest = []
+        for i in range(w):
+            t = time.perf_counter()
+            enc = store.get_window(self._window_record_key(values[i], timestamps[i]),
+                                        (1, self.n_vars, self.d_llm))
+            s["store"] += time.perf_counter() - t
+            if enc is None:
+                rest.append(i)
+                continue
+            self.stats.window_hits += 1
+            self.stats.hits += self.n_vars
+            t = time.perf_counter()
+            self._x1[0] = values[i]
+            y[i] = self.backend.run_head(self._x1, enc)[0]
+            s["forecaster"] += time.perf_counter() - t
+        if rest:
+            y[rest] = self._predict_whole(values[rest], timestamps[rest])
         return y
 
     def _predict_whole(self, values: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
@@ -296,7 +350,8 @@ class Forecaster:
         emb = None
         if self.uses_llm:
             t = time.perf_counter()
-            prompts = []
+            assert self.renderer is not None  # uses_llm
+            prompts: list[str] = []
             for i in range(w):
                 prompts += self.renderer.render_series(values[i], timestamps[i], [0], self.seq_len)
             s["render"] += time.perf_counter() - t
@@ -333,6 +388,7 @@ class Forecaster:
             return emb
         t = time.perf_counter()
         texts = [prompts[i] for i in need]
+        assert self.tokenizer is not None  # uses_llm
         ids = encode_prompts(self.tokenizer, texts)
         check_lengths(ids, self.max_tokens, lambda k: f"window {need[k] // self.n_vars}, variable "
                                                       f"{self.variables[need[k] % self.n_vars]!r}", self._token_limit)
@@ -403,12 +459,12 @@ class Forecaster:
     def forecast_timestamps(self, end: np.datetime64) -> np.ndarray:
         """Timestamps of the pred_len forecast steps after a window ending at ``end``."""
         steps = np.arange(1, self.pred_len + 1)
+        end_ns = np.asarray(end, dtype="datetime64[ns]")
         if self.frequency == "monthly":
-            end = np.datetime64(end, "ns")
-            month = end.astype("datetime64[M]")
-            offset = end - month.astype("datetime64[ns]")
+            month = end_ns.astype("datetime64[M]")
+            offset = end_ns - month.astype("datetime64[ns]")
             return (month + steps).astype("datetime64[ns]") + offset
-        return np.datetime64(end, "ns") + steps * np.timedelta64(FREQUENCY_SECONDS[self.frequency], "s")
+        return end_ns + steps * np.timedelta64(FREQUENCY_SECONDS[self.frequency], "s")
 
     def close(self) -> None:
         """Close the store and free the backend (device memory for TensorRT)."""

@@ -8,8 +8,11 @@ was served from (parquet or CSV, wide).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import struct
+import tempfile
 
 import click
 import numpy as np
@@ -19,10 +22,74 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, InputError, WriteError, fail
+from timecma.core.files import check_replaceable
 from timecma.core.timestamps import arrow_timestamps
 
 PROG = "timecma-plot"
 log = logging.getLogger(__name__)
+PLOT_MARK = "timecma.output"  # a PNG text chunk (tEXt) of every plot timecma-plot writes, its value PLOT_MARK_VALUE
+PLOT_MARK_VALUE = "timecma-plot"
+PLOT_OUTPUT = "a PNG written by timecma-plot"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_text(path: str) -> dict[str, str]:
+    """The tEXt chunks of a PNG file (keyword -> text); empty for anything that is not a readable PNG."""
+    out: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                return {}
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return out
+                size, kind = struct.unpack(">I4s", head)
+                if kind == b"IEND":
+                    return out
+                if kind == b"tEXt" and size <= 1 << 16:
+                    key, _, text = f.read(size).partition(b"\0")
+                    out[key.decode("latin-1")] = text.decode("latin-1")
+                    f.seek(4, os.SEEK_CUR)  # its CRC
+                else:
+                    f.seek(size + 4, os.SEEK_CUR)
+    except OSError:
+        return {}
+
+
+def is_plot_output(path: str) -> bool:
+    """What timecma-plot may replace: a PNG file it wrote (``PLOT_MARK`` in its text chunks), not a link."""
+    return (os.path.isfile(path) and not os.path.islink(path)
+            and png_text(path).get(PLOT_MARK) == PLOT_MARK_VALUE)
+
+
+def check_out(out: str) -> None:
+    """``--out`` must name a PNG and may hold nothing, an empty file, or a plot timecma-plot wrote; anything
+    else is refused (InputError naming it) and left alone."""
+    if not out.lower().endswith(".png"):
+        raise InputError(f"--out {out} must name a .png file (timecma-plot writes PNG)")
+    check_replaceable(out, is_plot_output, PLOT_OUTPUT)
+
+
+def save_png(fig, out: str) -> None:
+    """``fig`` as a marked PNG at ``out``, written to a temporary file beside it and renamed into place: the
+    name holds the old file or the whole new one, never half a plot."""
+    import matplotlib
+
+    check_out(out)  # again: drawing took a while
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-{os.getpid()}-", suffix=".png",
+                               dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=110,
+                        metadata={PLOT_MARK: PLOT_MARK_VALUE, "Software": f"timecma-plot (matplotlib "
+                                                                          f"{matplotlib.__version__})"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _read(path: str) -> pa.Table:
@@ -49,7 +116,8 @@ def levels_in(names: list[str], variable: str) -> list[int]:
 
 def plot(forecasts: pa.Table, data: pa.Table, out: str, *, time_col: str, variables: list[str] | None = None,
          series: str | None = None, cutoffs: int = 3, history: int | None = None) -> dict:
-    """Draw and save the PNG; returns what was drawn (series, variables, cutoffs)."""
+    """Draw and save the PNG (``save_png``: only where nothing is, an empty file, or a plot of ours); returns
+    what was drawn (series, variables, cutoffs)."""
     try:
         import matplotlib
 
@@ -118,7 +186,7 @@ def plot(forecasts: pa.Table, data: pa.Table, out: str, *, time_col: str, variab
     axes[0, 0].set_title(f"timecma forecasts{f' of series {chosen!r}' if chosen is not None else ''}")
     fig.tight_layout()
     try:
-        fig.savefig(out, dpi=110)
+        save_png(fig, out)
     except OSError as exc:
         raise WriteError(f"cannot write the plot {out}: {exc.strerror or exc}") from exc
     finally:
@@ -129,7 +197,9 @@ def plot(forecasts: pa.Table, data: pa.Table, out: str, *, time_col: str, variab
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.argument("forecasts_path", metavar="FORECASTS")
 @click.option("--data", "data_path", required=True, help="The input the forecasts were served from (parquet or CSV).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="PNG to write: a new file, an empty one, or a plot timecma-plot wrote before (replaced); anything "
+                   "else is refused.")
 @click.option("--time-col", default="date", show_default=True)
 @click.option("--variables", default=None, help="Comma-separated (default: the first four).")
 @click.option("--series", default=None, help="Series id to draw (default: the first).")
@@ -139,6 +209,7 @@ def plot(forecasts: pa.Table, data: pa.Table, out: str, *, time_col: str, variab
 def plot_cmd(forecasts_path, data_path, out, time_col, variables, series, cutoffs, history):
     """Draw history, forecasts (with their intervals) and actuals to a PNG."""
     try:
+        check_out(out)  # before reading anything
         drawn = plot(_read(forecasts_path), _read(data_path), out, time_col=time_col,
                      variables=variables.split(",") if variables else None, series=series, cutoffs=cutoffs,
                      history=history)

@@ -1,4 +1,4 @@
-"""`timecma-serve-batch INPUT --ray`: the same BatchServer, one series per call, on Ray Data (DESIGN §13).
+"""`timecma-serve-batch INPUT --ray`: the same BatchServer, one series per call, on Ray Data (docs/design.md §13).
 
 The driver checks every file's columns from the parquet footers (the same refusals as a
 local run, before any worker starts), Ray Data reads the files, groups rows by series
@@ -27,11 +27,12 @@ import pyarrow.parquet as pq
 
 from timecma.core.conformal import no_calibration
 from timecma.core.errors import InputError
+from timecma.core.files import check_replaceable
 from timecma.core.manifest import read_manifest
 from timecma.core.ray_setup import RayPool, actor_cpus, connect, unwrap
 
 from ..backends.base import threads_option
-from .batch import BatchServer, TableSink, output_schema, read_schemas, series_name
+from .batch import SERVE_OUTPUT, BatchServer, TableSink, is_serve_output, output_schema, read_schemas, series_name
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,9 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
     if store is None and manifest.llm is not None:
         store = node_store_dir(manifest.llm.namespace)
         log.info("embedding store on each node's local disk: %s", store)
-    if os.path.exists(out) and not force:
+    if os.path.lexists(out) and not force:
         raise InputError(f"{out} exists; pass --force to replace it")
+    check_replaceable(out, is_serve_output, SERVE_OUTPUT)  # before the cluster is joined
     connect(pool.address, progress=progress)
     num_workers = pool.num_workers
     cpus = actor_cpus(num_workers, pool.cpus_per_worker)
@@ -140,10 +142,12 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
 
 
 def _commit(tmp: str, out: str, force: bool) -> None:
-    """Rename the finished folder into place; with ``force`` the old output goes only after that."""
-    if os.path.exists(out):
+    """Rename the finished folder into place; with ``force`` an old output (one serve-batch wrote, or an
+    empty folder or file: anything else is refused untouched) goes only after that."""
+    if os.path.lexists(out):
         if not force:
             raise InputError(f"{out} exists; pass --force to replace it")
+        check_replaceable(out, is_serve_output, SERVE_OUTPUT)
         old = f"{tmp}.old"
         os.replace(out, old)
         os.replace(tmp, out)

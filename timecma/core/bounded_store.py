@@ -9,15 +9,21 @@ per promoted vector. Keys are the store's usual content addresses, so a hit is a
 evicted prompt is a miss and is computed again.
 
 One process owns a bounded store (an endpoint replica's node-local store): a rotation deletes files
-that other processes could still have open.
+that other processes could still have open. The owner holds an exclusive lock on ``owner.lock`` in the
+store's directory (``flock``: released when the process ends, however it ends); a second owner is
+refused with ``StoreBusy``, naming the process that holds it. ``BoundedStore.claim(root)`` gives each
+process its own directory under ``root`` instead (``proc-0``, ``proc-1``, ...: the first one no live
+process holds), which is how several endpoint replicas on one node share a ``--store`` setting.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import shutil
-from typing import Sequence
+from typing import Any, Sequence
 
 import lmdb
 import numpy as np
@@ -28,6 +34,30 @@ from .store import FP32, EmbeddingStore, StoreWriteError
 log = logging.getLogger(__name__)
 
 MIN_BYTES = 2 << 20  # two generations of at least 1 MiB (LMDB's meta pages and the text index need room)
+LOCK_FILE = "owner.lock"
+MAX_CLAIMS = 256  # proc-0 .. proc-255 under one root: more processes than that on one node is a mistake
+
+
+class StoreBusy(InputError):
+    """Another process owns this bounded store."""
+
+
+def _own(path: str) -> int:
+    """An exclusive, non-blocking lock on ``path``/owner.lock, held by the returned descriptor."""
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise StoreBusy(f"bounded store {path} is owned by process {holder}: one process owns a bounded store "
+                        "(its rotation deletes files another process would still have open); give each process "
+                        "its own directory (BoundedStore.claim does: --store-max-gb with several replicas)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _map_full(exc: StoreWriteError) -> bool:
@@ -43,8 +73,34 @@ class BoundedStore:
             raise InputError(f"a bounded store needs at least {MIN_BYTES >> 20} MiB, not {max_bytes} bytes")
         self.path, self.max_bytes, self.evictions = os.fspath(path), int(max_bytes), 0
         self._args = (namespace, dim, dtype)
-        self._kw = {"describe": describe, "precision": precision, "map_size": self.max_bytes // 2}
+        self._kw: dict[str, Any] = {"describe": describe, "precision": precision, "map_size": self.max_bytes // 2}
         os.makedirs(self.path, exist_ok=True)
+        self._lock_fd: int | None = _own(self.path)  # before touching a generation: a second owner never does
+        try:
+            self._open_generations()
+        except BaseException:
+            self._release()
+            raise
+
+    @classmethod
+    def claim(cls, root: str | os.PathLike, namespace: str, dim: int, dtype: str | None = None,
+              **kwargs) -> "BoundedStore":
+        """A bounded store of this process's own: ``root``/proc-K for the first K that no live process owns
+        (a directory left by a process that has ended is taken over, its vectors with it)."""
+        root = os.fspath(root)
+        for k in range(MAX_CLAIMS):
+            try:
+                return cls(os.path.join(root, f"proc-{k}"), namespace, dim, dtype, **kwargs)
+            except StoreBusy:
+                continue
+        raise StoreBusy(f"all {MAX_CLAIMS} bounded stores under {root} are owned by live processes")
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with the descriptor
+            self._lock_fd = None
+
+    def _open_generations(self) -> None:
         gens = sorted(int(d[4:]) for d in os.listdir(self.path) if d.startswith("gen-") and d[4:].isdigit())
         self._n = gens[-1] if gens else 0
         for g in gens[:-2]:  # left by a rotation that was killed halfway
@@ -80,18 +136,20 @@ class BoundedStore:
     def get_many(self, keys: Sequence[bytes], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         out, found = self.cur.get_many(keys, out)
         if self.old is not None and not found.all():
-            idx = np.flatnonzero(~found)
+            idx = np.flatnonzero(~found).tolist()
             got, hit = self.old.get_many([keys[i] for i in idx])
-            self._take(out, found, idx[hit], got[hit], [keys[i] for i in idx[hit]], None)
+            rows = np.asarray(idx, dtype=np.int64)[hit]
+            self._take(out, found, rows, got[hit], [keys[i] for i in rows.tolist()], None)
         return out, found
 
     def get_many_by_text(self, prompts: Sequence[str], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         out, found = self.cur.get_many_by_text(prompts, out)
         if self.old is not None and not found.all():
-            idx = np.flatnonzero(~found)
+            idx = np.flatnonzero(~found).tolist()
             got, hit = self.old.get_many_by_text([prompts[i] for i in idx])
-            texts = [prompts[i] for i in idx[hit]]
-            self._take(out, found, idx[hit], got[hit], self.old.keys_of_texts(texts), texts)
+            rows = np.asarray(idx, dtype=np.int64)[hit]
+            texts = [prompts[i] for i in rows.tolist()]
+            self._take(out, found, rows, got[hit], self.old.keys_of_texts(texts), texts)
         return out, found
 
     def _take(self, out: np.ndarray, found: np.ndarray, rows: np.ndarray, vectors: np.ndarray, keys: list[bytes],
@@ -159,6 +217,7 @@ class BoundedStore:
         self.cur.close()
         if self.old is not None:
             self.old.close()
+        self._release()
 
     def __enter__(self) -> "BoundedStore":
         return self

@@ -26,8 +26,8 @@ FILE = "calibration.npz"  # in the bundle; its summary is the manifest's "calibr
 METHOD = "split conformal, |error| / window std per variable and horizon step"
 
 
-def parse_levels(spec: str | list | tuple | None) -> list[int]:
-    """'80,95' -> [80, 95]; each an integer percentage in 1..99."""
+def parse_levels(spec: str | int | list | tuple | None) -> list[int]:
+    """'80,95' -> [80, 95] (or one level, or a sequence of them); each an integer percentage in 1..99."""
     if spec is None or spec == "" or spec == []:
         return []
     items = spec.split(",") if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else [spec]

@@ -1,11 +1,13 @@
-"""The bundle manifest (DESIGN §8): one typed, versioned schema, written by export and by
+"""The bundle manifest (docs/design.md §8): one typed, versioned schema, written by export and by
 ``timecma-engines``, read by the runtime and the benchmarks. JSON on disk, no pickles.
 
 What code relies on is a typed field; what is recorded for people (parity figures,
 timings, build warnings) is kept verbatim in each part's ``info``. ``Manifest.from_dict``
 validates on load and refuses a malformed or other-version manifest with a message that
 names the key. Every file of a bundle is listed under ``files`` with its sha256 and size;
-loading verifies them once per file content (cached by path, size and mtime).
+loading verifies them once per file content (cached by path, size, mtime, inode and change time).
+Every path a manifest names is relative to the bundle and stays inside it: an absolute path or a
+``..`` is refused, and so is a listed file that resolves (through a symlink) outside the bundle.
 """
 
 from __future__ import annotations
@@ -27,6 +29,30 @@ MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PARITY_FILE = "parity/inputs.npz"  # real inputs and ORT fp32 outputs: engine parity, serving warm-up
 GRAPHS = ("llm", "forecaster")
+BUNDLE = f"a timecma bundle (a folder whose {MANIFEST_NAME} has a manifest_version)"
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """A folder that timecma-export wrote: its manifest is a JSON object with a version and a file list
+    (read without validating, so a bundle of another version is recognised too)."""
+    try:
+        with open(os.path.join(path, MANIFEST_NAME)) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "manifest_version" in raw and isinstance(raw.get("files"), dict)
+
+
+def bundle_relpath(rel: Any, where: str) -> str:
+    """A path named by the manifest, checked to stay inside the bundle: relative, no ``..``, no drive."""
+    if not isinstance(rel, str) or not rel:
+        raise BundleError(f"manifest: {where} should be a non-empty relative path, not {rel!r}")
+    parts = rel.replace("\\", "/").split("/")
+    if (os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":") or ".." in parts
+            or "\0" in rel):
+        raise BundleError(f"manifest: {where} names {rel!r}, a path outside the bundle (absolute or with '..'); "
+                          "a bundle's files are relative to its folder. Re-export the bundle with `timecma-export`")
+    return rel
 
 
 def _need(d: Any, key: str, where: str, kind: type | tuple = object) -> Any:
@@ -83,7 +109,7 @@ class GraphFile:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "GraphFile":
-        return cls(_need(d, "file", where, str), _rest(d, cls))
+        return cls(bundle_relpath(_need(d, "file", where, str), f"{where}.file"), _rest(d, cls))
 
     def to_dict(self) -> dict:
         return {"file": self.file, **self.info}
@@ -167,6 +193,8 @@ class Engine:
     def from_dict(cls, d: dict, where: str) -> "Engine":
         kinds = {"portable": bool, "bytes": int, "compute_capabilities": list, "profile": dict, "network": dict}
         kw = {f.name: _need(d, f.name, where, kinds.get(f.name, str)) for f in fields(cls) if f.name != "info"}
+        for key in ("file", "onnx_file"):
+            bundle_relpath(kw[key], f"{where}.{key}")
         if kw["graph"] not in GRAPHS:
             raise BundleError(f"manifest: {where}.graph {kw['graph']!r} is not one of {GRAPHS}")
         return cls(**kw, info=_rest(d, cls))
@@ -195,6 +223,8 @@ class OVVariant:
         f = d.get("file")
         if f is not None and not isinstance(f, str):
             raise BundleError(f"manifest: {where}.file must be a string or null")
+        if f is not None:
+            bundle_relpath(f, f"{where}.file")
         return cls(g, _need(d, "precision", where, str), f, float(_need(d, "mse_rel_change", where, (int, float))),
                    _need(d, "accepted", where, bool), float(_need(d, "ms", where, (int, float))), _rest(d, cls))
 
@@ -302,14 +332,21 @@ class Manifest:
             _need(prompt, "name", "prompt", str), _need(prompt, "hash", "prompt", str)
             tok = _need(d, "tokenizer", "manifest", dict)
             _need(tok, "file", "tokenizer", str), _need(tok, "digest", "tokenizer", str)
+            bundle_relpath(tok["file"], "tokenizer.file")
             llm = LLMRecord.from_dict(_need(d, "llm", "manifest", dict))
         known = {f.name for f in fields(cls)} | {"manifest_version"}
+        cal = d.get("calibration")
+        if isinstance(cal, dict) and "file" in cal:
+            bundle_relpath(cal["file"], "calibration.file")
+        files = _need(d, "files", "manifest", dict)
+        for rel in files:
+            bundle_relpath(rel, f"files[{rel!r}]")
         return cls(
             model_config=cfg, data=DataRecord.from_dict(_need(d, "data", "manifest", dict)), prompt=prompt,
             llm=llm, tokenizer=tok,
             opset=_need(d, "opset", "manifest", int),
             graphs={g: Graph.from_dict(v, f"graphs.{g}") for g, v in graphs.items()},
-            files={k: FileRecord.from_dict(v, f"files.{k}") for k, v in _need(d, "files", "manifest", dict).items()},
+            files={k: FileRecord.from_dict(v, f"files.{k}") for k, v in files.items()},
             engines=[Engine.from_dict(e, f"engines[{i}]") for i, e in enumerate(d.get("engines", []))],
             openvino=[OVVariant.from_dict(v, f"openvino[{i}]") for i, v in enumerate(d.get("openvino", []))],
             origin=d.get("origin", {}), versions=d.get("versions", {}),
@@ -340,8 +377,9 @@ def file_record(bundle_dir: str | os.PathLike, rel: str) -> FileRecord:
     return FileRecord(digest, os.path.getsize(path))
 
 
-def list_bundle_files(bundle_dir: str | os.PathLike) -> dict[str, FileRecord]:
+def list_bundle_files(bundle_dir: str | os.PathLike[str]) -> dict[str, FileRecord]:
     """sha256 and size of every file under the bundle except the manifest and hidden files."""
+    bundle_dir = os.fspath(bundle_dir)
     out = {}
     for root, _, names in os.walk(bundle_dir):
         for name in sorted(names):
@@ -372,7 +410,12 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifes
         manifest = Manifest.from_dict(raw)
     except BundleError as exc:
         raise BundleError(f"bundle {bundle_dir}: {exc}") from exc
+    root = os.path.realpath(bundle_dir)
     for rel in manifest.files:
+        real = os.path.realpath(os.path.join(bundle_dir, rel))
+        if os.path.commonpath([root, real]) != root:
+            raise BundleError(f"bundle {bundle_dir}: {rel} named in its manifest resolves to {real}, outside the "
+                              "bundle (a symlink); a bundle's files live in its folder. Re-export the bundle")
         if not os.path.isfile(os.path.join(bundle_dir, rel)):
             raise BundleError(f"bundle {bundle_dir} lacks {rel} named in its manifest; re-export the bundle"
                               + (" or rebuild its engines with `timecma-engines build`" if rel.startswith("engines/")
@@ -404,15 +447,17 @@ def _load_cache() -> dict[str, str]:
 
 
 def _stat_key(path: str) -> str:
+    """What identifies one content of a file without reading it. The change time is in it because no
+    edit can put it back (``os.utime`` restores the mtime, and sets the ctime to now)."""
     st = os.stat(path)
-    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
 
 
 def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> int:
     """Check every listed file's size and sha256; return how many were hashed (not cached).
 
-    A file is hashed once per content: the result is cached by path, size, mtime and inode
-    in this process and in the user cache directory.
+    A file is hashed once per content: the result is cached by path, size, mtime, inode and
+    change time in this process and in the user cache directory.
     """
     cache = None
     hashed = 0
@@ -437,11 +482,11 @@ def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> int:
                                   f"{rec.sha256[:12]}...; {fix}")
             cache[key] = digest
         _memo[key] = rec.sha256
-    if hashed and cache is not None and (path := _cache_path()):
+    if hashed and cache is not None and (cache_file := _cache_path()):
         try:
             if len(cache) > 10_000:  # bounded: drop the oldest half
                 cache = dict(list(cache.items())[-5_000:])
-            atomic_write_bytes(path, json.dumps(cache).encode())
+            atomic_write_bytes(cache_file, json.dumps(cache).encode())
         except OSError as exc:  # a read-only home must not stop serving
             log.debug("could not write the verification cache: %s", exc)
     return hashed

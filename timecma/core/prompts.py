@@ -1,6 +1,6 @@
 """Prompt rendering shared by training and serving (torch-free).
 
-The default template reproduces the public TimeCMA reference byte for byte (DESIGN §3).
+The default template reproduces the public TimeCMA reference byte for byte (docs/design.md §3).
 Serving must render exactly the prompts training saw, so the template is identified by
 name and by a content hash that every checkpoint and bundle records.
 """
@@ -141,7 +141,7 @@ def format_timestamp(ts: np.datetime64, frequency: str) -> str:
         raise PromptError(f"unknown frequency {frequency!r}; known: {sorted(FREQUENCIES)}")
     import datetime as _dt
 
-    dt = np.datetime64(ts, "us").astype(_dt.datetime)
+    dt = ts.astype("datetime64[us]").astype(_dt.datetime)
     return dt.strftime(FREQUENCIES[frequency][1])
 
 
@@ -187,6 +187,7 @@ class PromptRenderer:
     def _lags(self, window: np.ndarray, j: int) -> str:
         from .seasonality import lag_features
 
+        assert self.periods is not None, "lag features without periods (the constructor requires them)"
         p = self.periods[j] if j < len(self.periods) else None
         if not p:
             return NO_PERIOD_TEXT
@@ -203,7 +204,7 @@ class PromptRenderer:
         self,
         raw: np.ndarray,
         timestamps: np.ndarray,
-        starts: Sequence[int],
+        starts: Sequence[int] | np.ndarray,
         seq_len: int,
     ) -> list[str]:
         """Prompts for windows ``raw[s:s+seq_len]`` for each start, variable-major inside a window.

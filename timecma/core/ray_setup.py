@@ -1,4 +1,4 @@
-"""Joining a Ray cluster the same way from every command (DESIGN §13); Ray is imported lazily.
+"""Joining a Ray cluster the same way from every command (docs/design.md §13); Ray is imported lazily.
 
 Three things every Ray entry point needs and would otherwise repeat: connect (a local
 cluster without the dashboard or an auth token, or an existing one by address), size an
@@ -84,7 +84,9 @@ def unwrap(exc: BaseException) -> BaseException:
     The worker's exception itself, not Ray's hybrid ``RayTaskError(InputError)``, whose text
     is a remote traceback rather than the message."""
     ours = (InputError, BundleError, BackendUnavailable)
-    seen, stack, hybrid = set(), [exc], None
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]  # causes and contexts may be None
+    hybrid: BaseException | None = None
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:

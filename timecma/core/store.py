@@ -170,7 +170,11 @@ class EmbeddingStore:
     def keys_of_texts(self, prompts: Sequence[str]) -> list[bytes]:
         """The content addresses the text index holds for ``prompts`` (each must be indexed)."""
         with self.env.begin() as txn:
-            return [bytes(txn.get(self.text_key(p), db=self._text_db)) for p in prompts]
+            keys = [txn.get(self.text_key(p), db=self._text_db) for p in prompts]
+        missing = [p for p, key in zip(prompts, keys) if key is None]
+        if missing:
+            raise KeyError(f"{len(missing)} prompt(s) not in the store's text index, e.g. {missing[0][:80]!r}")
+        return [bytes(key) for key in keys if key is not None]
 
     def get_many(self, keys: Sequence[bytes], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors for ``keys`` as [len(keys), dim] and a boolean found-mask."""
