@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+from typing import Any
 
 import click
 
@@ -28,7 +29,7 @@ from .machine import machine_info
 log = logging.getLogger(__name__)
 
 # (row name, train keyword arguments); "llm": "random" is the --llm architecture with random weights
-TINY = [
+TINY: list[tuple[str, dict[str, Any]]] = [
     ("timecma (reference template, standard scaler)", {"model_name": "timecma"}),
     ("timecma, log scaler", {"model_name": "timecma", "scaler_kind": "log"}),
     ("timecma, `lags` template", {"model_name": "timecma", "template": "lags"}),
@@ -37,7 +38,7 @@ TINY = [
     ("dlinear", {"model_name": "dlinear"}),
 ]
 # A real pretrained LLM (--llm runs/llm/smollm2): does pretraining, and how much of the LLM, earn its cost?
-REAL = [
+REAL: list[tuple[str, dict[str, Any]]] = [
     ("timecma + SmolLM2, all 30 layers (pretrained)", {"model_name": "timecma"}),
     ("timecma + SmolLM2, first 12 layers", {"model_name": "timecma", "llm_layers": 12}),
     ("timecma + SmolLM2, first 6 layers", {"model_name": "timecma", "llm_layers": 6}),
@@ -47,7 +48,7 @@ REAL = [
     ("dlinear", {"model_name": "dlinear"}),
 ]
 # Joint text and time-series training (`--joint`): the LLM frozen (the paper) or learning with the forecaster
-JOINT = [
+JOINT: list[tuple[str, dict[str, Any]]] = [
     ("timecma, frozen LLM (the paper)", {"model_name": "timecma"}),
     ("timecma, --joint lora (pretrained weights + adapters)", {"model_name": "timecma", "joint": "lora"}),
     ("timecma, --joint full --llm-init xavier", {"model_name": "timecma", "joint": "full", "llm_init": "xavier"}),
@@ -55,7 +56,7 @@ JOINT = [
     ("timecma, --joint lora, `log-values` template", {"model_name": "timecma", "joint": "lora",
                                                        "template": "log-values"}),
 ]
-SUITES = {"tiny": TINY, "real": REAL, "joint": JOINT}
+SUITES: dict[str, list[tuple[str, dict[str, Any]]]] = {"tiny": TINY, "real": REAL, "joint": JOINT}
 BUDGET_LIMITED = ("**Budget-limited, not an accuracy claim**: every row trained on a strided subsample of the training "
                   "windows with an epoch cap, and most rows ended at the cap. Full-training figures: "
                   "`benchmarks/results/accuracy-etth1/`.")
@@ -148,10 +149,10 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, suite: str, t
         with open(os.path.join(out, "results.json")) as f:
             old = json.load(f)
         keep, naive = {r["row"]: r for r in old["rows"]}, old["naive_test"]
-    rows = []
+    table: list[dict] = []
     for i, (name, kw) in enumerate(SUITES[suite], 1):
         if only and i not in only and name in keep:
-            rows.append(keep[name])
+            table.append(keep[name])
             continue
         run = _run_dir(work, kw)
         click.echo(f"== {name}", err=True)
@@ -162,24 +163,24 @@ def main(data: str, llm_id: str, out: str, work: str, epochs: int, suite: str, t
         row_cfg = dataclasses.replace(tcfg, **{k: kw.pop(k) for k in TRAIN_CONFIG_KEYS if k in kw})
         metrics = train(RunSpec(data, run, llm, model, store_dir=store, **kw), row_cfg)
         src = source_from_checkpoint(os.path.join(run, "best.pt"))
-        llm = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm else None
-        export_bundle(src, llm, ExportOptions(out_dir=os.path.join(run, "bundle"), force=True, tensorrt="skip",
-                                              parity_windows=4, openvino="auto" if suite == "tiny" else "skip"))
-        del llm
+        loaded = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm and src.llm else None
+        export_bundle(src, loaded, ExportOptions(out_dir=os.path.join(run, "bundle"), force=True, tensorrt="skip",
+                                                 parity_windows=4, openvino="auto" if suite == "tiny" else "skip"))
+        del loaded
         lat = latency(os.path.join(run, "bundle"), data, latency_iters, latency_backend)
         naive = metrics["naive"]["test"]
-        rows.append({"row": name, "test_mse": metrics["test"]["mse"], "test_mae": metrics["test"]["mae"],
-                     "val_mse": metrics["val"]["mse"], "best_epoch": metrics["best_epoch"],
-                     "batch1_ms": lat, "params": sum(v.numel() for v in src.state_dict.values()),
-                     "windows": metrics["windows"], "embedding_seconds": metrics["embedding_seconds"],
-                     "embeddings_computed": metrics["embeddings_computed"],
-                     "seconds_per_epoch": sum(h["seconds"] for h in metrics["history"]) / len(metrics["history"]),
-                     "epochs_run": len(metrics["history"])})
+        table.append({"row": name, "test_mse": metrics["test"]["mse"], "test_mae": metrics["test"]["mae"],
+                      "val_mse": metrics["val"]["mse"], "best_epoch": metrics["best_epoch"],
+                      "batch1_ms": lat, "params": sum(v.numel() for v in src.state_dict.values()),
+                      "windows": metrics["windows"], "embedding_seconds": metrics["embedding_seconds"],
+                      "embeddings_computed": metrics["embeddings_computed"],
+                      "seconds_per_epoch": sum(h["seconds"] for h in metrics["history"]) / len(metrics["history"]),
+                      "epochs_run": len(metrics["history"])})
     res = {"machine": machine_info(), "data": os.path.basename(data), "seq_len": 96, "pred_len": 96,
            "llm": os.path.basename(os.path.normpath(llm_id)), "suite": suite, "epochs": epochs,
            "train_stride": train_stride, "eval_stride": eval_stride, "precompute_backend": precompute_backend,
            "selection": "validation MSE only; test evaluated once on the selected checkpoint",
-           "rows": rows, "naive_test": naive}
+           "rows": table, "naive_test": naive}
     _write(res, out)
 
 

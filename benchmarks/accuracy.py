@@ -164,13 +164,16 @@ def markdown(res: dict) -> list[str]:
              "training window, selection on validation MSE only, the full test split evaluated once. MSE/MAE in "
              "train-split standard-normalised units (the paper's); mean ± std over seeds. Latency: batch 1, end to "
              f"end p50 on `{res['latency_backend']}` (miss: the LLM runs; hit: embeddings from the store), one pass "
-             "over every row's first-seed bundle. Re-run: `python -m benchmarks.accuracy` (see its --help).", "",
-             "| model | H | seeds | test MSE | test MAE | published MSE / MAE | ended | train s | miss ms | hit ms |",
+             "over every row's first-seed bundle" + ("" if any(r.get("latency") for r in res["rows"]) else
+                                                    " (**not measured yet**: the columns read -)")
+             + ". Re-run: `python -m benchmarks.accuracy run` (see its --help).", "",
+             "| model | H | seeds | test MSE | test MAE | published MSE / MAE | best epoch | train s | miss ms | hit ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         pub = PUBLISHED.get((r["model"], r["pred_len"]))
         lat = {k: f"{v:.2f}" for k, v in (r.get("latency") or {}).items() if k in ("miss", "hit") and v is not None}
-        ended = ", ".join(f"{s['stop'].replace('_', ' ')} @{s['best_epoch']}" for s in r["per_seed"])
+        ended = ", ".join(f"{s['best_epoch']}{'' if s['stop'] == 'early_stop' else ' (' + s['stop'] + ')'}"
+                          for s in r["per_seed"])
         flag = " **budget-limited**: " + "; ".join(r["limits"]) if r["budget_limited"] else ""
         lines.append(f"| {r['row']}{flag} | {r['pred_len']} | {r['seeds']} | {r['test_mse']:.4f} ± "
                      f"{r['test_mse_std']:.4f} | {r['test_mae']:.4f} ± {r['test_mae_std']:.4f} | "
@@ -196,9 +199,10 @@ def markdown(res: dict) -> list[str]:
         lines += ["", "Not run yet (no figure is claimed for them): " + ", ".join(f"`{k}`" for k in missing) + "."]
     lines += ["", "Published: TimeCMA, DLinear (h96) and Repeat from the TimeCMA paper (Table 1); DLinear h192-720 from "
               "iTransformer's full results (same lookback-96 setting). The published TimeCMA figures were selected on "
-              "the test split by the public script; every figure of ours was selected on validation only. `ended`: "
-              "how each seed's training ended and its best epoch; a row with a seed that ended at its epoch cap is "
-              "marked budget-limited."]
+              "the test split by the public script; every figure of ours was selected on validation only. "
+              "`best epoch`: each seed's, in order, every seed early-stopped unless its ending is named; a row with a seed that "
+              "ended at its epoch cap is marked budget-limited. `train s`: mean training wall time per seed, "
+              "prompt embedding excluded, on the shared 2-core machine (other jobs ran beside it)."]
     return lines
 
 
@@ -239,7 +243,9 @@ def run_cmd(data, out, work, rows, llm_id, llm_layers, precompute_backend, llm_b
     for row in wanted:
         llm = None if row.llm is None else (llm_id if row.llm == "real" else
                                             random_twin(llm_id, os.path.join(work, "random-llm")))
-        first = 2024 if row.model != "dlinear" else 2021  # the recipe's seed, then +1, +2
+        from timecma.core.recipes import recipe_for
+
+        first = recipe_for(row.model, row.pred_len).seed  # the recipe's seed, then +1, +2
         runs = [run_once(row, first + i, work, data, llm, llm_layers if llm else None, precompute_backend,
                          llm_batch_size) for i in range(min(row.seeds, max_seeds or row.seeds))]
         name = os.path.basename(os.path.normpath(llm_id)) if llm_id else ""
@@ -265,9 +271,12 @@ def latency_pass(res: dict, work: str, data: str, backend: str, iters: int) -> N
     for r in res["rows"]:
         run = os.path.join(work, f"{r['key']}-s{r['per_seed'][0]['seed']}")
         bundle = os.path.join(run, "bundle")
+        if not os.path.exists(os.path.join(run, "best.pt")):  # a row kept from results.json, trained elsewhere
+            log.info("%s: no checkpoint in %s; its latency is kept as it was", r["key"], run)
+            continue
         if not os.path.exists(os.path.join(bundle, "manifest.json")):
             src = source_from_checkpoint(os.path.join(run, "best.pt"))
-            llm = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm else None
+            llm = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm and src.llm else None
             export_bundle(src, llm, ExportOptions(out_dir=bundle, tensorrt="skip", parity_windows=4))
         t0 = time.time()
         r["latency"] = latency(bundle, data, iters, backend)

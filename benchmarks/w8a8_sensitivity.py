@@ -107,8 +107,7 @@ def main(bundle: str, keep: str, out: str) -> None:
     manifest = read_manifest(bundle)
     src = f"{bundle}/{manifest.graphs['llm'].files['fp32'].file}"
     ref = _Gate(bundle, manifest, None)
-    assert ref.ids is not None and ref.mask is not None, "the gate windows of a bundle with an LLM graph have prompts"
-    cal = calibration_feeds(ref.ids, ref.mask, ref.n)
+    cal = calibration_feeds(*ref.prompts(), ref.n)
     model = core.read_model(src)
     attention = activation_matmuls(model)
     weighted = [op for op in model.get_ordered_ops()

@@ -17,6 +17,7 @@ import resource
 import shutil
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -141,9 +142,11 @@ def _build(src: Source, llm: LoadedLLM | None, opts: ExportOptions, tmp: str, st
     series, starts = real_windows(src, opts.data_path, opts.parity_windows)
     x = np.stack([series.values[s:s + cfg.seq_len] for s in starts]).astype(np.float32)
     with step("LLM graph and its parity"):
-        part = llm_graph(src, llm, opts, tmp, series, starts) if cfg.uses_llm else None
-        if part:  # past its parity check the graph stands for the LLM: the torch weights go (``llm`` is spent)
-            release_weights(llm)
+        part = None
+        if cfg.uses_llm:
+            assert llm is not None, "check_llm refuses a model with the LLM branch and no LLM"
+            part = llm_graph(src, llm, opts, tmp, series, starts)
+            release_weights(llm)  # past its parity check the graph stands for the LLM: the torch weights go
     with step("forecaster parity and batch-1 graph"):
         check_forecaster(fc, tmp, x, part.emb if part else None, opts.tolerance)
         fc_batch1 = batch1_forecaster(fc, tmp, opts.tolerance)
@@ -192,8 +195,11 @@ def _keep_fp16(files: dict, graph_info: dict, entry: dict | None, record: dict) 
 def _save_parity_inputs(tmp: str, fc: ForecasterPart, part: LLMPart | None) -> None:
     """Real inputs and ONNX Runtime fp32 outputs, for engine parity wherever engines are built."""
     os.makedirs(os.path.join(tmp, os.path.dirname(PARITY_FILE)), exist_ok=True)
-    np.savez(os.path.join(tmp, PARITY_FILE), fc_x=fc.x[:1], fc_out=fc.y_ort[:1],
-             **({"fc_prompt_emb": fc.emb[:1]} if fc.emb is not None else {}), **(part.parity if part else {}))
+    x, _, y_ort = fc.checked()
+    arrays: dict[str, Any] = {"fc_x": x[:1], "fc_out": y_ort[:1],
+                              **({"fc_prompt_emb": fc.emb[:1]} if fc.emb is not None else {}),
+                              **(part.parity if part else {})}
+    np.savez(os.path.join(tmp, PARITY_FILE), **arrays)
 
 
 def _forecaster_record(src: Source, fc: ForecasterPart, fc_files: dict, fc_batch1: dict, extra: dict) -> dict:
@@ -222,7 +228,8 @@ def _manifest_dict(src: Source, llm: LoadedLLM | None, opts: ExportOptions, fc: 
         "model_config": cfg.to_dict(),
         "data": portable_data(data, opts.data_path or data.source, len(series.values)),
         "prompt": src.prompt if cfg.uses_llm else None,
-        "llm": {**portable_llm(llm.info.to_dict(), src.llm), "digest_verified": src.llm is not None} if part else None,
+        "llm": ({**portable_llm(llm.info.to_dict(), src.llm), "digest_verified": src.llm is not None}
+                if part and llm is not None else None),
         "tokenizer": part.tokenizer_record if part else None,
         "opset": OPSET,
         "graphs": graphs,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from timecma.core.accuracy import judge_variant
+from timecma.core.accuracy import FORECAST_GATE, judge_variant
 from timecma.core.errors import BackendUnavailable, BundleError
 from timecma.core.manifest import Manifest, file_record, read_manifest, write_manifest
 from timecma.core.timing import time_calls
@@ -48,7 +48,7 @@ def batch1_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
     thread per op can cost more than it gives). Measured here, recorded in the manifest."""
     export_forecaster(fc.graph, os.path.join(tmp, FORECASTER_B1_ONNX), batch_one=True)
     feeds = fc.feeds(slice(0, 1))
-    _, y_torch = fc.checked()
+    _, y_torch, _ = fc.checked()
     cands: dict[tuple[str, int | None], float] = {}
     for file in (FORECASTER_ONNX, FORECASTER_B1_ONNX):
         for threads in (None, 1):
@@ -75,7 +75,7 @@ def split_forecaster(fc: ForecasterPart, tmp: str, tolerance: float) -> dict:
     paths = {k: os.path.join(tmp, f) for k, f in FORECASTER_SPLIT_ONNX.items()}
     export_split_forecaster(fc.graph, paths["prompt_encoder"], paths["head"])
     enc, head = ort_session(paths["prompt_encoder"], spin=False), ort_session(paths["head"], threads=HEAD_THREADS)
-    x, y_torch = fc.checked()
+    x, y_torch, _ = fc.checked()
     emb = fc.emb
     assert emb is not None, "split graphs of a model without the LLM branch"
     encoded = [enc.run(None, {"prompt_emb": emb[i:i + 1]})[0] for i in range(len(x))]
@@ -137,16 +137,16 @@ def _ort_optimised(llm, opts: ExportOptions, tmp: str, part: LLMPart, feeds: dic
 
 def _quantized_variant(kind: str, src: Source, opts: ExportOptions, tmp: str, series, part: LLMPart, fc_sess,
                        feeds: dict, timings: dict) -> dict:
-    """An int8 LLM graph for ONNX Runtime, judged the way a user would: forecast MSE on validation windows, and
-    the embeddings themselves (the test split is the final evaluation's alone). ``int8``: dynamic (int8 weights, activations quantised per call); ``w8a8``: static
-    QDQ with SmoothQuant, calibrated on validation prompts (``quantize_w8a8``).
+    """An int8 LLM graph for ONNX Runtime, judged the way a user would, on validation windows (the test split
+    is the final evaluation's alone). ``int8``: dynamic (int8 weights, activations quantised per call);
+    ``w8a8``: static QDQ with SmoothQuant, calibrated on validation prompts (``quantize_w8a8``) and scored on
+    the validation windows it was not calibrated on.
 
-    Hidden states move under int8, beyond the fp32 parity tolerance, so the graph is accepted only if its
-    outputs are finite, the forecast MSE (normalized units, the paper's convention) over ``quantize_windows``
-    validation windows (w8a8: less those it was calibrated on) changes by less than ``MSE_GATE`` (1%) relative
-    and the worst prompt's embedding error stays under ``EMBEDDING_GATE`` (dynamic int8 on SmolLM2's real
-    weights: 46%): ``timecma.core.accuracy.judge_variant``, without its per-value forecast rule (the largest
-    change is recorded).
+    Hidden states move under int8, beyond the fp32 parity tolerance, so the graph is accepted by the one
+    decision every variant takes (``timecma.core.accuracy.judge_variant``): finite outputs, forecast MSE
+    (normalised units, the paper's) within ``MSE_GATE`` (1%) of fp32's, the worst prompt's embedding error
+    under ``EMBEDDING_GATE`` (dynamic int8 on SmolLM2's real weights: 46%), and no forecast value moved by
+    ``FORECAST_GATE`` or more.
     """
     cfg, data = src.cfg, src.data
     q_file = f"llm_last_token.{kind}.onnx"
@@ -156,8 +156,11 @@ def _quantized_variant(kind: str, src: Source, opts: ExportOptions, tmp: str, se
         gate = np.load(os.path.join(tmp, GATE_FILE))
         made = quantize_w8a8(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, q_file),
                              calibration_feeds(gate["llm_input_ids"], gate["llm_attention_mask"], cfg.num_nodes))
-        seen = gate["starts"][calibration_windows(len(gate["starts"]))]
-        starts = np.array([s for s in starts if s not in set(seen.tolist())]) if len(starts) > len(seen) else starts
+        seen = set(gate["starts"][calibration_windows(len(gate["starts"]))].tolist())
+        unseen = np.array([s for s in starts if s not in seen])
+        made["scored_on"] = ("validation windows it was not calibrated on" if len(unseen) else
+                             "validation windows it was calibrated on (too few windows to keep them apart)")
+        starts = unseen if len(unseen) else starts
     else:
         quantize_int8(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, q_file))
     f32, q8 = ort_session(os.path.join(tmp, LLM_ONNX)), ort_session(os.path.join(tmp, q_file))
@@ -178,7 +181,7 @@ def _quantized_variant(kind: str, src: Source, opts: ExportOptions, tmp: str, se
     # the one decision every variant takes (timecma.core.accuracy); this gate never had the per-value forecast
     # rule, so the largest forecast change is recorded, not judged
     j = judge_variant(np.stack(ys[kind]), np.stack(ys["fp32"]), np.stack(truths), mean, std,
-                      np.concatenate(embs[kind]), np.concatenate(embs["fp32"]), forecast_gate=None)
+                      np.concatenate(embs[kind]), np.concatenate(embs["fp32"]), forecast_gate=FORECAST_GATE)
     change, emb = j["mse_rel_change"], j["embedding"]
     entry = {"file": q_file, "val_mse_fp32": j["val_mse_fp32"], f"val_mse_{kind}": j["val_mse"],
              "mse_rel_change": change, "hidden_max_rel_err": float(np.max(hidden_rel)), "embedding": emb,

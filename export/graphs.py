@@ -86,14 +86,16 @@ class ForecasterPart:
     session: Any = None  # ORT session of the graph
     parity: dict = field(default_factory=dict)
 
-    def checked(self) -> tuple[np.ndarray, np.ndarray]:
-        """The parity windows and PyTorch's forecasts for them, which ``check_forecaster`` fills in."""
-        if self.x is None or self.y_torch is None:
+    def checked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The parity windows, PyTorch's forecasts for them and ONNX Runtime's: ``check_forecaster`` fills them in."""
+        if self.x is None or self.y_torch is None or self.y_ort is None:
             raise RuntimeError("the forecaster part has not been through check_forecaster")
-        return self.x, self.y_torch
+        return self.x, self.y_torch, self.y_ort
 
     def feeds(self, i: slice) -> dict:
-        return forecaster_feeds(self.checked()[0][i], None if self.emb is None else self.emb[i])
+        if self.x is None:
+            raise RuntimeError("the forecaster part's parity windows come with check_forecaster")
+        return forecaster_feeds(self.x[i], None if self.emb is None else self.emb[i])
 
     def units(self, y: np.ndarray) -> np.ndarray:
         """Forecasts in the units the model computes in: standard-normalised (the paper's scale), or for

@@ -190,12 +190,14 @@ def test_int8_and_w8a8_variants_are_judged_on_forecast_mse_and_embeddings(small_
         assert (q["windows"] == 16 if kind == "int8" else 0 < q["windows"] <= 16)
         assert q["hidden_max_rel_err"] > 0  # int8 really changed the hidden states
         assert q["mse_rel_change"] == pytest.approx(abs(q[f"val_mse_{kind}"] - q["val_mse_fp32"]) / q["val_mse_fp32"])
-        assert q["accepted"] == (q["mse_rel_change"] < 0.01 and q["embedding"]["prompt_rel_l2_max"] < 0.05)
-        # judged by the one decision every variant takes: finite outputs, the forecast change recorded (not gated)
+        # judged by the one decision every variant takes: finite outputs, MSE, embeddings, and each forecast value
+        assert q["accepted"] == (q["mse_rel_change"] < 0.01 and q["embedding"]["prompt_rel_l2_max"] < 0.05
+                                 and q["forecast_max_abs_change_normalized"] < 0.01)
         assert q["finite"] and q["forecast_max_abs_change_normalized"] > 0
         assert (out / f"llm_last_token.{kind}.onnx").exists() == q["accepted"]
         if kind == "w8a8":  # static: calibrated, the attention's activation MatMuls left float
             assert q["calibration_prompts"] > 0 and q["float_activation_matmuls"] > 0
+            assert q["scored_on"] == "validation windows it was not calibrated on"
         if q["accepted"]:
             from timecma.runtime import Forecaster
 

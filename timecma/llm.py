@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +26,10 @@ from .core.config import LLMInfo
 from .core.errors import InputError
 from .core.store import make_namespace
 from .core.tokens import tokenizer_digest
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,10 @@ class LastTokenEncoder(nn.Module):
     unmodified Hugging Face forward is what ``last_position_only=False`` runs.
     """
 
-    def __init__(self, model: nn.Module, last_position_only: bool = False):
+    _trunk: nn.Module  # with ``last_position_only``: the first L-1 blocks, not a registered submodule
+
+    def __init__(self, model: Any, last_position_only: bool = False):
+        """``model``: a Hugging Face base model; its parts (``h``, ``ln_f``, ``config``) are looked up by name."""
         super().__init__()
         self.model = model
         self.last_position_only = bool(last_position_only) and supports_last_position_only(model)
@@ -101,14 +109,14 @@ def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(hidden, 1, idx).squeeze(1)
 
 
-def _attention_scale(attn: nn.Module) -> float:
+def _attention_scale(attn: Any) -> float:
     if hasattr(attn, "scaling"):
         return float(attn.scaling)
     scale = attn.head_dim ** -0.5 if attn.scale_attn_weights else 1.0
     return scale / (attn.layer_idx + 1) if attn.scale_attn_by_inverse_layer_idx else scale
 
 
-def supports_last_position_only(model: nn.Module) -> bool:
+def supports_last_position_only(model: Any) -> bool:
     """The last-block shortcut is written for Hugging Face's GPT-2 (Conv1D q|k|v, pre-LN blocks)."""
     cfg = getattr(model, "config", None)
     return (getattr(cfg, "model_type", None) == "gpt2" and hasattr(model, "h") and hasattr(model, "ln_f")
@@ -120,11 +128,11 @@ class LoadedLLM:
     """The wrapper, its fast tokenizer backend and its identity."""
 
     encoder: LastTokenEncoder
-    tokenizer: "object"  # transformers fast tokenizer
+    tokenizer: PreTrainedTokenizerFast
     info: LLMInfo
 
     @property
-    def backend(self):
+    def backend(self) -> Tokenizer:
         """The ``tokenizers.Tokenizer`` used for encoding (same object serving loads)."""
         return self.tokenizer.backend_tokenizer
 
@@ -155,7 +163,7 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
     benchmarks compare against); both compute the same embeddings. ``layers=K`` keeps the first
     K decoder layers and the final norm (None: all of them).
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
     quiet_progress()
     try:
@@ -168,7 +176,7 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
             f"cannot load LLM {name_or_dir!r}: {exc}\n(no network? pass a local directory made "
             "with save_pretrained, or `timecma-tiny-llm DIR` for the offline test model)"
         ) from exc
-    if not getattr(tokenizer, "is_fast", False):
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):  # tokenizer.json's backend, which serving loads
         raise ValueError(f"LLM {name_or_dir!r} has no fast tokenizer; timecma needs tokenizer.json")
     model.eval().requires_grad_(False)
     total = keep_first_layers(model, layers)
@@ -209,7 +217,7 @@ def load_llm(name_or_dir: str, device: str | torch.device = "cpu", attn_implemen
 _LAYER_LISTS = (("h", "n_layer"), ("layers", "num_hidden_layers"))
 
 
-def keep_first_layers(model: nn.Module, k: int | None) -> int | None:
+def keep_first_layers(model: Any, k: int | None) -> int | None:
     """Cut a decoder to its first ``k`` layers (its final norm stays); returns the model's own depth.
 
     The prompt embedding is then the last token's state after layer k and the final norm, as
@@ -290,7 +298,7 @@ def encode_last_token(
 
 TINY_CONFIG = dict(n_positions=1024, n_embd=32, n_layer=2, n_head=4)
 # GPT-2 small's architecture (124M): random weights cost exactly what the real ones do.
-PRESETS = {"tiny": TINY_CONFIG, "gpt2-size": dict(n_positions=1024, n_embd=768, n_layer=12, n_head=12)}
+PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_CONFIG, "gpt2-size": dict(n_positions=1024, n_embd=768, n_layer=12, n_head=12)}
 
 
 def _tiny_corpus(seed: int) -> list[str]:
@@ -318,7 +326,7 @@ def _tiny_decoder(arch: str, vocab: int, n_positions: int, preset: str, special:
         return tf.GPT2Model(tf.GPT2Config(vocab_size=vocab, bos_token_id=special["bos"], eos_token_id=special["eos"],
                                           **{**PRESETS[preset], "n_positions": n_positions}))
     size = PRESETS[preset]
-    common = dict(vocab_size=vocab, hidden_size=size["n_embd"], intermediate_size=4 * size["n_embd"],
+    common: dict[str, Any] = dict(vocab_size=vocab, hidden_size=size["n_embd"], intermediate_size=4 * size["n_embd"],
                   num_hidden_layers=size["n_layer"], num_attention_heads=size["n_head"],
                   num_key_value_heads=max(1, size["n_head"] // 2), max_position_embeddings=n_positions,
                   bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"])
@@ -409,7 +417,7 @@ def build_tiny_llm(
     )
     tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
     if arch in ("gpt2", "qwen2"):
-        ids = {"bos": 0, "eos": 0, "pad": 0}
+        ids: dict[str, int | None] = {"bos": 0, "eos": 0, "pad": 0}
         names = dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     else:
         ids = {"bos": tok.token_to_id("<s>"), "eos": tok.token_to_id("</s>"), "pad": tok.token_to_id("</s>")}

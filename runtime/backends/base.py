@@ -27,8 +27,8 @@ class Backend(Protocol):
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """[B,S] int64 x2 -> [B,d_llm] float32."""
 
-    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
-        """[B,seq_len,N] raw, [B,N,d_llm] -> [B,pred_len,N] raw."""
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
+        """[B,seq_len,N] raw, [B,N,d_llm] (None: a model without the LLM branch) -> [B,pred_len,N] raw."""
 
     # Optional (``split`` not None): the forecaster in two batch-1 graphs (the bundle's ``cpu_split``), so
     # serving can keep a window's encoded prompts. ``split`` names what computes them (graph digest and

@@ -131,7 +131,7 @@ class TensorRTBackend(WholeForecaster):
     def run_llm(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.runners["llm"]({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden"]
 
-    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
+    def run_forecaster(self, x: np.ndarray, prompt_emb: np.ndarray | None) -> np.ndarray:
         return self.runners["forecaster"](forecaster_feeds(x, prompt_emb))["y"]
 
     def close(self) -> None:

@@ -62,17 +62,26 @@ class _Gate:
         self.y_ref = self.forecast(lambda x, e: self.fc_ref.run(None, forecaster_feeds(x, e))[0], self.emb_ref)
         self.mse_ref = self.mse(self.y_ref)
 
+    def prompts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The gate prompts' token ids and attention mask (the gate file of a bundle with an LLM graph has them)."""
+        if self.ids is None or self.mask is None:
+            raise BundleError(f"{GATE_FILE} has no LLM prompts (exported by an older timecma): re-export to gate "
+                              "the LLM graph")
+        return self.ids, self.mask
+
     def embed(self, run_llm) -> np.ndarray:
         """[W, N, d] embeddings, one window's prompts per call (as serving batches a miss)."""
-        n = self.n
-        return np.stack([run_llm(self.ids[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n])
+        n, (ids, mask) = self.n, self.prompts()
+        return np.stack([run_llm(ids[i * n:(i + 1) * n], mask[i * n:(i + 1) * n])
                          for i in range(len(self.x))]).astype(np.float32)
 
     def judge_llm(self, run, budget_s: float = 10) -> tuple[np.ndarray, dict, list[float]]:
         """An LLM graph's embeddings of every gate prompt, their errors against fp32, and the ms of
         one window's prompts (5 calls after a warm-up, within ``budget_s``)."""
         emb = self.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))
-        feeds = {"input_ids": self.ids[:self.n], "attention_mask": self.mask[:self.n]}
+        ids, mask = self.prompts()
+        assert self.emb_ref is not None, "the fp32 embeddings of the prompts, made with them in __init__"
+        feeds = {"input_ids": ids[:self.n], "attention_mask": mask[:self.n]}
         ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=budget_s)
         return emb, embedding_errors(emb, self.emb_ref), ms
 
@@ -191,7 +200,8 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
     cpu = cpu_info()
     # graph, label, file in bundle, compile precision, how a quantised graph was made (for its record)
     jobs: list[tuple[str, str, str | None, str, dict]] = []
-    for g in [g for g in ("llm", "forecaster") if g in manifest.graphs]:
+    graphs: list[str] = [g for g in ("llm", "forecaster") if g in manifest.graphs]
+    for g in graphs:
         for p in precisions:
             if p == "bf16" and not has_native_bf16():
                 log.info("openvino: no native bf16 on this CPU (%s): bf16 not gated here", ", ".join(cpu["isa"]))
@@ -206,7 +216,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
                 if p == "int8":
                     compress_int8(src, dest)
                 else:
-                    made = quantize_w8a8(src, dest, calibration_feeds(ref.ids, ref.mask, ref.n))
+                    made = quantize_w8a8(src, dest, calibration_feeds(*ref.prompts(), ref.n))
             jobs.append((g, p, rel, p, made))
     for (g, name), rel in (candidates or {}).items():
         jobs.append((g, name, rel, "f32", {}))

@@ -76,6 +76,8 @@ class EngineProfile:
         if graph == "llm":
             s = [[b, t] for b, t in zip(self.llm_batch, self.llm_seq)]
             return {"input_ids": s, "attention_mask": s}
+        if cfg is None:
+            raise ValueError(f"the {graph} graph's shapes come from the model config, and none was given")
         n = cfg.num_nodes
         shapes = {"x": [[b, cfg.seq_len, n] for b in self.forecast_batch]}
         if cfg.uses_llm:
@@ -135,7 +137,7 @@ def parse_network(flavour: Flavour, onnx_path: str):
     if not parser.parse_from_file(onnx_path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BundleError(f"{flavour.label} could not parse {os.path.basename(onnx_path)}: {errors}")
-    io = {}
+    io: dict[str, dict[str, dict]] = {}
     for kind, count, get in (("inputs", network.num_inputs, network.get_input),
                              ("outputs", network.num_outputs, network.get_output)):
         io[kind] = {}
@@ -536,6 +538,9 @@ class EngineGate:
             shapes = profile["input_ids"]
             batch = (shapes[0][0], shapes[1][0], shapes[2][0])
             seq = (shapes[0][1], shapes[1][1], shapes[2][1])
+            if self.ids is None or self.mask is None or self.emb_ref is None:
+                raise BundleError(f"{GATE_FILE} has no LLM prompts (exported by an older timecma): re-export to "
+                                  "gate an LLM engine")
             emb, sizes = llm_in_profile(run, self.ids, self.mask, batch, seq, self.pad_id)
             emb_all, ref_all = emb, self.emb_ref
             if batch[0] <= 1 and sizes and max(sizes) > 1:  # one prompt alone, as a single store miss is sent
@@ -546,11 +551,11 @@ class EngineGate:
         else:
             shapes = profile["x"]
             batch = (shapes[0][0], shapes[1][0], shapes[2][0])
-            emb = None if self.emb_ref is None else self.emb_ref.reshape(len(self.x), self.n, -1)
-            y, sizes = forecaster_in_profile(run, self.x, emb, batch)
+            emb_ref = None if self.emb_ref is None else self.emb_ref.reshape(len(self.x), self.n, -1)
+            y, sizes = forecaster_in_profile(run, self.x, emb_ref, batch)
             ys, refs, truths = [y], [self.y_ref], [self.truth]
             if batch[0] <= 1 and max(sizes) > 1:  # batch-1 serving, every window
-                y1, more = forecaster_in_profile(run, self.x, emb, (1, 1, 1))
+                y1, more = forecaster_in_profile(run, self.x, emb_ref, (1, 1, 1))
                 ys.append(y1)
                 refs.append(self.y_ref)
                 truths.append(self.truth)

@@ -244,7 +244,8 @@ class TableSink:
     """Collects forecast tables in memory (one series group on a Ray worker)."""
 
     def __init__(self, schema: pa.Schema):
-        self.schema, self.tables = schema, []
+        self.schema = schema
+        self.tables: list[pa.Table] = []
 
     def write(self, table: pa.Table) -> None:
         self.tables.append(table)
@@ -365,16 +366,21 @@ class BatchServer:
 
     def _score(self, sid) -> None:
         """Windows with their forecast and every actual go into the metrics and leave the open list."""
-        done, waiting = [], []
+        done: list[tuple[_Open, np.ndarray, dict]] = []  # with its forecast and intervals (set together)
+        waiting: list[_Open] = []
         for o in self.open.get(sid, []):
-            (done if o.y_hat is not None and o.filled == self.f.pred_len else waiting).append(o)
+            if o.y_hat is not None and o.intervals is not None and o.filled == self.f.pred_len:
+                done.append((o, o.y_hat, o.intervals))
+            else:
+                waiting.append(o)
         if not done:
             return
+        assert self.metrics is not None, "windows are kept open only to be scored (with metrics)"
         self.open[sid] = waiting
-        ivs = {lv: (np.stack([o.intervals[lv][0] for o in done]), np.stack([o.intervals[lv][1] for o in done]))
+        ivs = {lv: (np.stack([iv[lv][0] for _, _, iv in done]), np.stack([iv[lv][1] for _, _, iv in done]))
                for lv in self.levels}
-        self.metrics.add(np.stack([o.x for o in done]), np.stack([o.y for o in done]),
-                         np.stack([o.y_hat for o in done]), ivs)
+        self.metrics.add(np.stack([o.x for o, _, _ in done]), np.stack([o.y for o, _, _ in done]),
+                         np.stack([y_hat for _, y_hat, _ in done]), ivs)
 
     def feed(self, batch: pa.RecordBatch | pa.Table, sink, first_row: int = 0, sid=None, where: str = "") -> None:
         """Rows in file order; ``sid`` names the series of a file without a series column."""

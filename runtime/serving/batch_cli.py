@@ -139,7 +139,7 @@ def serve_batch_cmd(input_path: str, bundle: str, out: str | None, series_col: s
         fail(PROG, exc, " (no output written)")
     finally:
         f.close()
-    if metrics is not None:
+    if metrics is not None and metrics_path:
         report = metrics.report(server.unscored)
         try:
             check_replaceable(metrics_path, is_metrics_report, METRICS_REPORT)  # again: serving took a while

@@ -85,7 +85,7 @@ def long_to_wide(table: pa.Table, fmt: LongFormat, variables: list[str], time_co
         wide = np.empty((len(stamps), len(variables)))
         wide[np.repeat(np.arange(len(stamps)), len(variables)), var[order]] = y[order]
         cols = ({series_col: pa.array([sids[f]] * len(stamps), type=table.schema.field(series_col).type)}
-                if series_col else {})
+                if series_col and sids is not None else {})
         cols[time_col] = pa.array(stamps, pa.timestamp("ns"))
         cols.update({v: pa.array(wide[:, j]) for j, v in enumerate(variables)})
         parts.append(pa.table(cols))

@@ -128,7 +128,7 @@ class ForecastService:
                     if "llm_input_ids" in p:
                         be.run_llm(p["llm_input_ids"], p["llm_attention_mask"])
                     emb = p["fc_prompt_emb"] if "fc_prompt_emb" in p else None  # None: a model without an LLM
-                    be.run_forecaster(p["fc_x"], emb)  # type: ignore[arg-type]
+                    be.run_forecaster(p["fc_x"], emb)
                     if getattr(be, "split", None):  # the graphs single-window requests run
                         be.run_head(p["fc_x"], be.run_prompt_encoder(p["fc_prompt_emb"]))
         except Exception:  # a warm-up failure must not keep the replica from serving: the first request will tell

@@ -40,7 +40,8 @@ class ModelConfig:
     model: str = "timecma"
     moving_avg: int = 25  # dlinear's trend kernel
     residual: str = "none"  # "seasonal-naive": the network predicts the residual over the value one period back
-    residual_periods: list[int] | None = None  # per variable (core.seasonality.primary_periods)
+    # per variable (core.seasonality.primary_periods, None where it found none): checked below
+    residual_periods: list[int | None] | None = None
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -48,7 +49,8 @@ class ModelConfig:
         if self.residual not in ("none", "seasonal-naive"):
             raise ValueError(f"unknown residual {self.residual!r}; choose none or seasonal-naive")
         if self.residual != "none" and (not self.residual_periods or len(self.residual_periods) != self.num_nodes
-                                        or not all(1 <= p <= self.seq_len for p in self.residual_periods)):
+                                        or not all(p is not None and 1 <= p <= self.seq_len
+                                                   for p in self.residual_periods)):
             raise ValueError(f"the seasonal-naive residual needs one period in 1..{self.seq_len} per variable, "
                              f"got {self.residual_periods}")
 

@@ -36,7 +36,7 @@ class Batches:
     def __len__(self) -> int:
         return len(self.split.starts)
 
-    def get(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def get(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Prompts | None]:
         starts = self.split.starts[idx]
         rows = starts[:, None] + np.arange(self.seq_len + self.pred_len)[None, :]
         xy = self.scaled[rows]  # [B, L+P, N]

@@ -93,8 +93,10 @@ def _frozen_embeddings(data: RunData, llm_id: str, llm_layers: int | None, cfg: 
         # the precision the store's vectors come from, in the checkpoint and bundle (vectors are keyed by it)
         llm.info.extra["precompute"] = {"backend": engine[0], "precision": store.precision}
         if engine != ("torch", "fp32") and store.missing(keys):  # eager fp32 is the gate's reference: no gate
-            spread = np.linspace(0, len(all_ids) - 1, min(GATE_PROMPTS, len(all_ids))).round().astype(int)
-            encoder = prompt_encoder(llm, cfg.precompute_backend, [all_ids[i] for i in spread])
+            # the engine is chosen on validation prompts: the test split is the final evaluation's alone
+            val = sets["val"].token_ids
+            spread = np.linspace(0, len(val) - 1, min(GATE_PROMPTS, len(val))).round().astype(int)
+            encoder = prompt_encoder(llm, cfg.precompute_backend, [val[i] for i in spread])
             llm.info.extra["precompute"] = encoder.record
         t_pre = time.time()
         computed = precompute(store, llm, all_ids, keys, cfg.llm_batch_size, device, desc="prompt embeddings",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ class RunData:
     report: Scaler
     reported: np.ndarray
     prompt_record: dict
-    residual_periods: list[int] | None
+    residual_periods: list[int | None] | None
     contract: DataContract
 
     def to_report(self, y: np.ndarray) -> np.ndarray:
@@ -53,10 +54,11 @@ def prepare_data(data_path: str, time_col: str, split: str, seq_len: int, pred_l
     residual_periods = (primary_periods(periods, n_vars, series.frequency, seq_len, fallback=True)
                         if residual != "none" else None)
     # what serving needs to render the same prompts: template, periods (`lags`), log scaler (`log-values`)
-    prompt_record = {"name": tmpl.name, "hash": tmpl.hash,
+    prompt_record: dict[str, Any] = {"name": tmpl.name, "hash": tmpl.hash,
                      **({"periods": prompt_periods} if tmpl.needs_periods else {})}
     if tmpl.value_transform == "log":
         z = Scaler.fit(train_rows, series.variables, "log")
+        assert z.offset is not None, "a log scaler has its offset"
         prompt_record["log_scaler"] = {"offset": z.offset.tolist(), "mean": z.mean.tolist(), "std": z.std.tolist()}
     contract = DataContract(
         time_col=time_col, variables=series.variables, frequency=series.frequency, seq_len=seq_len,

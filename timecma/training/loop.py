@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import TrainConfig
 from ..core.errors import InputError
+from ..joint import JointModel
 from .batches import Batches, evaluate
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,12 @@ class LoopState:
     steps: int = 0
     stop: str = "epoch_cap"
     history: list[dict] = field(default_factory=list)
+
+    def best(self) -> dict:
+        """The best epoch's weights (``fit`` has raised TrainingDiverged where no epoch gave any)."""
+        if self.best_state is None:
+            raise TrainingDiverged("training kept no weights: no epoch had a finite validation loss")
+        return self.best_state
 
     def record(self) -> dict:
         """How training ended, for metrics.json and the checkpoint."""
@@ -79,6 +87,7 @@ def train_epoch(model: torch.nn.Module, batches: Batches, cfg: TrainConfig, opt:
         if joint:
             fc_losses.append(loss.item())
             if w < 1:
+                assert isinstance(model, JointModel), "joint training runs the forecaster with its LLM (JointModel)"
                 text = model.text_loss(corpus.sample().to(device) if corpus else None)
                 text_losses.append(text.item())
                 loss = w * loss + (1 - w) * text
@@ -89,7 +98,7 @@ def train_epoch(model: torch.nn.Module, batches: Batches, cfg: TrainConfig, opt:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         losses.append(loss.item())
-    out = {"train_mse": float(np.mean(losses)), "steps": len(losses)}
+    out: dict[str, Any] = {"train_mse": float(np.mean(losses)), "steps": len(losses)}
     if joint:  # both losses, the forecast's unweighted
         out.update(train_forecast_mse=float(np.mean(fc_losses)),
                    train_text_loss=float(np.mean(text_losses)) if text_losses else None)

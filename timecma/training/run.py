@@ -9,6 +9,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from ..core.ray_setup import RayPool
 from ..core.seasonality import NATURAL_PERIOD
 from ..joint import JointModel, merge_and_save
 from ..llm import load_llm
-from ..model import make_model
+from ..model import ForecastModel, make_model
 from .batches import Batches, evaluate, in_original_units, naive_metrics
 from .embeddings import Embedded, embed_prompts
 from .inputs import RunData, prepare_data
@@ -80,12 +81,12 @@ def train(spec: RunSpec, cfg: TrainConfig, ray: RayPool | None = None) -> dict:
         mcfg = ModelConfig(num_nodes=len(data.series.variables), d_llm=emb.d_llm, model=spec.model_name,
                            residual=spec.residual, residual_periods=data.residual_periods, **spec.model)
         seed_everything(cfg.seed)
-        model = make_model(mcfg).to(device)
+        model: ForecastModel | JointModel = make_model(mcfg).to(device)
         if emb.joint:
             model = JointModel(model, emb.joint["lm"], len(data.series.variables)).to(device)
         batches = {k: Batches(data.scaled, v, emb.store, seq_len, pred_len, emb.pad_id) for k, v in emb.splits.items()}
         state = fit(model, batches, cfg, device, data.to_report, data.reported, emb.joint)
-        model.load_state_dict(state.best_state)
+        model.load_state_dict(state.best())
         metrics, cal = final_evaluation(model, batches, cfg, device, data)
         state_dict, llm_info = _trained_parts(spec, cfg, emb, state, model)
     finally:
@@ -112,7 +113,7 @@ def final_evaluation(model: torch.nn.Module, batches: dict[str, Batches], cfg: T
     test = evaluate(model, batches["test"], cfg.batch_size, device, data.to_report, data.reported, out["test"])
     values = data.series.values
     cal = Calibration.fit(*in_original_units(batches["val"], out["val"], data.scaler, values))
-    intervals = {"method": METHOD, "calibration": f"{cal.windows} val windows",
+    intervals: dict[str, Any] = {"method": METHOD, "calibration": f"{cal.windows} val windows",
                  "test": coverage(cal, *in_original_units(batches["test"], out["test"], data.scaler, values),
                                   REPORTED_LEVELS)}
     log.info("prediction intervals on test: %s", ", ".join(f"{lv}% covers {c['coverage']:.1%}"
@@ -126,7 +127,8 @@ def _trained_parts(spec: RunSpec, cfg: TrainConfig, emb: Embedded, state: LoopSt
     """The forecaster's weights and the LLM's record. Joint training leaves the LLM as a plain model directory
     (adapters merged) beside the checkpoint, recorded with the base LLM it started from."""
     if not emb.joint:
-        return state.best_state, emb.llm_info
+        return state.best(), emb.llm_info
+    assert isinstance(model, JointModel), "joint training ran the forecaster with its LLM (JointModel)"
     llm_dir = os.path.abspath(merge_and_save(model, emb.joint["tokenizer"], os.path.join(spec.out_dir, "llm")))
     trained = load_llm(llm_dir, "cpu")
     trained.info.extra["joint"] = {"mode": cfg.joint, "init": cfg.llm_init, "weight": cfg.joint_weight,
