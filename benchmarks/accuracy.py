@@ -224,10 +224,10 @@ def cli() -> None:
 @click.option("--latency-backend", default="auto", show_default=True)
 @click.option("--latency-iters", default=30, show_default=True)
 @click.option("--no-latency", is_flag=True, help="Skip the latency pass (run it later, machine quiet).")
-@click.option("--max-seeds", type=click.IntRange(min=1), default=None,
-              help="At most this many seeds per row (the table's seed column says how many ran).")
+@click.option("--seeds", default=None, help="Comma-separated seeds for every wanted row, instead of the recipe's "
+                                           "seed and the next ones (the table's seed column says how many ran).")
 def run_cmd(data, out, work, rows, llm_id, llm_layers, precompute_backend, llm_batch_size, latency_backend,
-            latency_iters, no_latency, max_seeds) -> None:
+            latency_iters, no_latency, seeds) -> None:
     """Train (or read) every wanted row, rewrite the results after each, then time every row's bundle."""
     from timecma.core.logs import setup_logging
 
@@ -246,14 +246,15 @@ def run_cmd(data, out, work, rows, llm_id, llm_layers, precompute_backend, llm_b
         from timecma.core.recipes import recipe_for
 
         first = recipe_for(row.model, row.pred_len).seed  # the recipe's seed, then +1, +2
-        runs = [run_once(row, first + i, work, data, llm, llm_layers if llm else None, precompute_backend,
-                         llm_batch_size) for i in range(min(row.seeds, max_seeds or row.seeds))]
+        chosen = [int(x) for x in seeds.split(",")] if seeds else [first + i for i in range(row.seeds)]
+        runs = [run_once(row, seed, work, data, llm, llm_layers if llm else None, precompute_backend,
+                         llm_batch_size) for seed in chosen]
         name = os.path.basename(os.path.normpath(llm_id)) if llm_id else ""
         summary = summarise(row, runs, row.label(name, llm_layers))
         res["naive"].update({str(row.pred_len): runs[0]["naive"]["test"]})
         if row.llm:
             summary["embedding_similarity"] = embedding_similarity(
-                os.path.join(work, f"{row.key}-s{first}"), store_dir(work, llm, llm_layers), data)
+                os.path.join(work, f"{row.key}-s{chosen[0]}"), store_dir(work, llm, llm_layers), data)
         res["rows"] = [r for r in res["rows"] if r["key"] != row.key] + [summary]
         _finish(res, out)
     if not no_latency:

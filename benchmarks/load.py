@@ -348,6 +348,19 @@ def _row(res: dict, mode: str, store: str, clients: int) -> dict | None:
     return next((r for r in (m or {}).get("rows", []) if r["store"] == store and r["clients"] == clients), None)
 
 
+BORDERLINE = 0.1  # a result within 10% of its bound is within the run-to-run spread on a loaded machine
+
+
+def _judged(target: str, value: str, got: float, bound: float, at_most: bool, shown: str) -> dict:
+    """A target judged on this run: ``met``, and ``verdict`` (the table's cell): yes, **no**, or borderline
+    (within ``BORDERLINE`` of the bound: another run under the same load may land on the other side)."""
+    met = got <= bound if at_most else got >= bound
+    verdict = "yes" if met else "**no**"
+    if abs(got - bound) <= BORDERLINE * abs(bound):
+        verdict = f"borderline ({'met' if met else 'missed'} in this run at {shown})"
+    return {"target": target, "value": value, "met": met, "verdict": verdict}
+
+
 def targets(res: dict) -> list[dict]:
     """The issue's three targets, judged on this run."""
     out = []
@@ -355,18 +368,20 @@ def targets(res: dict) -> list[dict]:
     single1 = _row(res, "single", "hit", 1)
     if single1:
         d = single1["p50_ms"] - fl
-        out.append({"target": "single-process hit p50 at 1 client within 1 ms of in-process predict",
-                    "value": f"{single1['p50_ms']:.2f} ms vs {fl:.2f} ms: +{d:.2f} ms", "met": d <= 1.0})
+        out.append(_judged("single-process hit p50 at 1 client within 1 ms of in-process predict",
+                           f"{single1['p50_ms']:.2f} ms vs {fl:.2f} ms: +{d:.2f} ms", d, 1.0, True, f"+{d:.2f} ms"))
     peak = max((r["throughput_rps"] for m in res["modes"] if m["mode"] == "single" for r in m.get("rows", [])
                 if r["store"] == "hit"), default=None)
     if peak is not None:
-        out.append({"target": "hit throughput >= 5x the 104 req/s of issue 40 (520 req/s)",
-                    "value": f"{peak:.0f} req/s (single process, best client count)", "met": peak >= 520})
+        out.append(_judged("hit throughput >= 5x the 104 req/s of issue 40 (520 req/s)",
+                           f"{peak:.0f} req/s (single process, best client count)", peak, 520, False,
+                           f"{peak:.0f} req/s"))
     ray1 = _row(res, "ray-latency", "hit", 1)
     if single1 and ray1:
         d = ray1["p50_ms"] - single1["p50_ms"]
-        out.append({"target": "Ray Serve with the latency settings within 2 ms of the single process at 1 client",
-                    "value": f"{ray1['p50_ms']:.2f} ms vs {single1['p50_ms']:.2f} ms: +{d:.2f} ms", "met": d <= 2.0})
+        out.append(_judged("Ray Serve with the latency settings within 2 ms of the single process at 1 client",
+                           f"{ray1['p50_ms']:.2f} ms vs {single1['p50_ms']:.2f} ms: +{d:.2f} ms", d, 2.0, True,
+                           f"+{d:.2f} ms"))
     return out
 
 
@@ -408,7 +423,10 @@ def markdown(res: dict) -> list[str]:
     lines += ["", "Every request answered 200." if not bad else f"Not all 200: {bad}.", "", "## Targets (issue 40)", "",
               "| target | this run | met |", "|---|---|---|"]
     for t in res["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+        verdict = t.get("verdict") or ("yes" if t["met"] else "**no**")
+        if t.get("note"):  # e.g. another run's figure, recorded by hand in results.json
+            verdict = f"{verdict[:-1]}; {t['note']})" if verdict.endswith(")") else f"{verdict} ({t['note']})"
+        lines.append(f"| {t['target']} | {t['value']} | {verdict} |")
     return lines
 
 
@@ -472,7 +490,8 @@ def main(bundle: str, data: str, backend: str, levels: str, duration_s: float, m
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(markdown(res)) + "\n")
     for t in res["targets"]:
-        click.echo(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}")
+        click.echo(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}"
+                   + (" (borderline)" if t.get("verdict", "").startswith("borderline") else ""))
     click.echo(f"wrote {out}/results.json and results.md")
 
 

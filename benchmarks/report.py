@@ -7,13 +7,14 @@ import io
 import json
 import os
 
-from timecma.core.files import atomic_write_bytes, check_replaceable
+from timecma.core.files import atomic_write_bytes, check_replaceable, is_marked_png, png_mark, png_text
 
 from .harness import ANCHORS, FASTEST_TORCH, KINDS, STAGES
 from .precompute_speed import markdown_rows
 
 FILES = {"json": "results.json", "md": "results.md", "png": "latency.png"}
-PNG_TITLE = "timecma-bench latency"  # in latency.png's metadata: how a later run knows the plot is its own
+PNG_WRITER = "timecma-bench"  # latency.png's mark (timecma.core.files.png_mark): how a later run knows it is its own
+PNG_TITLE = "timecma-bench latency"  # the mark of plots written before it (their Title metadata)
 
 
 def data_record(path: str, bundle_source: dict) -> dict:
@@ -157,7 +158,7 @@ def plot(res: dict, path: str) -> None:
     fig.suptitle(f"timecma-bench — {m.get('cpu')} ({m['cores']} cores), d_llm {res['bundle']['d_llm']}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Title": PNG_TITLE})
+    fig.savefig(buf, format="png", dpi=110, metadata=png_mark(PNG_WRITER))
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -175,8 +176,8 @@ def _ours(kind: str, path: str) -> bool:
         return False
     if kind == "md":
         return head.startswith(b"# timecma-bench")
-    return head.startswith(b"\x89PNG") and (PNG_TITLE.encode() in head
-                                            or _ours("json", os.path.join(os.path.dirname(path), FILES["json"])))
+    return (is_marked_png(path, PNG_WRITER) or png_text(path).get("Title") == PNG_TITLE
+            or head.startswith(b"\x89PNG") and _ours("json", os.path.join(os.path.dirname(path), FILES["json"])))
 
 
 def check_outputs(out_dir: str) -> None:

@@ -28,7 +28,8 @@ import numpy as np
 
 from timecma.core.manifest import read_manifest
 from timecma.runtime.backends.openvino import compiled_runner, compute_precision, ov_module
-from timecma.runtime.compile.openvino import _Gate, activation_matmuls, calibration_feeds, compress_int8, nncf_w8a8
+from timecma.runtime.compile.gate import GateReference
+from timecma.runtime.compile.openvino import activation_matmuls, calibration_feeds, compress_int8, nncf_w8a8
 
 from .machine import machine_info, machine_line, write_results
 
@@ -106,7 +107,7 @@ def main(bundle: str, keep: str, out: str) -> None:
     core = ov.Core()
     manifest = read_manifest(bundle)
     src = f"{bundle}/{manifest.graphs['llm'].files['fp32'].file}"
-    ref = _Gate(bundle, manifest, None)
+    ref = GateReference(bundle, manifest, None)
     cal = calibration_feeds(*ref.prompts(), ref.n)
     model = core.read_model(src)
     attention = activation_matmuls(model)

@@ -24,8 +24,8 @@ import numpy as np
 from timecma import __version__
 from timecma.core.conformal import FILE as CALIBRATION_FILE, METHOD, Calibration
 from timecma.core.errors import BackendUnavailable, InputError
-from timecma.core.files import check_replaceable
-from timecma.core.leftovers import dead_temporaries, remove_dead_temporaries
+from timecma.core.files import check_replaceable, recover_replaced, replace_dir
+from timecma.core.leftovers import remove_dead_temporaries
 from timecma.core.manifest import (BUNDLE, MANIFEST_VERSION, PARITY_FILE, Engine, Manifest, file_record, is_bundle,
                                    list_bundle_files, read_manifest, write_manifest)
 from timecma.llm import LoadedLLM, release_weights
@@ -88,30 +88,26 @@ def check_out_dir(out_dir: str, force: bool) -> None:
     check_replaceable(out_dir, is_bundle, BUNDLE, ExportError)
 
 
+OLD_BUNDLE = ".old-bundle-"  # + NAME-: where a previous bundle waits while the new one is renamed in
+
+
 def _put_in_place(tmp: str, out_dir: str) -> None:
-    """Rename the finished bundle into place; a previous one (a bundle or an empty folder, checked again
-    here: minutes passed since export started) is moved aside first and removed after."""
-    check_replaceable(out_dir, is_bundle, BUNDLE, ExportError)
-    if not os.path.lexists(out_dir):
-        os.replace(tmp, out_dir)
-        return
-    parent, name = os.path.split(out_dir)
-    old = tempfile.mkdtemp(prefix=f".old-bundle-{name}-{os.getpid()}-", dir=parent)
-    os.replace(out_dir, os.path.join(old, "b"))
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Rename the finished bundle into place (``timecma.core.files.replace_dir``): a previous one (a bundle or
+    an empty folder, checked again here: minutes passed since export started) is moved aside first, put back
+    if the rename fails, and removed after."""
+    replace_dir(tmp, out_dir, is_bundle, BUNDLE, ExportError, aside=_old_bundle(out_dir))
+
+
+def _old_bundle(out_dir: str) -> str:
+    return f"{OLD_BUNDLE}{os.path.basename(out_dir)}-"
 
 
 def recover_bundle(out_dir: str) -> None:
-    """Clean up after a killed export of ``out_dir``: remove its dead temporaries, and put back a
-    previous bundle that a kill between the two renames left stranded in ``.old-bundle-*``."""
+    """Clean up after a killed export of ``out_dir``: put back a previous bundle that a kill between the two
+    renames left stranded in ``.old-bundle-*`` (``timecma.core.files.recover_replaced``), and remove its dead
+    temporaries."""
     parent, name = os.path.split(out_dir)
-    for old in dead_temporaries(parent, f".old-bundle-{name}-"):
-        stranded = os.path.join(old, "b")
-        if not os.path.exists(out_dir) and os.path.isfile(os.path.join(stranded, "manifest.json")):
-            os.replace(stranded, out_dir)
-            log.warning("recovered the bundle %s that a killed export left in %s", out_dir, old)
-        shutil.rmtree(old, ignore_errors=True)
+    recover_replaced(out_dir, "the bundle", aside=_old_bundle(out_dir))
     remove_dead_temporaries(parent, f".bundle-{name}-", "an unfinished bundle")
 
 

@@ -76,17 +76,34 @@ def test_design_references_in_the_code_resolve():
     assert not missing, f"no such section in docs/design.md: {missing}"
 
 
-def test_http_reference_falls_back_to_the_server_docstring():
-    """Without a FastAPI app whose OpenAPI document can be built, the HTTP page comes from the server module's
-    docstring (the hook tolerates either state of the code)."""
+def _hook():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("timecma_docs_hook", os.path.join(ROOT, "docs", "hooks",
                                                                                    "timecma_docs.py"))
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)
-    page = hook._render_docstring_fallback()
-    assert page.startswith("# HTTP API") and "/forecast" in page
+    return hook
+
+
+def test_http_reference_is_the_apps_openapi_document_and_nothing_stands_in_for_it(monkeypatch):
+    """The HTTP page comes from ``create_app().openapi()`` only: an app that cannot build its document fails the
+    docs build (a docstring fallback used to keep the page, and this test, passing with the app broken)."""
+    from timecma.runtime.serving import app
+
+    hook = _hook()
+    doc, module = hook._openapi()
+    assert module == "timecma.runtime.serving.app" and "/forecast" in doc["paths"]
+    assert "/forecast" in hook._render_openapi(doc, module)
+    assert not hasattr(hook, "_render_docstring_fallback") and not hasattr(hook, "HTTP_APP_FACTORIES")
+
+    def broken():
+        raise RuntimeError("the app does not build")
+
+    monkeypatch.setattr(app, "create_app", broken)
+    monkeypatch.setattr(hook, "_scripts", dict)  # (no CLI pages: the HTTP reference is what is under test)
+    with pytest.raises(RuntimeError, match="the app does not build"):
+        hook.on_files([], {})
 
 
 @pytest.mark.slow
@@ -107,8 +124,8 @@ def test_site_builds_strict_with_its_generated_pages(tmp_path):
     for script in _pyproject()["project"]["scripts"]:
         html = page(f"reference/cli/{script}.html")
         assert "--help" in html, f"{script}: no options rendered"
-    # the HTTP API page, from the app's OpenAPI document or (until there is one) the server module's docstring
-    assert "/forecast" in page("reference/http/index.html")
+    # the HTTP API page, from the app's OpenAPI document (also published raw)
+    assert "/forecast" in page("reference/http/index.html") and (site / "reference/http/openapi.json").is_file()
     # the Python API from docstrings
     assert "Forecaster" in page("reference/python.html") and "predict" in page("reference/python.html")
     # every results folder has its page, with its machine line; the budget-limited ablations say so

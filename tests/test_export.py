@@ -260,7 +260,8 @@ def test_tensorrt_note_names_the_engines_the_gate_refused_with_their_figures(sma
     import dataclasses
 
     from timecma.export.bundle import tensorrt_note
-    from timecma.runtime.compile.tensorrt import PARITY_KEY, engine_verdict
+    from timecma.core.accuracy import judge_variant
+    from timecma.runtime.compile.tensorrt import PARITY_KEY
 
     m = read_manifest(small_bundle)
     if not m.engines:
@@ -268,7 +269,7 @@ def test_tensorrt_note_names_the_engines_the_gate_refused_with_their_figures(sma
     rng = np.random.default_rng(0)
     y_ref, truth = rng.normal(size=(4, 6, 3)), rng.normal(size=(4, 6, 3))
     mean, std = np.zeros(3), np.ones(3)
-    verdict = engine_verdict(y_ref + 0.5, y_ref, truth, mean, std)
+    verdict = judge_variant(y_ref + 0.5, y_ref, truth, mean, std)
     e = m.engines[0]
     refused = dataclasses.replace(e, info={**e.info, PARITY_KEY: {**verdict, "gpu": "sm89", "windows": 4,
                                                                  "batch_sizes": [1, 4]}})

@@ -226,22 +226,22 @@ def _case(seed=0, w=4, pred=6, n=3, d=16):
     return y_ref, truth, mean, std, emb_ref
 
 
-def test_engine_verdict_accepts_equal_outputs_and_records_the_figures():
+def test_engine_gate_verdict_accepts_equal_outputs_and_records_the_figures():
     from timecma.core.accuracy import EMBEDDING_GATE, FORECAST_GATE
     from timecma.runtime.compile.openvino import GATE
-    from timecma.runtime.compile.tensorrt import engine_verdict
+    from timecma.core.accuracy import judge_variant  # the decision an engine's gate takes
 
     y_ref, truth, mean, std, emb_ref = _case()
-    v = engine_verdict(y_ref.copy(), y_ref, truth, mean, std, emb_ref.copy(), emb_ref)
+    v = judge_variant(y_ref.copy(), y_ref, truth, mean, std, emb_ref.copy(), emb_ref)
     assert v["accepted"] and v["forecast_max_abs_change_normalized"] == 0 and v["mse_rel_change"] == 0
     assert v["embedding"]["prompt_rel_l2_max"] == 0 and v["embedding"]["prompts"] == len(emb_ref)
     assert (v["embedding"]["gate"], v["forecast_gate"], v["mse_gate"]) == (EMBEDDING_GATE, FORECAST_GATE, GATE)
 
 
-def test_engine_verdict_sees_a_damaged_prompt_that_the_largest_activation_hides():
+def test_engine_gate_verdict_sees_a_damaged_prompt_that_the_largest_activation_hides():
     """An LLM with a few huge activations: one prompt's embedding 10% off (relative L2) is under 1e-3 of the
     largest activation, which the old figure divided by; the worst prompt's relative L2 refuses it."""
-    from timecma.runtime.compile.tensorrt import engine_verdict
+    from timecma.core.accuracy import judge_variant  # the decision an engine's gate takes
 
     y_ref, truth, mean, std, emb_ref = _case()
     emb_ref[0, 0] = 3000.0  # an outlier activation on another prompt
@@ -251,32 +251,32 @@ def test_engine_verdict_sees_a_damaged_prompt_that_the_largest_activation_hides(
     emb[5] += 0.1 * np.linalg.norm(emb_ref[5]) * noise / np.linalg.norm(noise)
     old_figure = np.abs(emb - emb_ref).max() / np.abs(emb_ref).max()
     assert old_figure < 1e-3
-    v = engine_verdict(y_ref, y_ref, truth, mean, std, emb, emb_ref)
+    v = judge_variant(y_ref, y_ref, truth, mean, std, emb, emb_ref)
     assert not v["accepted"] and 0.09 < v["embedding"]["prompt_rel_l2_max"] < 0.11
 
 
 @pytest.mark.parametrize("moved, accepted", [(0.002, True), (0.02, False)])
-def test_engine_verdict_judges_the_forecast_in_normalised_units(moved, accepted):
-    from timecma.runtime.compile.tensorrt import engine_verdict
+def test_engine_gate_verdict_judges_the_forecast_in_normalised_units(moved, accepted):
+    from timecma.core.accuracy import judge_variant  # the decision an engine's gate takes
 
     y_ref, truth, mean, std, _ = _case()
     y = y_ref.copy()
     y[2, 3, 1] += moved * std[1]  # one value of one window, in the variable's own units
-    v = engine_verdict(y, y_ref, truth, mean, std)
+    v = judge_variant(y, y_ref, truth, mean, std)
     assert v["accepted"] is accepted and v["forecast_max_abs_change_normalized"] == pytest.approx(moved, rel=1e-3)
     assert "embedding" not in v  # the forecaster is judged by its forecast
 
 
-def test_engine_verdict_refuses_non_finite_outputs():
-    from timecma.runtime.compile.tensorrt import engine_verdict
+def test_engine_gate_verdict_refuses_non_finite_outputs():
+    from timecma.core.accuracy import judge_variant  # the decision an engine's gate takes
 
     y_ref, truth, mean, std, emb_ref = _case()
     y = y_ref.copy()
     y[0, 0, 0] = np.nan
-    assert not engine_verdict(y, y_ref, truth, mean, std)["accepted"]
+    assert not judge_variant(y, y_ref, truth, mean, std)["accepted"]
     emb = emb_ref.copy()
     emb[1, 1] = np.inf
-    v = engine_verdict(y_ref, y_ref, truth, mean, std, emb, emb_ref)
+    v = judge_variant(y_ref, y_ref, truth, mean, std, emb, emb_ref)
     assert not v["accepted"] and not v["finite"]
 
 
@@ -310,7 +310,7 @@ def test_gate_runs_the_llm_in_chunks_within_its_profile_and_the_forecaster_at_ba
 
     m = read_manifest(small_bundle)
     gate = EngineGate(str(small_bundle), m, max_seq=1024)
-    assert len(gate.x) >= 4 and gate.emb_ref.shape == (len(gate.x) * 3, m.model_config.d_llm)
+    assert len(gate.x) >= 4 and gate.emb_ref.shape == (len(gate.x), 3, m.model_config.d_llm)
     run_llm, run_fc, calls = _ort_runners(small_bundle, m)
     profile = EngineProfile(llm_batch=(1, 2, 2), llm_seq=(1, 96, 128), forecast_batch=(1, 1, 4))
     v = gate.judge("llm", run_llm, profile.shapes("llm", m.model_config))
@@ -331,7 +331,7 @@ def test_gate_pads_calls_up_to_a_profile_minimum(small_bundle):
     gate = EngineGate(str(small_bundle), m, windows=2)
     emb, sizes = llm_in_profile(run_llm, gate.ids, gate.mask, (4, 4, 4), (100, 100, 128), m.llm.pad_id)
     assert all(shape == (4, 100) for shape in calls["llm"]) and sizes == [4, 4]  # 6 prompts: 4 + (2 grown to 4)
-    np.testing.assert_allclose(emb, gate.emb_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(emb, gate.emb_ref.reshape(len(emb), -1), rtol=1e-4, atol=1e-5)
 
 
 def test_gate_refuses_an_llm_whose_outputs_drift_on_one_prompt(small_bundle):
@@ -421,6 +421,69 @@ def _build_forecaster_fp32(b, **kw):
 
 
 SMALL = {"llm_batch": (1, 2, 2), "llm_seq": (1, 64, 128), "forecast_batch": (1, 1, 4)}  # quick to build
+
+
+def _without_gate_windows(b):
+    """A bundle as an older timecma exported it: no ``parity/gate.npz`` (nor its manifest record)."""
+    import json
+
+    (b / "parity" / "gate.npz").unlink()
+    raw = json.loads((b / "manifest.json").read_text())
+    raw["files"].pop("parity/gate.npz", None)
+    (b / "manifest.json").write_text(json.dumps(raw))
+
+
+def test_a_build_on_a_gpu_refuses_an_engine_it_cannot_gate(small_bundle, tmp_path, monkeypatch):
+    """A GPU the engine targets is here (its capability supplied) but the bundle has no gate windows: the engine
+    is refused, saying to re-export, and the bundle is left as it was; never committed ungated."""
+    from timecma.runtime.compile import tensorrt
+    from timecma.runtime.compile.cli import engines_cmd
+
+    b = _copy(small_bundle, tmp_path)
+    _without_gate_windows(b)
+    before = _snapshot(b)
+    _gpu_here(monkeypatch, "89")
+
+    @contextlib.contextmanager
+    def no_engine_runs(fl, plan_path, graph):  # the gate must refuse before any engine would be loaded
+        raise AssertionError("an engine was run without gate windows")
+        yield
+
+    monkeypatch.setattr(tensorrt, "open_engine", no_engine_runs)
+    built = _build_forecaster_fp32(b)
+    assert list(built) == [] and len(built.refused) == 1
+    rec = built.refused[0].info[PARITY_KEY]
+    assert rec["accepted"] is False and rec["gpu"] == "sm89"
+    assert "re-export the bundle to get gate windows" in tensorrt.parity_summary(rec)
+    assert _snapshot(b) == before
+    r = CliRunner().invoke(engines_cmd, ["build", str(b), "--precision", "fp32", "--graph", "forecaster",
+                                         "--trt-flavour", "rtx", "--max-batch", "4"])
+    assert r.exit_code == 3 and "re-export the bundle to get gate windows" in r.output, r.output
+    assert _snapshot(b) == before
+
+
+def test_a_build_without_a_gpu_adds_an_engine_as_not_measured_even_without_gate_windows(small_bundle, tmp_path,
+                                                                                         monkeypatch):
+    b = _copy(small_bundle, tmp_path)
+    _without_gate_windows(b)
+    _gpu_here(monkeypatch, None)
+    (e,) = _build_forecaster_fp32(b)
+    assert "no CUDA GPU" in e.info[PARITY_KEY]["not_measured"]
+
+
+def test_one_gate_reference_for_engines_and_openvino_variants():
+    """TensorRT's gate and OpenVINO's load the gate windows and compute the fp32 reference in one class."""
+    from timecma.runtime.compile import openvino, tensorrt
+    from timecma.runtime.compile.gate import GateReference
+
+    assert issubclass(tensorrt.EngineGate, GateReference) and not hasattr(tensorrt, "engine_verdict")
+    tree = ast.parse((REPO / "runtime/compile/openvino.py").read_text())
+    (fn,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "build_openvino"]
+    assert "GateReference" in {n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call)
+                               and isinstance(n.func, ast.Name)}
+    for mod in (openvino, tensorrt):
+        src = (REPO / "runtime/compile" / f"{mod.__name__.rsplit('.', 1)[1]}.py").read_text()
+        assert "ort_session(" not in src, f"{mod.__name__} computes a reference of its own"
 
 
 def test_rebuilding_an_engine_replaces_its_plan_atomically(small_bundle, tmp_path, monkeypatch):
@@ -531,7 +594,7 @@ def test_gpu_check_exits_3_without_a_gpu(small_bundle, tmp_path):
 
 
 # --- one decision for every variant (timecma.core.accuracy.judge_variant) ------------------------------------------
-GATED = {"runtime/compile/tensorrt.py": "engine_verdict", "runtime/compile/openvino.py": "build_openvino",
+GATED = {"runtime/compile/tensorrt.py": "judge", "runtime/compile/openvino.py": "build_openvino",
          "export/cpu_variants.py": "_quantized_variant"}
 GATE_NAMES = {"EMBEDDING_GATE", "FORECAST_GATE", "MSE_GATE", "GATE", "gate"}
 

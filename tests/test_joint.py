@@ -5,6 +5,7 @@ take the result unchanged."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -125,7 +126,8 @@ def test_joint_lora_trains_exports_and_serves(tiny_llm_dir, small_run, tmp_path)
     assert not any(k.startswith(("lm.", "forecaster.")) for k in ckpt["state_dict"])
     frozen_llm = torch.load(frozen / "best.pt", weights_only=True)["llm"]
     made = metrics["training"]["llm"]  # how the LLM was made: fine-tuned, from which base (its digest)
-    assert made == {"made": "joint-lora", "from": tiny_llm_dir, "from_weights_digest": frozen_llm["weights_digest"],
+    assert made == {"made": "joint-lora", "from": os.path.basename(tiny_llm_dir),
+                    "from_weights_digest": frozen_llm["weights_digest"],
                     "weights_digest": ckpt["llm"]["weights_digest"]}
     assert made["weights_digest"] != made["from_weights_digest"]
     with pytest.raises(InputError, match="Use a different store directory"):

@@ -38,6 +38,9 @@ KEY = ["cutoff", "step"]
 @pytest.fixture(scope="module")
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Serve's proxy must pass its readiness checks on a 2-core machine running another test worker beside it
+    # (Ray's default, 5 s per check, failed under load): as `timecma-serve --ray-start-timeout-s` does
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING")
     connect(LOCAL, progress=False)  # joins the running cluster: Ray Data settings only
@@ -146,6 +149,26 @@ def test_ray_cli_refuses_bad_input_before_starting_a_cluster(small_bundle, tmp_p
                 str(small_bundle), "--ray", "--quiet")
     assert r.returncode == 2 and "no file matches" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_one_ray_auth_rule_for_every_cluster_we_start(monkeypatch, caplog):
+    """``connect`` (serve-batch --ray, train --ray, precompute, timecma-serve --ray) starts a local cluster with
+    Ray's token authentication unless RAY_AUTH_MODE is set (a disabled one is obeyed with a warning); it used
+    to default serve-batch and train clusters, whose ports listen beyond loopback, to no authentication. A
+    cluster it joins keeps its own setting. (No cluster is started: ray.init is skipped.)"""
+    import logging
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    connect(LOCAL, progress=False)
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    connect("auto", progress=False)  # joining: the cluster's nodes decide
+    assert "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with caplog.at_level(logging.WARNING, logger="timecma.core.ray_setup"):
+        connect(LOCAL, progress=False)
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_MODE=disabled" in caplog.text
 
 
 def test_ray_deadlocking_pool_is_refused(cluster):

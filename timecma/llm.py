@@ -360,21 +360,12 @@ def is_tiny_llm(path: str) -> bool:
 
 
 def _put_tiny_llm(tmp: str, out_dir: str) -> None:
-    """Rename the finished folder ``tmp`` to ``out_dir``: where nothing is, over an empty folder or file, or
-    over a tiny LLM made before (moved aside first, removed after). Anything else is refused, untouched."""
-    from .core.files import check_replaceable, is_empty
+    """Rename the finished folder ``tmp`` to ``out_dir`` (``timecma.core.files.replace_dir``): where nothing is,
+    over an empty folder or file, or over a tiny LLM made before (moved aside first, removed after, put back if
+    the rename fails). Anything else is refused, untouched (checked again: building took a while)."""
+    from .core.files import replace_dir
 
-    check_replaceable(out_dir, is_tiny_llm, TINY_LLM)  # again: building took a while
-    if os.path.isfile(out_dir) and is_empty(out_dir):
-        os.unlink(out_dir)
-    if not os.path.lexists(out_dir) or is_empty(out_dir):
-        os.replace(tmp, out_dir)  # onto an empty folder a rename replaces it
-        return
-    parent, name = os.path.split(out_dir)
-    aside = tempfile.mkdtemp(prefix=f".old-tiny-llm-{name}-{os.getpid()}-", dir=parent)
-    os.replace(out_dir, os.path.join(aside, "old"))
-    os.replace(tmp, out_dir)
-    shutil.rmtree(aside, ignore_errors=True)
+    replace_dir(tmp, out_dir, is_tiny_llm, TINY_LLM)
 
 
 def build_tiny_llm(
@@ -428,8 +419,7 @@ def build_tiny_llm(
     model = _tiny_decoder(arch, tok.get_vocab_size(), n_positions, preset, ids)
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    for prefix in (f".tiny-llm-{name}-", f".old-tiny-llm-{name}-"):
-        remove_dead_temporaries(parent, prefix, "an unfinished timecma-tiny-llm folder")
+    remove_dead_temporaries(parent, f".tiny-llm-{name}-", "an unfinished timecma-tiny-llm folder")
     tmp = tempfile.mkdtemp(prefix=f".tiny-llm-{name}-{os.getpid()}-", dir=parent)
     try:
         model.save_pretrained(tmp)

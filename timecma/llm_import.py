@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 
 from .core.errors import BackendUnavailable, InputError
-from .core.files import check_replaceable, file_sha256
+from .core.files import check_replaceable, file_sha256, replace_dir
 from .llm import GGUF_RECORD, quiet_progress
 
 log = logging.getLogger(__name__)
@@ -115,23 +115,10 @@ def import_gguf(path: str, out_dir: str, force: bool = False) -> dict:
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
-    """Rename the finished model folder into place; an imported model (or an empty folder) already there is
-    moved aside first and removed only after the rename, anything else is refused untouched."""
-    check_replaceable(out_dir, is_imported_model, IMPORTED_MODEL)  # again: minutes have passed since the first check
-    if not os.path.lexists(out_dir):
-        os.replace(tmp, out_dir)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-{os.getpid()}-",
-                           dir=os.path.dirname(os.path.abspath(out_dir)))
-    os.replace(out_dir, os.path.join(old, "model"))
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(os.path.join(old, "model"), out_dir)  # put the previous model back
-        raise
-    finally:
-        if os.path.lexists(out_dir):
-            shutil.rmtree(old, ignore_errors=True)
+    """Rename the finished model folder into place (``timecma.core.files.replace_dir``): an imported model (or
+    an empty folder) already there is moved aside first and removed only after the rename, put back if it
+    fails; anything else is refused untouched (checked again: minutes have passed since the first check)."""
+    replace_dir(tmp, out_dir, is_imported_model, IMPORTED_MODEL)
 
 
 @contextlib.contextmanager

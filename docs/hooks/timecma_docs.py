@@ -5,13 +5,9 @@ the build, so it cannot go stale in the tree.
 
 * ``reference/cli/<script>.md``: one page per entry point of ``[project.scripts]`` in
   pyproject.toml, each a mkdocs-click directive on the click object the script runs.
-* ``reference/http/index.md``: the HTTP API. Where the FastAPI app exists (a module-level
-  ``app``, or a zero-argument ``create_app()``, in ``timecma.runtime.serving.app`` or a sibling
-  listed in ``HTTP_APP_MODULES``; or a module-level FastAPI ``router``), its ``app.openapi()``
-  document is rendered and also published as ``reference/http/openapi.json``; otherwise the page
-  describes the endpoints from the docstring (and ``ROUTES`` table) of the first of those modules
-  whose file exists (``app.py`` today, ``online.py`` before it), read with ast, not imported.
-  ``TIMECMA_DOCS_NO_OPENAPI=1`` forces that fallback.
+* ``reference/http/index.md``: the HTTP API, rendered from the OpenAPI document of the serving app
+  (``timecma.runtime.serving.app.create_app().openapi()``, an app without a bundle), which is also
+  published as ``reference/http/openapi.json``. The build fails if the app cannot build it.
 * ``results/runs/<run>.md``: one page per folder of ``benchmarks/results/`` (its ``*.md``
   rendered, its ``*.png`` shown, every file linked), plus a page for each loose ``*.md`` and one
   for the loose ``*.json`` files, and ``results/runs/index.md``: a table of every run with its
@@ -59,8 +55,7 @@ log = logging.getLogger("mkdocs.hooks.timecma")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 ACCURACY = os.path.join(RESULTS, "accuracy-etth1", "results.md")
-HTTP_APP_MODULES = ("timecma.runtime.serving.app",)
-HTTP_APP_FACTORIES = ("create_app", "make_app", "build_app", "get_app")
+HTTP_APP_MODULE = "timecma.runtime.serving.app"  # its create_app() builds the app without a bundle
 METRICS_MODULE = os.path.join(ROOT, "runtime", "serving", "metrics.py")
 
 # Trained on a budget (docs/design.md §16: an accuracy claim comes from a model trained to early stopping on every
@@ -207,51 +202,12 @@ def _scripts_table() -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # HTTP reference
-def _openapi() -> tuple[dict, str] | None:
-    """The FastAPI app's OpenAPI document, if the app exists and can be built without a bundle.
-    ``TIMECMA_DOCS_NO_OPENAPI=1`` skips it (to check the docstring fallback builds too)."""
-    if os.environ.get("TIMECMA_DOCS_NO_OPENAPI"):
-        return None
-    for name in HTTP_APP_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # the module itself is not there (yet)
-            log.warning("HTTP reference: importing %s failed: %s", name, exc)
-            continue
-        except Exception as exc:
-            log.warning("HTTP reference: importing %s failed: %s", name, exc)
-            continue
-        candidates = [getattr(mod, "app", None)]
-        candidates += [getattr(mod, f, None) for f in HTTP_APP_FACTORIES]
-        router = getattr(mod, "router", None)
-        if router is not None and hasattr(router, "routes"):
-            def from_router(router=router):
-                from fastapi import FastAPI
+def _openapi() -> tuple[dict, str]:
+    """The serving app's OpenAPI document (``create_app()``: the app without a bundle) and its module.
+    Nothing stands in for it: whatever stops the app from building its document fails the docs build."""
+    from timecma.runtime.serving.app import create_app
 
-                app = FastAPI(title="timecma")
-                app.include_router(router)
-                return app
-            candidates.append(from_router)
-        for obj in candidates:
-            if obj is None:
-                continue
-            app = obj
-            if not hasattr(app, "openapi") and callable(app):
-                try:
-                    app = app()
-                except TypeError:
-                    continue  # a factory that needs a bundle
-                except Exception as exc:
-                    log.info("HTTP reference: %s.%s() failed: %s", name, getattr(obj, "__name__", obj), exc)
-                    continue
-            if callable(getattr(app, "openapi", None)):
-                try:
-                    return app.openapi(), name
-                except Exception as exc:
-                    log.warning("HTTP reference: %s: app.openapi() failed: %s", name, exc)
-    return None
+    return create_app().openapi(), HTTP_APP_MODULE
 
 
 def _schema_type(s: dict) -> str:
@@ -390,48 +346,6 @@ def _render_openapi(doc: dict, module: str) -> str:
                 out += table
             elif "enum" in s:
                 out.append("One of " + ", ".join(f"`{v}`" for v in s["enum"]) + ".\n")
-    return "\n".join(out) + "\n"
-
-
-def _module_file(name: str) -> str:
-    """runtime/serving/<leaf>.py for timecma.runtime.serving.<leaf> (the editable install maps runtime/ there)."""
-    return os.path.join(ROOT, "runtime", "serving", name.rsplit(".", 1)[-1] + ".py")
-
-
-def _render_docstring_fallback() -> str:
-    """The endpoints as their module describes them, read with ast (nothing imported): the first of
-    HTTP_APP_MODULES whose file exists, with its ``ROUTES`` table where it has one."""
-    for name in HTTP_APP_MODULES:
-        path = _module_file(name)
-        if os.path.isfile(path):
-            break
-    else:
-        return ("# HTTP API\n\nNo HTTP server module was found at build time (looked for "
-                + ", ".join(f"`{n}`" for n in HTTP_APP_MODULES) + ").\n")
-    tree = ast.parse(_read(path))
-    doc = ast.get_docstring(tree) or ""
-    routes = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ROUTES" for t in node.targets):
-            try:
-                routes = ast.literal_eval(node.value)
-            except ValueError:
-                routes = {}
-    out = ["# HTTP API\n",
-           '!!! note "Not generated from an OpenAPI document (yet)"\n'
-           "    No FastAPI app whose OpenAPI document can be built without a bundle was found at build time "
-           "(a module-level `app` or `router`, or a zero-argument `create_app()`, in one of "
-           + ", ".join(f"`{n}`" for n in HTTP_APP_MODULES) + f"), so this page is built from the docstring"
-           f"{' and the `ROUTES` table' if routes else ''} of `{name}`. When the app exists, this page is its "
-           "`app.openapi()` document instead, with no change to the docs.\n",
-           "Start the server with [`timecma-serve`](../cli/timecma-serve.md); the walk-through is "
-           "[Serving over HTTP](../../tutorials/serving-http.md) and the limits are explained in "
-           "[The online endpoint](../../explanation/online-endpoint.md).\n"]
-    if routes:
-        out += ["## Routes\n", "| route | method |", "|---|---|"]
-        out += [f"| `{p}` | {m} |" for p, m in routes.items()]
-        out.append("")
-    out += [f"## From the docstring of `{name}`\n", doc.strip(), ""]
     return "\n".join(out) + "\n"
 
 
@@ -707,15 +621,10 @@ def on_config(config):
 def on_files(files: Files, config):
     for script, target in _scripts().items():
         files.append(File.generated(config, f"reference/cli/{script}.md", content=_cli_page(script, target)))
-    found = _openapi()
-    if found:
-        doc, module = found
-        files.append(File.generated(config, "reference/http/openapi.json", content=json.dumps(doc, indent=2)))
-        files.append(File.generated(config, "reference/http/index.md", content=_render_openapi(doc, module)))
-        log.info("HTTP reference from the OpenAPI document of %s", module)
-    else:
-        files.append(File.generated(config, "reference/http/index.md", content=_render_docstring_fallback()))
-        log.info("HTTP reference from a module docstring (no FastAPI app whose OpenAPI can be built found)")
+    doc, module = _openapi()
+    files.append(File.generated(config, "reference/http/openapi.json", content=json.dumps(doc, indent=2)))
+    files.append(File.generated(config, "reference/http/index.md", content=_render_openapi(doc, module)))
+    log.info("HTTP reference from the OpenAPI document of %s", module)
     _results_pages(config, files)
     return files
 

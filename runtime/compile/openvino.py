@@ -22,76 +22,24 @@ import os
 
 import numpy as np
 
-from timecma.core.accuracy import MSE_GATE, embedding_errors, judge_variant
+from timecma.core.accuracy import MSE_GATE, judge_variant
 from timecma.core.errors import BundleError
 from timecma.core.machine import cpu_info, has_native_bf16
 from timecma.core.manifest import OVVariant, file_record, read_manifest, write_manifest
 from timecma.core.timing import time_calls
 
 from ..backends.base import forecaster_feeds
-from ..backends.ort import ort_session
 from ..backends.openvino import LLM_ONLY, compute_precision, graph_runner, ov_module
+from .gate import GATE_FILE, GateReference  # noqa: F401  (GATE_FILE: re-exported, export and tests import it here)
 
 log = logging.getLogger(__name__)
 
-GATE_FILE = "parity/gate.npz"
 GATE = MSE_GATE  # largest accepted relative change of the validation forecast MSE
 CALIBRATION_WINDOWS = 4  # w8a8: every other gate window's prompts up to this many windows (28 prompts at N = 7)
 W8A8_SMOOTH_QUANT_ALPHA = 0.95  # NNCF's default for MatMuls; 0.5 measured no better on SmolLM2
 
 
-class _Gate:
-    """The validation windows and the fp32 reference (ONNX Runtime) every variant is compared with."""
-
-    def __init__(self, bundle_dir: str, manifest, threads: int | None):
-        path = os.path.join(bundle_dir, GATE_FILE)
-        if not os.path.isfile(path):
-            raise BundleError(f"{bundle_dir} has no {GATE_FILE} (exported by an older timecma): re-export to gate "
-                              "lower precisions")
-        g = np.load(path)
-        self.x, self.truth, self.mean, self.std = g["x"], g["truth"], g["mean"], g["std"]
-        self.n = manifest.model_config.num_nodes
-        self.ids = g["llm_input_ids"] if "llm_input_ids" in g else None
-        self.mask = g["llm_attention_mask"] if "llm_attention_mask" in g else None
-        fc = manifest.graphs["forecaster"].files["fp32"].file
-        self.fc_ref = ort_session(os.path.join(bundle_dir, fc), threads=threads)
-        self.emb_ref = None
-        if self.ids is not None:
-            llm = ort_session(os.path.join(bundle_dir, manifest.graphs["llm"].files["fp32"].file), threads=threads)
-            self.emb_ref = self.embed(lambda a, m: llm.run(None, {"input_ids": a, "attention_mask": m})[0])
-        self.y_ref = self.forecast(lambda x, e: self.fc_ref.run(None, forecaster_feeds(x, e))[0], self.emb_ref)
-        self.mse_ref = self.mse(self.y_ref)
-
-    def prompts(self) -> tuple[np.ndarray, np.ndarray]:
-        """The gate prompts' token ids and attention mask (the gate file of a bundle with an LLM graph has them)."""
-        if self.ids is None or self.mask is None:
-            raise BundleError(f"{GATE_FILE} has no LLM prompts (exported by an older timecma): re-export to gate "
-                              "the LLM graph")
-        return self.ids, self.mask
-
-    def embed(self, run_llm) -> np.ndarray:
-        """[W, N, d] embeddings, one window's prompts per call (as serving batches a miss)."""
-        n, (ids, mask) = self.n, self.prompts()
-        return np.stack([run_llm(ids[i * n:(i + 1) * n], mask[i * n:(i + 1) * n])
-                         for i in range(len(self.x))]).astype(np.float32)
-
-    def judge_llm(self, run, budget_s: float = 10) -> tuple[np.ndarray, dict, list[float]]:
-        """An LLM graph's embeddings of every gate prompt, their errors against fp32, and the ms of
-        one window's prompts (5 calls after a warm-up, within ``budget_s``)."""
-        emb = self.embed(lambda a, m: run({"input_ids": a, "attention_mask": m}))
-        ids, mask = self.prompts()
-        assert self.emb_ref is not None, "the fp32 embeddings of the prompts, made with them in __init__"
-        feeds = {"input_ids": ids[:self.n], "attention_mask": mask[:self.n]}
-        ms, _ = time_calls(lambda k: run(feeds), 5, warmup=1, budget_s=budget_s)
-        return emb, embedding_errors(emb, self.emb_ref), ms
-
-    def forecast(self, run_fc, emb) -> np.ndarray:
-        return np.concatenate([run_fc(self.x[i:i + 1], None if emb is None else emb[i:i + 1])
-                               for i in range(len(self.x))])
-
-    def mse(self, y: np.ndarray, keep: np.ndarray | slice = slice(None)) -> float:
-        """Forecast MSE (the paper's units) over the gate windows ``keep`` (``y`` covers them all)."""
-        return float(np.mean(((y[keep] - self.mean) / self.std - self.truth[keep]) ** 2))
+# the validation windows and the fp32 reference every variant is compared with (one class with TensorRT's gate);
 
 
 def _nncf():
@@ -196,7 +144,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
     ``candidates`` maps (graph, name) to a graph file already in the bundle, judged in f32 like the
     others (how a hand-made variant is checked; the tests use a deliberately damaged one)."""
     manifest = read_manifest(bundle_dir)
-    ref = _Gate(bundle_dir, manifest, threads)
+    ref = GateReference(bundle_dir, manifest, threads)
     cpu = cpu_info()
     # graph, label, file in bundle, compile precision, how a quantised graph was made (for its record)
     jobs: list[tuple[str, str, str | None, str, dict]] = []
@@ -230,7 +178,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
         emb = emb_ref = None
         if g == "llm":
             emb_all, _, ms = ref.judge_llm(run)
-            y = ref.forecast(lambda x, e: ref.fc_ref.run(None, forecaster_feeds(x, e))[0], emb_all)
+            y = ref.forecast_fp32(emb_all)
             emb, emb_ref = emb_all[keep], None if ref.emb_ref is None else ref.emb_ref[keep]
         else:
             y = ref.forecast(lambda x, e: run(forecaster_feeds(x, e)), ref.emb_ref)

@@ -9,9 +9,11 @@ Where a CUDA GPU the engine targets is visible, each new engine is gated like ev
 precision variant (``runtime.compile.openvino``, export's fp16 and int8 checks): loaded with the
 serving runner, run on the bundle's validation windows (``parity/gate.npz``) at batch sizes
 above 1 and at batch 1, in chunks that stay within its profile, and judged against ONNX
-Runtime fp32 by ``engine_verdict``: the worst prompt's embedding (relative L2) and the largest
-forecast change in normalised units. An engine over the gate is refused: it is not added to the
-bundle. Built where no such GPU is visible (TensorRT-RTX on a CPU machine), an engine is added
+Runtime fp32 (``runtime.compile.gate.GateReference``) by ``timecma.core.accuracy.judge_variant``:
+the worst prompt's embedding (relative L2) and the largest forecast change in normalised units.
+An engine over the gate is refused: it is not added to the bundle; so is one the gate cannot run
+on that GPU (a bundle without ``parity/gate.npz``: re-export it). Built where no such GPU is
+visible (TensorRT-RTX on a CPU machine), an engine is added
 with ``not_measured`` saying why, and engine selection prefers engines that passed on the GPU.
 """
 
@@ -44,7 +46,7 @@ from ..backends.base import forecaster_feeds
 from ..backends.tensorrt import PARITY_KEY
 from ..engines import cuda as _cuda
 from ..engines.trt_flavour import FLAVOURS, Flavour, load_flavour
-from .openvino import GATE_FILE
+from .gate import GATE_FILE, REEXPORT, GateReference
 
 log = logging.getLogger(__name__)
 
@@ -403,18 +405,6 @@ def _commit(bundle_dir: str, manifest: Manifest, tmp: str, new: list[Engine]) ->
 
 
 # --- the gate ------------------------------------------------------------------------------------------------------
-def engine_verdict(y: np.ndarray, y_ref: np.ndarray, truth: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                   emb: np.ndarray | None = None, emb_ref: np.ndarray | None = None) -> dict:
-    """Accept or refuse an engine's outputs against ONNX Runtime fp32's, with the figures: the decision every
-    lower-precision variant takes (``timecma.core.accuracy.judge_variant``, with its gates).
-
-    ``y``, ``y_ref``: forecasts [W, pred_len, N] in raw units, of the candidate (an LLM engine: the fp32
-    forecaster on the engine's embeddings) and of the reference; ``truth`` [W, pred_len, N] in normalised
-    units; ``mean``/``std`` [N] the normalisation; ``emb``/``emb_ref`` the LLM's embeddings [P, d] where the
-    engine is the LLM."""
-    return judge_variant(y, y_ref, truth, mean, std, emb, emb_ref)
-
-
 def parity_summary(p: dict) -> str:
     """An engine's gate record in one line (``timecma-engines`` output, logs)."""
     if not p:
@@ -423,6 +413,8 @@ def parity_summary(p: dict) -> str:
         return f"not measured: {p['not_measured']}"
     if "accepted" not in p:  # a record of an older timecma: an error figure, no verdict
         return f"not gated (max abs {p.get('max_abs', float('nan')):.2e} vs ONNX Runtime fp32, older record)"
+    if "refused" in p:  # refused without figures: the gate could not run
+        return f"REFUSED on {p.get('gpu')}: {p['refused']}"
     emb = p.get("embedding")
     figures = (f"worst prompt embedding {emb['prompt_rel_l2_max']:.1e} (gate {emb['gate']}), " if emb else "") + (
         f"forecast moved {p['forecast_max_abs_change_normalized']:.1e} (gate {p['forecast_gate']}), "
@@ -478,56 +470,15 @@ def forecaster_in_profile(run, x: np.ndarray, emb: np.ndarray | None, batch: tup
     return np.concatenate(out), sizes
 
 
-class EngineGate:
-    """The bundle's validation windows (``parity/gate.npz``) and ONNX Runtime fp32's outputs on them: what
-    an engine is judged against. Up to ``windows`` windows spread over the stored ones, fewer where N is
-    large (their prompts kept to about ``prompts``, two windows at least), and only windows whose prompts
-    fit ``max_seq`` tokens (the engine's profile)."""
+class EngineGate(GateReference):
+    """The gate reference (``runtime.compile.gate.GateReference``) an engine is judged against: up to
+    ``windows`` validation windows spread over the stored ones, fewer where N is large (their prompts kept to
+    about ``prompts``, two windows at least), and only windows whose prompts fit ``max_seq`` tokens (the
+    engine's profile); and how an engine runs on them within its profile (``judge``)."""
 
     def __init__(self, bundle_dir: str, manifest: Manifest, max_seq: int | None = None,
                  windows: int = ENGINE_GATE_WINDOWS, prompts: int = ENGINE_GATE_PROMPTS, threads: int | None = None):
-        from ..backends.ort import ort_session
-
-        path = os.path.join(bundle_dir, GATE_FILE)
-        if not os.path.isfile(path):
-            raise BundleError(f"the bundle has no {GATE_FILE} (exported by an older timecma): re-export it to gate "
-                              "engines on its validation windows")
-        cfg = manifest.model_config
-        self.n = n = cfg.num_nodes
-        self.pad_id = manifest.llm.pad_id if manifest.llm else 0
-        with np.load(path) as g:
-            arrays = {k: g[k] for k in g.files}
-        total = len(arrays["x"])
-        usable = np.arange(total)
-        has_llm = "llm" in manifest.graphs and "llm_input_ids" in arrays
-        if has_llm:
-            longest = arrays["llm_attention_mask"].sum(axis=1).reshape(total, n).max(axis=1)
-            usable = usable[longest <= (max_seq or longest.max())]
-        if not len(usable):
-            raise BundleError(f"every validation window has a prompt longer than the profile's {max_seq} tokens")
-        k = min(len(usable), windows, max(2, prompts // n) if has_llm else windows)
-        self.windows = usable[np.unique(np.linspace(0, len(usable) - 1, k).round().astype(int))]
-        self.x = arrays["x"][self.windows]
-        self.truth, self.mean, self.std = arrays["truth"][self.windows], arrays["mean"], arrays["std"]
-        fc = ort_session(os.path.join(bundle_dir, manifest.graphs["forecaster"].files["fp32"].file), threads=threads)
-        self._fc = lambda x, e: fc.run(None, forecaster_feeds(x, e))[0]
-        self.ids = self.mask = self.emb_ref = None
-        if has_llm:
-            rows = (self.windows[:, None] * n + np.arange(n)[None]).ravel()
-            mask = arrays["llm_attention_mask"][rows]
-            width = int(mask.sum(axis=1).max())
-            self.ids, self.mask = arrays["llm_input_ids"][rows][:, :width], mask[:, :width]
-            llm = ort_session(os.path.join(bundle_dir, manifest.graphs["llm"].files["fp32"].file), threads=threads)
-            self.emb_ref = np.concatenate([  # one window's prompts per call, as serving sends a window's misses
-                llm.run(None, {"input_ids": self.ids[i:i + n], "attention_mask": self.mask[i:i + n]})[0]
-                for i in range(0, len(self.ids), n)]).astype(np.float32)
-        self.y_ref = self.forecast_fp32(self.emb_ref)
-
-    def forecast_fp32(self, emb: np.ndarray | None) -> np.ndarray:
-        """The fp32 forecaster (ONNX Runtime) on every window, one window per call."""
-        d = None if emb is None else emb.reshape(len(self.x), self.n, -1)
-        return np.concatenate([self._fc(self.x[i:i + 1], None if d is None else d[i:i + 1])
-                               for i in range(len(self.x))])
+        super().__init__(bundle_dir, manifest, threads, max_seq=max_seq, windows=windows, prompts=prompts)
 
     def judge(self, graph: str, run, profile: dict[str, list[list[int]]]) -> dict:
         """Run a candidate within its profile (``Engine.profile``) and judge it: the LLM by its embeddings
@@ -538,20 +489,20 @@ class EngineGate:
             shapes = profile["input_ids"]
             batch = (shapes[0][0], shapes[1][0], shapes[2][0])
             seq = (shapes[0][1], shapes[1][1], shapes[2][1])
-            if self.ids is None or self.mask is None or self.emb_ref is None:
-                raise BundleError(f"{GATE_FILE} has no LLM prompts (exported by an older timecma): re-export to "
-                                  "gate an LLM engine")
-            emb, sizes = llm_in_profile(run, self.ids, self.mask, batch, seq, self.pad_id)
-            emb_all, ref_all = emb, self.emb_ref
+            ids, mask = self.prompts()
+            assert self.emb_ref is not None, "the fp32 embeddings of the prompts, made with them in __init__"
+            emb, sizes = llm_in_profile(run, ids, mask, batch, seq, self.pad_id)
+            prompt_ref = self.emb_ref.reshape(len(emb), -1)  # one row per prompt
+            emb_all, ref_all = emb, prompt_ref
             if batch[0] <= 1 and sizes and max(sizes) > 1:  # one prompt alone, as a single store miss is sent
-                one, more = llm_in_profile(run, self.ids[:1], self.mask[:1], (1, 1, 1), seq, self.pad_id)
-                emb_all, ref_all = np.concatenate([emb, one]), np.concatenate([self.emb_ref, self.emb_ref[:1]])
+                one, more = llm_in_profile(run, ids[:1], mask[:1], (1, 1, 1), seq, self.pad_id)
+                emb_all, ref_all = np.concatenate([emb, one]), np.concatenate([prompt_ref, prompt_ref[:1]])
                 sizes += more
-            v = engine_verdict(self.forecast_fp32(emb), self.y_ref, self.truth, self.mean, self.std, emb_all, ref_all)
+            v = judge_variant(self.forecast_fp32(emb), self.y_ref, self.truth, self.mean, self.std, emb_all, ref_all)
         else:
             shapes = profile["x"]
             batch = (shapes[0][0], shapes[1][0], shapes[2][0])
-            emb_ref = None if self.emb_ref is None else self.emb_ref.reshape(len(self.x), self.n, -1)
+            emb_ref = self.emb_ref  # [W, N, d]
             y, sizes = forecaster_in_profile(run, self.x, emb_ref, batch)
             ys, refs, truths = [y], [self.y_ref], [self.truth]
             if batch[0] <= 1 and max(sizes) > 1:  # batch-1 serving, every window
@@ -560,7 +511,7 @@ class EngineGate:
                 refs.append(self.y_ref)
                 truths.append(self.truth)
                 sizes += more
-            v = engine_verdict(np.concatenate(ys), np.concatenate(refs), np.concatenate(truths), self.mean, self.std)
+            v = judge_variant(np.concatenate(ys), np.concatenate(refs), np.concatenate(truths), self.mean, self.std)
         return {**v, "windows": int(len(self.x)), "batch_sizes": sorted({int(s) for s in sizes})}
 
 
@@ -600,17 +551,25 @@ def open_engine(fl: Flavour, plan_path: str, graph: str) -> Iterator[tuple]:
 
 
 def _engine_parity(gate: _GateOnce, tmp: str, fl: Flavour, entry: Engine, gpu_cc: str | None) -> dict:
-    """The gate's verdict on an engine, run on this GPU against ONNX Runtime fp32; or why not measured."""
+    """The gate's verdict on an engine, run on this GPU against ONNX Runtime fp32; or why not measured (no GPU
+    here, or not one it targets). On a GPU it targets, an engine the gate cannot run on (the bundle has no
+    ``parity/gate.npz``, or no prompts in it for an LLM engine) is refused, not added ungated."""
     if gpu_cc is None:
         return {"not_measured": "no CUDA GPU on the build machine (engines were compiled, not executed)"}
     if gpu_cc not in entry.compute_capabilities:
         return {"not_measured": f"this GPU (sm{gpu_cc}) is not a target of the engine"}
+    # a GPU the engine targets is here: an engine that cannot be gated on it is refused, never added ungated
     try:
         ref = gate.get()
     except BundleError as exc:
-        return {"not_measured": str(exc)}
+        return _ungated(str(exc), gpu_cc)
     if entry.graph == "llm" and ref.ids is None:
-        return {"not_measured": "the bundle's validation windows have no LLM prompts (re-export it)"}
+        return _ungated(f"the bundle's validation windows have no LLM prompts: {REEXPORT}", gpu_cc)
     with open_engine(fl, os.path.join(tmp, os.path.basename(entry.file)), entry.graph) as (run, need):
         verdict = ref.judge(entry.graph, run, entry.profile)
     return {**verdict, "gpu": f"sm{gpu_cc}", "device_memory_bytes": need}
+
+
+def _ungated(why: str, gpu_cc: str) -> dict:
+    """The record of an engine refused because the gate could not run on this GPU (no figures)."""
+    return {"accepted": False, "refused": f"the gate cannot run: {why}", "gpu": f"sm{gpu_cc}"}

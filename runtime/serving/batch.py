@@ -28,7 +28,7 @@ from timecma.core.manifest import DataRecord
 from timecma.core.timestamps import arrow_timestamps, timestamp_problem
 
 from .backtest import BacktestMetrics
-from .long_format import PREDICTION, LongFormat, LongSink, long_schema, long_to_wide
+from .long_format import LongFormat, LongSink, long_schema, long_to_wide
 
 if TYPE_CHECKING:  # a server takes a loaded forecaster; Forecaster.backtest runs one
     from .forecaster import Forecaster
@@ -78,9 +78,10 @@ def _marked(schema: pa.Schema) -> pa.Schema:
 
 
 def is_serve_output(path: str) -> bool:
-    """What serve-batch may replace with --force: a parquet file it wrote (its schema carries ``OUTPUT_MARK``;
-    files written before the mark: a ``cutoff`` timestamp column beside ``step`` or ``y_hat``), or a folder
-    (``--ray``) holding only such files."""
+    """What serve-batch may replace with --force: a parquet file it wrote (its schema carries ``OUTPUT_MARK``),
+    or a folder (``--ray``) holding only such files. Columns prove nothing (another tool's backtest has a
+    ``cutoff`` and a ``step`` too), so an output written before the mark is refused like any file of the user's,
+    with the message to delete it."""
     if os.path.isdir(path) and not os.path.islink(path):
         names = os.listdir(path)
         return bool(names) and all(n.endswith(".parquet") and _is_forecast_file(os.path.join(path, n)) for n in names)
@@ -92,11 +93,7 @@ def _is_forecast_file(path: str) -> bool:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException):
         return False
-    if OUTPUT_MARK in (schema.metadata or {}):
-        return True
-    names = set(schema.names)
-    return ("cutoff" in names and pa.types.is_timestamp(schema.field("cutoff").type)
-            and ("step" in names or PREDICTION in names))
+    return OUTPUT_MARK in (schema.metadata or {})
 
 
 def temp_prefix(out: str) -> str:

@@ -16,7 +16,9 @@ deadline must leave the batch it was waiting for, and the same code runs (and is
 
 The worker thread survives whatever a batch raises (the requests of that batch get the error); if it
 ends anyway (``alive`` turns false), every waiting request is answered with ``BatcherStopped`` and the
-endpoint stops reporting ready.
+endpoint stops reporting ready. Bookkeeping after a batch (``on_batch``: metrics) that raises is logged and
+counted (``failed_bookkeeping``), never given to requests whose forecast is already there. ``stop()`` ends
+the thread after the batch it runs (shutdown), and answers what is still queued with ``BatcherStopped``.
 """
 
 from __future__ import annotations
@@ -81,20 +83,27 @@ def _resolve(fut: asyncio.Future, y, error) -> None:
             fut.set_result(y)
 
 
+_STOPPED = "the forecasting thread has stopped; this replica cannot forecast"
+_STOP = _Item(np.empty(0), np.empty(0))  # queued by stop(): wakes the worker, which then ends
+
+
 class WindowBatcher:
     """``submit(values, timestamps, timeout_s) -> forecast`` (or ``await submit_async(...)``), served in
     batches by one worker thread.
 
     ``on_batch(windows)`` is called after each batch is forecast and before its requests are answered, on
-    the worker thread (for metrics: a client that has its answer finds its batch counted). ``arriving()``
-    is a context manager around the time an admitted request spends before it queues its window (reading
-    and parsing it), so that a batch waits only for requests that are actually on their way."""
+    the worker thread (for metrics: a client that has its answer finds its batch counted), and after a window
+    served on the caller's thread by ``run_if_idle``: it may run on two threads at once and must be
+    thread-safe. What it raises is logged and counted in ``failed_bookkeeping``, never a request's error.
+    ``arriving()`` is a context manager around the time an admitted request spends before it queues its
+    window (reading and parsing it), so that a batch waits only for requests that are actually on their way."""
 
     def __init__(self, forecaster, max_windows: int, max_wait_s: float,
                  on_batch: Callable[[int], None] | None = None):
         self.f, self.max_windows, self.max_wait_s = forecaster, max(1, int(max_windows)), max(0.0, max_wait_s)
         self.on_batch = on_batch
-        self.failed_batches = 0  # batches whose forecast or bookkeeping raised something other than InputError
+        self.failed_batches = 0  # batches whose forecast raised something other than InputError
+        self.failed_bookkeeping = 0  # on_batch calls that raised (the forecasts they followed were answered)
         self._q: queue.SimpleQueue[_Item] = queue.SimpleQueue()  # C-level put/get: one wake-up, no Condition
         self._arriving = 0
         self._busy = False  # the worker is forecasting a batch
@@ -114,7 +123,7 @@ class WindowBatcher:
 
     def _put(self, item: _Item) -> None:
         if not self.alive:
-            raise BatcherStopped("the forecasting thread has stopped; this replica cannot forecast")
+            raise BatcherStopped(_STOPPED)
         self._q.put(item)
         if self._stopped.is_set():  # stopped between the check and the put: the drain may have missed it
             self._drain()
@@ -153,9 +162,20 @@ class WindowBatcher:
         if not self.alive or self._busy or self._arriving > 0 or not self._q.empty():
             return None
         y = self.f.predict_if_stored(values, timestamps)
-        if y is not None and self.on_batch:
-            self.on_batch(1)
+        if y is not None:
+            self._observe(1)
         return y
+
+    def _observe(self, windows: int) -> None:
+        """``on_batch(windows)``; bookkeeping that fails is logged and counted, and never fails a forecast."""
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(windows)
+        except Exception:  # noqa: BLE001 (metrics must not turn a correct forecast into an error)
+            with self._count_lock:
+                self.failed_bookkeeping += 1
+            log.exception("bookkeeping after a forecast of %d window(s) failed; the forecast is answered", windows)
 
     # -- the worker thread --------------------------------------------------------------------
     def _take(self) -> list[_Item]:
@@ -180,36 +200,63 @@ class WindowBatcher:
         try:
             while True:
                 batch = self._take()
+                if self._stopped.is_set():  # stop(): what was taken with its sentinel is answered, not forecast
+                    for b in batch:
+                        if b is not _STOP:
+                            b.error = BatcherStopped(_STOPPED)
+                            b.finish()
+                    return
+                batch = [b for b in batch if b is not _STOP]
                 if not batch:
                     continue
                 self._busy = True
                 try:
-                    self._run(batch)
-                    if self.on_batch:
-                        self.on_batch(len(batch))
-                except Exception as exc:  # noqa: BLE001 (the thread must outlive any one batch)
-                    self.failed_batches += 1
-                    log.exception("forecast batch of %d window(s) failed", len(batch))
-                    for b in batch:
-                        if b.error is None:
-                            b.y, b.error = None, exc
+                    try:
+                        self._run(batch)
+                    except Exception as exc:  # noqa: BLE001 (the thread must outlive any one batch)
+                        self.failed_batches += 1
+                        log.exception("forecast batch of %d window(s) failed", len(batch))
+                        for b in batch:
+                            if b.error is None:
+                                b.y, b.error = None, exc
+                    else:
+                        self._observe(len(batch))  # never fails the batch: its answers stand
                 finally:
                     self._busy = False
                     for b in batch:
                         b.finish()
-        finally:  # only a BaseException (SystemExit, KeyboardInterrupt...) gets here
-            self._stopped.set()
-            log.error("the forecasting thread has stopped; requests are refused from now on")
+        finally:
+            if not self._stopped.is_set():  # only a BaseException (SystemExit, KeyboardInterrupt...) gets here
+                self._stopped.set()
+                log.error("the forecasting thread has stopped; requests are refused from now on")
             self._drain()
 
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the forecasting thread (shutdown): the batch it runs finishes, requests still queued (and any
+        that come later) are answered with ``BatcherStopped``. True once the thread has ended, False if the
+        running batch outlasted ``timeout_s`` (the thread then ends after it, answering what queued)."""
+        self._stopped.set()
+        self._q.put(_STOP)  # wakes a worker waiting for work
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+        self._drain()
+        return not self._thread.is_alive()
+
     def _drain(self) -> None:
+        """Answer what is queued with ``BatcherStopped`` (stop's wake-up sentinel stays for the worker)."""
+        woken = False
         while True:
             try:
                 b = self._q.get_nowait()
             except queue.Empty:
-                return
-            b.error = BatcherStopped("the forecasting thread has stopped; this replica cannot forecast")
+                break
+            if b is _STOP:
+                woken = True
+                continue
+            b.error = BatcherStopped(_STOPPED)
             b.finish()
+        if woken:  # a worker still finishing its batch must find it, or it would wait for work forever
+            self._q.put(_STOP)
 
     def _run(self, batch: list[_Item]) -> None:
         """Forecast the batch; an ``InputError`` is the offending window's alone (each window is then

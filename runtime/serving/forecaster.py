@@ -467,10 +467,12 @@ class Forecaster:
         return end_ns + steps * np.timedelta64(FREQUENCY_SECONDS[self.frequency], "s")
 
     def close(self) -> None:
-        """Close the store and free the backend (device memory for TensorRT)."""
-        if self.store is not None:
-            self.store.close()
-        self.backend.close()
+        """Close the store and free the backend (device memory for TensorRT), under the lock every forecast
+        holds: a forecast still running on another thread finishes first."""
+        with self._lock:
+            if self.store is not None:
+                self.store.close()
+            self.backend.close()
 
     def __enter__(self) -> "Forecaster":
         return self

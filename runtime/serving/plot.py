@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
 import tempfile
 
 import click
@@ -22,45 +21,19 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from timecma.core.errors import EXIT_CODES_HELP, BackendUnavailable, InputError, WriteError, fail
-from timecma.core.files import check_replaceable
+from timecma.core.files import PNG_MARK, check_replaceable, is_marked_png, png_mark
 from timecma.core.timestamps import arrow_timestamps
 
 PROG = "timecma-plot"
 log = logging.getLogger(__name__)
-PLOT_MARK = "timecma.output"  # a PNG text chunk (tEXt) of every plot timecma-plot writes, its value PLOT_MARK_VALUE
+PLOT_MARK = PNG_MARK  # a PNG text chunk of every plot timecma-plot writes, its value PLOT_MARK_VALUE
 PLOT_MARK_VALUE = "timecma-plot"
 PLOT_OUTPUT = "a PNG written by timecma-plot"
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_text(path: str) -> dict[str, str]:
-    """The tEXt chunks of a PNG file (keyword -> text); empty for anything that is not a readable PNG."""
-    out: dict[str, str] = {}
-    try:
-        with open(path, "rb") as f:
-            if f.read(8) != _PNG_SIGNATURE:
-                return {}
-            while True:
-                head = f.read(8)
-                if len(head) < 8:
-                    return out
-                size, kind = struct.unpack(">I4s", head)
-                if kind == b"IEND":
-                    return out
-                if kind == b"tEXt" and size <= 1 << 16:
-                    key, _, text = f.read(size).partition(b"\0")
-                    out[key.decode("latin-1")] = text.decode("latin-1")
-                    f.seek(4, os.SEEK_CUR)  # its CRC
-                else:
-                    f.seek(size + 4, os.SEEK_CUR)
-    except OSError:
-        return {}
 
 
 def is_plot_output(path: str) -> bool:
     """What timecma-plot may replace: a PNG file it wrote (``PLOT_MARK`` in its text chunks), not a link."""
-    return (os.path.isfile(path) and not os.path.islink(path)
-            and png_text(path).get(PLOT_MARK) == PLOT_MARK_VALUE)
+    return is_marked_png(path, PLOT_MARK_VALUE)
 
 
 def check_out(out: str) -> None:
@@ -82,7 +55,7 @@ def save_png(fig, out: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=110,
-                        metadata={PLOT_MARK: PLOT_MARK_VALUE, "Software": f"timecma-plot (matplotlib "
+                        metadata={**png_mark(PLOT_MARK_VALUE), "Software": f"timecma-plot (matplotlib "
                                                                           f"{matplotlib.__version__})"})
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)

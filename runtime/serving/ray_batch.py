@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from timecma.core.conformal import no_calibration
 from timecma.core.errors import InputError
-from timecma.core.files import check_replaceable
+from timecma.core.files import check_replaceable, replace_dir
 from timecma.core.manifest import read_manifest
 from timecma.core.ray_setup import RayPool, actor_cpus, connect, unwrap
 
@@ -142,15 +142,9 @@ def serve_batch_on_ray(files: list[str], root: str, bundle: str, out: str, *, se
 
 
 def _commit(tmp: str, out: str, force: bool) -> None:
-    """Rename the finished folder into place; with ``force`` an old output (one serve-batch wrote, or an
-    empty folder or file: anything else is refused untouched) goes only after that."""
-    if os.path.lexists(out):
-        if not force:
-            raise InputError(f"{out} exists; pass --force to replace it")
-        check_replaceable(out, is_serve_output, SERVE_OUTPUT)
-        old = f"{tmp}.old"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        (shutil.rmtree if os.path.isdir(old) else os.remove)(old)
-    else:
-        os.replace(tmp, out)
+    """Rename the finished folder into place (``timecma.core.files.replace_dir``); with ``force`` an old output
+    (one serve-batch wrote, or an empty folder or file: anything else is refused untouched) is moved aside,
+    put back if the rename fails, and removed only after it."""
+    if os.path.lexists(out) and not force:
+        raise InputError(f"{out} exists; pass --force to replace it")
+    replace_dir(tmp, out, is_serve_output, SERVE_OUTPUT)

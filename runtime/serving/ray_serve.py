@@ -20,7 +20,9 @@ For a cluster this command starts (``--ray`` / ``--ray local``) ``connect_for_se
 joins (``--ray auto``, ``host:port``) runs with what its nodes were started with (export them before
 ``ray start``). Ray's own ports (GCS, raylet, workers) listen on every interface, so the cluster this
 command starts keeps Ray's token authentication on (Ray keeps the token in ``~/.ray/auth_token``);
-``RAY_AUTH_MODE=disabled`` in the environment is obeyed, with a warning.
+``RAY_AUTH_MODE=disabled`` in the environment is obeyed, with a warning. The rule is
+``timecma.core.ray_setup.local_auth``, the same for every command that starts a cluster (``serve-batch
+--ray``, ``train --ray``, ``precompute``).
 """
 
 from __future__ import annotations
@@ -86,13 +88,7 @@ def connect_for_serve(address: str | None, proxy: str = "auto", ready_timeout_s:
         env, proxy_line = proxy_env(proxy)
         os.environ.update(env)  # before ray.init: the cluster's processes inherit them and read them at start
         os.environ.setdefault(READY_ENV, f"{ready_timeout_s:g}")
-        mode = os.environ.get("RAY_AUTH_MODE")
-        if mode is None:  # Ray's ports listen on every interface: keep its token authentication on
-            os.environ["RAY_AUTH_MODE"] = "token"
-        elif mode.lower() == "disabled":
-            log.warning("RAY_AUTH_MODE=disabled: this Ray cluster's ports (GCS, raylet, workers) listen on every "
-                        "interface, and anyone who reaches them can run code here; unset it to keep Ray's token "
-                        "authentication")
+        # Ray's authentication: connect() applies the one rule for a cluster we start (ray_setup.local_auth)
     else:
         proxy_line = ("the proxy the cluster's nodes were started with (RAY_SERVE_ENABLE_HA_PROXY=1 and "
                       "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 before `ray start` for HAProxy)")
@@ -117,6 +113,13 @@ def _replica_class():
             from .app import create_app
 
             return create_app(self.service)
+
+        def __del__(self):
+            """Ray Serve's graceful shutdown of the replica: the batch that runs finishes, then the engines and
+            the store are closed (a bounded store's lock released)."""
+            service = getattr(self, "service", None)
+            if service is not None:
+                service.close()
 
         def check_health(self) -> None:
             """Ray Serve's health check: a replica whose forecasting thread has ended is replaced."""

@@ -19,6 +19,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from prometheus_client import Counter
 
 from timecma import __version__
 from timecma.core.errors import InputError
@@ -96,11 +97,16 @@ class ForecastService:
                                  llm_batch_tokens=self.limits.max_batch_tokens, **threads_option(backend, threads))
         self._key = api_key.encode() if api_key else None
         self.metrics = EndpointMetrics()
+        self._bookkeeping_failures = Counter(
+            "timecma_bookkeeping_failures", "Metrics updates after a forecast call that raised (logged; the "
+            "forecasts were answered)", registry=self.metrics.registry)
+        self._bookkeeping_seen = 0
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
         self._in_flight = 0  # admitted forecast requests (changed on the event loop's thread only)
         # the forecast's timestamps as strings, by the window's last one: a window served again formats nothing
         self._iso = functools.lru_cache(maxsize=4096)(self._iso_steps)
         self._stats = snapshot(self.f.stats)  # what the metrics have seen of the forecaster's counters
+        self._stats_lock = threading.Lock()  # _observe_batch runs on the batcher's thread and the event loop's
         # the windows of concurrent requests in one forecast call (at most the requests in flight)
         self.batcher = WindowBatcher(self.f, self.limits.max_batch_windows or self.limits.max_concurrent,
                                      self.limits.max_wait_ms / 1e3, on_batch=self._observe_batch)
@@ -213,14 +219,22 @@ class ForecastService:
         self.f.check_levels(levels)
 
     def _observe_batch(self, windows: int) -> None:
-        """After each batch (on the batcher's thread, the only one that forecasts): its size and stage times."""
-        after = snapshot(self.f.stats)
-        self.metrics.batch_windows.observe(windows)
-        self.metrics.observe_forecast(self._stats, after)
-        self._stats = after
+        """After each forecast call: its size and stage times. Called on the batcher's thread after a batch and
+        on the event loop's thread after a window served on the idle fast path (``run_if_idle``), possibly at
+        the same time: the snapshot, the difference and the assignment are one step under ``_stats_lock``
+        (the forecaster's counters only grow, so snapshots taken in order never give a negative difference)."""
+        with self._stats_lock:
+            after = snapshot(self.f.stats)
+            self.metrics.batch_windows.observe(windows)
+            self.metrics.observe_forecast(self._stats, after)
+            self._stats = after
 
     # -- description --------------------------------------------------------------------------
     def metrics_text(self) -> str:
+        failed = self.batcher.failed_bookkeeping  # bookkeeping failures: logged by the batcher, counted here
+        with self._stats_lock:
+            self._bookkeeping_failures.inc(failed - self._bookkeeping_seen)
+            self._bookkeeping_seen = failed
         return self.metrics.text(self.f.store, self.batcher, self.ready)
 
     def info(self) -> dict:
@@ -241,8 +255,12 @@ class ForecastService:
                 "ready": self.ready, "live": self.live, "store": getattr(self.f.store, "path", None),
                 "replica": {"pid": os.getpid(), "host": socket.gethostname()}}
 
-    def close(self) -> None:
-        self.f.close()
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Shutdown: stop the batcher (the batch it runs finishes; queued requests are answered 503), then close
+        the engines and the store under the forecaster's lock, so that nothing forecasting still uses them."""
+        if not self.batcher.stop(timeout_s):
+            log.warning("a forecast batch still runs after %g s; closing once it has finished", timeout_s)
+        self.f.close()  # under the forecaster's lock: waits for a forecast that still runs
 
 
 class _Slot:

@@ -1,8 +1,10 @@
 """File helpers shared by training, export and serving (torch-free): the user cache folder,
-atomic writes, sha256, and the one rule for replacing what is already at an output path."""
+atomic writes, sha256, the one rule for replacing what is already at an output path, and the one
+way a finished folder replaces what is there (``replace_dir``)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -12,6 +14,7 @@ import tempfile
 from typing import Callable
 
 from .errors import InputError
+from .leftovers import dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +89,94 @@ def publish_dir(tmp: str, final: str) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     log.debug("%s was published by another process meanwhile; kept that one", final)
     return False
+
+
+ASIDE_ENTRY = "b"  # the previous occupant's name inside its aside folder
+
+
+def _aside_prefix(final: str, aside: str | None) -> str:
+    return aside or f".{os.path.basename(final)}.old-"
+
+
+def recover_replaced(final: str | os.PathLike, what: str, aside: str | None = None) -> int:
+    """After a killed ``replace_dir`` of ``final``: put back the previous occupant a kill between the two
+    renames left stranded (only where nothing is at ``final`` now), and remove the aside folders of dead
+    processes (``<aside><pid>-*``, default ``.NAME.old-<pid>-*`` beside ``final``). Returns how many were
+    recovered; each is logged, naming ``what``."""
+    final = os.path.abspath(os.fspath(final))
+    n = 0
+    for old in dead_temporaries(os.path.dirname(final), _aside_prefix(final, aside)):
+        stranded = os.path.join(old, ASIDE_ENTRY)
+        if not os.path.lexists(final) and os.path.lexists(stranded):
+            os.replace(stranded, final)
+            log.warning("recovered %s %s that a killed run left in %s", what, final, old)
+            n += 1
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(old)
+    return n
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike, ours: Callable[[str], bool], what: str,
+                error: type[Exception] = InputError, aside: str | None = None) -> None:
+    """Put the finished folder ``tmp`` at ``final``, the one way every command does it.
+
+    First a previous occupant a killed run stranded is recovered (``recover_replaced``). Then what is at
+    ``final`` is checked again (``check_replaceable``: nothing, an empty folder or file, or what ``ours``
+    recognises as ``what``; anything else raises ``error`` and nothing moves). A previous occupant is moved
+    aside into ``<aside><pid>-*/b`` beside ``final`` (default ``.NAME.old-``), ``tmp`` is renamed in, and the
+    aside copy is removed; if the rename in fails, the previous occupant is put back and ``tmp`` stays for the
+    caller to remove. Readers see the old folder, the new one, or (for the moment between the renames)
+    nothing."""
+    tmp, final = os.fspath(tmp), os.path.abspath(os.fspath(final))
+    recover_replaced(final, what, aside)
+    check_replaceable(final, ours, what, error)
+    if not os.path.lexists(final):
+        os.replace(tmp, final)
+        return
+    old = tempfile.mkdtemp(prefix=f"{_aside_prefix(final, aside)}{os.getpid()}-", dir=os.path.dirname(final))
+    try:
+        os.replace(final, os.path.join(old, ASIDE_ENTRY))
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(os.path.join(old, ASIDE_ENTRY), final)  # put the previous one back
+            raise
+    except BaseException:
+        if not os.path.lexists(os.path.join(old, ASIDE_ENTRY)):  # nothing of the previous one is left in it
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- PNGs timecma writes (timecma-plot, timecma-bench): one mark, read with Pillow (matplotlib's dependency) ------
+PNG_MARK = "timecma.output"  # a PNG text chunk of every PNG timecma writes; its value names the command
+
+
+def png_mark(writer: str) -> dict[str, str]:
+    """The ``savefig(metadata=...)`` entry that marks a PNG as written by ``writer`` (e.g. ``timecma-plot``)."""
+    return {PNG_MARK: writer}
+
+
+def png_text(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks of a PNG file (keyword -> text); empty for anything that is not a readable PNG (or where
+    Pillow is not installed: nothing can be recognised then)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return {}
+    try:
+        with Image.open(os.fspath(path)) as im:
+            if im.format != "PNG":
+                return {}
+            return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return {}
+
+
+def is_marked_png(path: str | os.PathLike, writer: str) -> bool:
+    """A PNG file (not a link) that ``writer`` marked with ``png_mark``: what that command may replace."""
+    path = os.fspath(path)
+    return os.path.isfile(path) and not os.path.islink(path) and png_text(path).get(PNG_MARK) == writer

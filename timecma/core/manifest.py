@@ -438,8 +438,10 @@ def _cache_path() -> str | None:
 
 def _load_cache() -> dict[str, str]:
     path = _cache_path()
+    if path is None:  # no cache folder here
+        return {}
     try:
-        with open(path) as f:  # type: ignore[arg-type]
+        with open(path) as f:
             data = json.load(f)
         return data if isinstance(data, dict) else {}
     except (OSError, TypeError, ValueError):

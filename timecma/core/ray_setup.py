@@ -1,7 +1,7 @@
 """Joining a Ray cluster the same way from every command (docs/design.md §13); Ray is imported lazily.
 
 Three things every Ray entry point needs and would otherwise repeat: connect (a local
-cluster without the dashboard or an auth token, or an existing one by address), size an
+cluster without the dashboard and with Ray's token authentication, or an existing one by address), size an
 actor pool so that Ray Data's read and shuffle tasks still get a CPU (a pool that takes
 every CPU hangs without an error), and turn the exception Ray wraps around a worker's
 ``InputError`` back into that error, so the CLIs keep their exit codes.
@@ -30,11 +30,28 @@ class RayPool:
     gpus_per_worker: float = 0.0
 
 
+def local_auth() -> str:
+    """The one rule for Ray's authentication on a cluster we start: Ray's ports (GCS, raylet, object manager,
+    workers) listen beyond loopback, so token authentication is on (``RAY_AUTH_MODE=token``; Ray keeps the
+    token in ``~/.ray/auth_token``) unless the user set ``RAY_AUTH_MODE`` themselves, which is obeyed (with
+    a warning where it turns authentication off). Returns the mode. Set before ``ray.init``: the cluster's
+    processes read it when they start."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None:
+        os.environ["RAY_AUTH_MODE"] = mode = "token"
+    elif mode.strip().lower() == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: this Ray cluster's ports (GCS, raylet, workers) listen on every "
+                    "interface, and anyone who reaches them can run code here; unset it to keep Ray's token "
+                    "authentication")
+    return mode
+
+
 def connect(address: str | None = LOCAL, num_cpus: int | None = None, progress: bool = True) -> None:
-    """Start a local cluster (``local``/None) or join ``address`` (``auto``, ``host:port``, ``ray://...``)."""
+    """Start a local cluster (``local``/None; Ray's token authentication on, see ``local_auth``) or join
+    ``address`` (``auto``, ``host:port``, ``ray://...``: the cluster's own authentication applies)."""
     local = address in (None, "", LOCAL)
-    if local:  # a private local cluster: no token written to $HOME, no auth warning
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if local:
+        local_auth()
     try:
         import ray
     except ImportError as exc:

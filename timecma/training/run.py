@@ -147,14 +147,17 @@ def training_record(cfg: TrainConfig, state: LoopState, spec: RunSpec, llm_info:
     limits += [f"ended by a non-finite loss at epoch {len(state.history)}"] if state.stop == "diverged" else []
     limits += [f"every {cfg.train_stride}th training window"] if cfg.train_stride > 1 else []
     limits += [f"every {cfg.eval_stride}th validation/test window"] if cfg.eval_stride > 1 else []
+    def portable(name: str) -> str:  # a local directory by its name only: no build machine's paths in a bundle
+        return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+
     if llm_info is None:
         llm = None
     elif "joint" in llm_info.get("extra", {}):
         joint = llm_info["extra"]["joint"]
-        llm = {"made": f"joint-{joint['mode']}", "from": joint["from"], "from_weights_digest":
+        llm = {"made": f"joint-{joint['mode']}", "from": portable(joint["from"]), "from_weights_digest":
                joint["from_weights_digest"], "weights_digest": llm_info["weights_digest"]}
     else:
-        llm = {"made": "frozen", "id": llm_info["id"], "weights_digest": llm_info["weights_digest"],
+        llm = {"made": "frozen", "id": portable(llm_info["id"]), "weights_digest": llm_info["weights_digest"],
                "layers": spec.llm_layers}
     return {"recipe": cfg.recipe, "overrides": cfg.overrides,
             "settings": {k: getattr(cfg, k) for k in ("optimizer", "lr", "schedule", "cosine_period",
