@@ -166,7 +166,9 @@ def markdown(res: dict) -> list[str]:
              f"end p50 on `{res['latency_backend']}` (miss: the LLM runs; hit: embeddings from the store), one pass "
              "over every row's first-seed bundle" + ("" if any(r.get("latency") for r in res["rows"]) else
                                                     " (**not measured yet**: the columns read -)")
-             + ". Re-run: `python -m benchmarks.accuracy run` (see its --help).", "",
+             + ". A model without the LLM has no store: its two columns are one pipeline, miss a new window each "
+             "call (cold caches), hit the same window again. Re-run: `python -m benchmarks.accuracy run` (see its "
+             "--help).", "",
              "| model | H | seeds | test MSE | test MAE | published MSE / MAE | best epoch | train s | miss ms | hit ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
