@@ -560,31 +560,22 @@ _MARKER = re.compile(r"<!-- timecma:([a-z-]+) -->")
 # --------------------------------------------------------------------------------------------------------------
 # MkDocs events
 def _source_tree() -> str:
-    """A temporary folder holding the ``timecma`` package as it is installed: symlinks to ``timecma/``'s entries
-    plus each folder that ``[tool.setuptools.package-dir]`` maps into it (``export/`` -> ``timecma/export`` ...).
-    mkdocstrings reads the API from it statically: griffe follows an editable install's top-level packages
-    only, not sub-packages mapped from other folders, and importing is not needed."""
+    """A temporary folder holding the ``timecma`` package as it is installed (``.ci/installed_layout.py``, the
+    tree mypy reads too). mkdocstrings reads the API from it statically: griffe follows an editable install's
+    top-level packages only, not sub-packages mapped from other folders, and importing is not needed."""
     import atexit
+    import importlib.util
     import shutil
     import tempfile
 
+    spec = importlib.util.spec_from_file_location("installed_layout", os.path.join(ROOT, ".ci", "installed_layout.py"))
+    assert spec is not None and spec.loader is not None
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
     tmp = tempfile.mkdtemp(prefix="timecma-docs-src-")
     atexit.register(shutil.rmtree, tmp, True)
-    pkg = os.path.join(tmp, "timecma")
-    os.mkdir(pkg)
-    mapping = _pyproject().get("tool", {}).get("setuptools", {}).get("package-dir", {})
-    top = os.path.join(ROOT, mapping.get("timecma", "timecma"))
-    for name in os.listdir(top):
-        os.symlink(os.path.join(top, name), os.path.join(pkg, name))
-    for dotted, folder in mapping.items():
-        parts = dotted.split(".")
-        if parts[0] != "timecma" or len(parts) != 2:
-            continue
-        link = os.path.join(pkg, parts[1])
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(os.path.join(ROOT, folder), link)
-    return tmp
+    layout.lay_out(ROOT, os.path.join(tmp, "tree"))
+    return os.path.join(tmp, "tree")
 
 
 @event_priority(100)  # before mkdocstrings' own on_config, which creates the python handler
