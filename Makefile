@@ -97,7 +97,8 @@ ablation: $(STAMP)
 accuracy: $(STAMP)
 	$(BIN)/python -m benchmarks.accuracy run
 
-# Its LLM rows: SmolLM2's first 6 layers, pretrained and random (about 100k prompts to embed: hours on 2 cores).
+# Its LLM rows: SmolLM2's first 6 layers, pretrained and random (about 100k prompts a store: ~35 min on
+# 2 AMX cores at eager bf16, hours without AMX).
 accuracy-llm: $(SMOLLM2)/timecma-gguf.json
 	$(BIN)/python -m benchmarks.accuracy run --rows timecma-smollm2,timecma-random --llm $(SMOLLM2) --llm-layers 6
 
