@@ -328,7 +328,8 @@ def test_online_endpoint_answers_and_survives_load_and_bad_requests(cluster, sma
         s = load.summary()
         print(f"\nload test: {s['requests']} requests, 4 clients, {s['throughput_rps']:.0f} req/s, p50 "
               f"{s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, statuses {s['statuses']}")
-        assert s["requests"] > 40 and s["statuses"] == {"200": s["requests"]}
+        # behaviour, not speed (speed lives in benchmarks/load.py): every client was answered, every answer a 200
+        assert s["requests"] >= 4 and s["statuses"] == {"200": s["requests"]}
         assert call(conn, "GET", "/health")[0] == 200  # still serving after all that
     finally:
         serve.shutdown()
