@@ -4,7 +4,6 @@ way a finished folder replaces what is there (``replace_dir``)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
@@ -111,11 +110,8 @@ def recover_replaced(final: str | os.PathLike, what: str, aside: str | None = No
             os.replace(stranded, final)
             log.warning("recovered %s %s that a killed run left in %s", what, final, old)
             n += 1
-        if os.path.isdir(old) and not os.path.islink(old):
+        if os.path.isdir(old) and not os.path.islink(old):  # replace_dir makes its asides with mkdtemp: folders only
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(old)
     return n
 
 
