@@ -12,7 +12,7 @@ import torch
 from timecma.checkpoint import (CheckpointError, infer_reference_config, load_checkpoint, load_torch_file,
                                 strip_reference_keys)
 from timecma.core.config import DataContract, ModelConfig
-from timecma.core.files import file_sha256
+from timecma.core.files import file_sha256, portable_name
 from timecma.core.prompts import get_template
 from timecma.core.scaling import Scaler
 from timecma.data import load_series, make_windows, read_table, resolve_split, split_borders, validate_frame
@@ -121,5 +121,4 @@ def portable_llm(info: dict, trained: dict | None = None) -> dict:
     precompute = ((trained or {}).get("extra") or {}).get("precompute")
     if precompute:
         info = {**info, "extra": {**info.get("extra", {}), "precompute": precompute}}
-    return {**info, "id": os.path.basename(os.path.normpath(info["id"])) if os.path.isdir(info["id"]) else info["id"],
-            "local_directory": os.path.isdir(info["id"])}
+    return {**info, "id": portable_name(info["id"]), "local_directory": os.path.isdir(info["id"])}

@@ -89,7 +89,14 @@ def test_merged_llm_embeds_as_the_adapted_one(tiny_llm_dir, tmp_path):
     with torch.no_grad():
         adapted = model.embed(prompts)[1]
     _, tok = load_causal_lm(tiny_llm_dir, "lora", "pretrained", None)
-    merged = load_llm(merge_and_save(model, tok, str(tmp_path / "llm")))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")  # someone's own model folder is not ours to replace
+    with pytest.raises(InputError, match="refusing to replace"):
+        merge_and_save(model, tok, str(tmp_path / "mine"))
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["config.json"]
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".joint-llm-")]  # its temporary is gone
+    merge_and_save(model, tok, str(tmp_path / "llm"))
+    merged = load_llm(merge_and_save(model, tok, str(tmp_path / "llm")))  # and it replaces its own
     with torch.no_grad():
         out = merged.encoder(prompts.ids, prompts.mask)
     torch.testing.assert_close(out, adapted, atol=1e-5, rtol=0)
@@ -126,9 +133,11 @@ def test_joint_lora_trains_exports_and_serves(tiny_llm_dir, small_run, tmp_path)
     assert not any(k.startswith(("lm.", "forecaster.")) for k in ckpt["state_dict"])
     frozen_llm = torch.load(frozen / "best.pt", weights_only=True)["llm"]
     made = metrics["training"]["llm"]  # how the LLM was made: fine-tuned, from which base (its digest)
-    assert made == {"made": "joint-lora", "from": os.path.basename(tiny_llm_dir),
-                    "from_weights_digest": frozen_llm["weights_digest"],
+    assert made == {"made": "joint-lora", "from": os.path.basename(tiny_llm_dir), "init": "pretrained",
+                    "layers": None, "from_weights_digest": frozen_llm["weights_digest"],
                     "weights_digest": ckpt["llm"]["weights_digest"]}
+    record = json.loads((joint / "llm" / "timecma-joint-llm.json").read_text())  # the folder says how it was made
+    assert record["made_by"] == "timecma-train --joint" and record["mode"] == "lora"
     assert made["weights_digest"] != made["from_weights_digest"]
     with pytest.raises(InputError, match="Use a different store directory"):
         EmbeddingStore(str(frozen / "store"), ckpt["llm"]["namespace"], ckpt["llm"]["d_llm"])

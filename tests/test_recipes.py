@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from timecma.core.config import TrainConfig
-from timecma.core.recipes import RECIPES, recipe_for
+from timecma.core.errors import InputError
+from timecma.core.recipes import ETA_MIN, RECIPES, cosine_t_max, recipe_for
 
 from conftest import run_cli
 
@@ -28,8 +29,8 @@ def test_each_family_gets_its_published_recipe_per_horizon():
     assert recipe_for("timecma", 336).epochs == 120
     assert recipe_for("timecma", 720).model == {"channel": 32, "e_layer": 2, "d_layer": 2, "dropout": 0.8}
     lin = RECIPES["ltsf-linear"]
-    assert (lin.optimizer, lin.schedule, lin.batch_size, lin.epochs, lin.patience, lin.weight_decay, lin.clip) == \
-        ("adam", "halve", 32, 10, 3, 0.0, None)
+    assert (lin.optimizer, lin.lr, lin.schedule, lin.batch_size, lin.epochs, lin.patience, lin.weight_decay,
+            lin.clip) == ("adam", 1e-3, "halve", 32, 10, 3, 0.0, None)  # lr: the module docstring says why
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe_for("dlinear", 96, "nope")
 
@@ -42,6 +43,45 @@ def test_dataclass_defaults_are_the_reference_recipe_and_flags_are_listed_as_ove
     assert cfg.overrides == ["channel", "epochs"]  # lr 1e-3 and clip none are the recipe's own values
     assert RECIPES["timecma-reference"].model_sizes({"channel": 16, "dropout": 0.7, "e_layer": None}) == \
         ({"channel": 16, "e_layer": 1, "d_layer": 2, "dropout": 0.7}, ["channel"])
+
+
+def test_the_cosine_period_is_the_reference_min_of_epochs_and_50():
+    from timecma.training.loop import make_optimizer
+
+    assert (cosine_t_max(100, 50), cosine_t_max(20, 50), cosine_t_max(10, 0)) == (50, 20, 10)
+    for epochs, period in ((4, 50), (3, 0)):  # a short run anneals to the floor by its last epoch
+        opt, sched = make_optimizer(torch.nn.Linear(2, 1), TrainConfig(epochs=epochs, cosine_period=period))
+        rates = []
+        for _ in range(epochs):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert rates[0] == 1e-4 and rates == sorted(rates, reverse=True), rates
+        assert opt.param_groups[0]["lr"] == pytest.approx(ETA_MIN)
+
+
+@pytest.mark.parametrize("bad,named", [({"lr": 0}, "lr 0"), ({"clip": -1.0}, "clip -1.0"),
+                                       ({"schedule": "step"}, "schedule 'step'"), ({"patience": 0}, "patience 0"),
+                                       ({"weight_decay": -1e-3}, "weight_decay"), ({"joint_weight": 2.0}, "joint_weight")])
+def test_impossible_settings_are_refused_before_any_work(bad, named):
+    with pytest.raises(InputError, match="training settings refused") as err:
+        TrainConfig(**bad)
+    assert named in str(err.value)
+
+
+def test_every_recipe_flag_reaches_the_checkpoint(small_csv, tmp_path):
+    out = tmp_path / "flags"
+    r = train(small_csv, out, "--model", "dlinear", "--epochs", "1", "--optimizer", "adamw", "--lr", "0.002",
+              "--schedule", "cosine", "--cosine-period", "3", "--weight-decay", "0.01", "--clip", "1",
+              "--batch-size", "8", "--patience", "2", "--no-shuffle", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    tc = torch.load(out / "best.pt", weights_only=True)["train_config"]
+    given = dict(optimizer="adamw", lr=0.002, schedule="cosine", cosine_period=3, weight_decay=0.01, clip=1.0,
+                 batch_size=8, patience=2, shuffle=False, seed=7, epochs=1)
+    assert {k: tc[k] for k in given} == given and tc["recipe"] == "ltsf-linear"
+    assert tc["overrides"] == sorted(given)
+    r = train(small_csv, tmp_path / "neg", "--model", "dlinear", "--clip", "-1")
+    assert r.returncode == 2 and "--clip" in r.stderr and not (tmp_path / "neg").exists()
 
 
 def test_dlinear_defaults_are_recorded_with_the_overrides_and_the_cap_warns(small_csv, tmp_path):
@@ -60,7 +100,7 @@ def test_dlinear_defaults_are_recorded_with_the_overrides_and_the_cap_warns(smal
     n_train = json.loads((out / "metrics.json").read_text())["windows"]["train"]
     assert t["optimizer_steps"] == 2 * -(-n_train // 32)
     hist = json.loads((out / "metrics.json").read_text())["history"]
-    assert hist[1]["lr"] == pytest.approx(hist[0]["lr"] / 2)  # halved after each epoch
+    assert hist[0]["lr"] == 1e-3 and hist[1]["lr"] == pytest.approx(5e-4)  # each epoch's own rate, halved after it
 
 
 @pytest.mark.parametrize("model,args", [("dlinear", []), ("timecma-no-llm", ["--channel", "16", "--dropout", "0.1"])])

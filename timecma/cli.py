@@ -49,19 +49,19 @@ from .core.ray_setup import RayPool, unwrap
               help="The training setup every option marked [recipe] defaults to. auto: the model family's "
                    "published one (timecma, timecma-no-llm: timecma-reference, the public TimeCMA script's, per "
                    "horizon; dlinear: ltsf-linear, LTSF-Linear's). Recorded in best.pt, metrics.json and the bundle.")
-@click.option("--channel", type=int, default=None, help="[recipe] Width of the time-series branch.")
-@click.option("--e-layer", type=int, default=None, help="[recipe] Encoder layers.")
+@click.option("--channel", type=click.IntRange(min=1), default=None, help="[recipe] Width of the time-series branch.")
+@click.option("--e-layer", type=click.IntRange(min=1), default=None, help="[recipe] Encoder layers.")
 @click.option("--d-layer", type=int, default=None, help="[recipe] Decoder layers.")
 @click.option("--head", default=8, show_default=True)
 @click.option("--d-ff", default=32, show_default=True, help="Width of the alignment feed-forward.")
-@click.option("--dropout", type=float, default=None, help="[recipe]")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="[recipe]")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="[recipe]")
-@click.option("--lr", type=float, default=None, help="[recipe] Initial learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="[recipe] Initial learning rate.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="[recipe] cosine: CosineAnnealingLR over --cosine-period epochs; halve: lr x 0.5 after each epoch.")
 @click.option("--cosine-period", type=click.IntRange(min=1), default=None, help="[recipe]")
-@click.option("--weight-decay", type=float, default=None, help="[recipe]")
-@click.option("--clip", type=float, default=None, help="[recipe] Gradient-norm clipping (0: none).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="[recipe]")
+@click.option("--clip", type=click.FloatRange(min=0), default=None, help="[recipe] Gradient-norm clipping (0: none).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[recipe]")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="[recipe] Epoch cap; a run that reaches it is labelled budget-limited.")
@@ -112,15 +112,19 @@ def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len,
 
     chosen = recipe_for(model_name, pred_len, recipe)
     sizes, changed = chosen.model_sizes(dict(channel=channel, e_layer=e_layer, d_layer=d_layer, dropout=dropout))
-    cfg = TrainConfig.from_recipe(
-        chosen, changed, optimizer=optimizer, lr=lr, schedule=schedule, cosine_period=cosine_period,
-        weight_decay=weight_decay, clip=clip, batch_size=batch_size, epochs=epochs, patience=patience,
-        shuffle=shuffle, seed=seed, llm_batch_size=llm_batch_size, device=device,
-        precompute_backend=precompute_backend, train_stride=train_stride, eval_stride=eval_stride, joint=joint,
-        llm_init=llm_init, joint_weight=joint_weight, joint_text=joint_text, lora_rank=lora_rank)
+    try:
+        cfg = TrainConfig.from_recipe(
+            chosen, changed, optimizer=optimizer, lr=lr, schedule=schedule, cosine_period=cosine_period,
+            weight_decay=weight_decay, clip=clip, batch_size=batch_size, epochs=epochs, patience=patience,
+            shuffle=shuffle, seed=seed, llm_batch_size=llm_batch_size, device=device,
+            precompute_backend=precompute_backend, train_stride=train_stride, eval_stride=eval_stride, joint=joint,
+            llm_init=llm_init, joint_weight=joint_weight, joint_text=joint_text, lora_rank=lora_rank)
+    except InputError as exc:
+        fail("timecma-train", exc)
     model = dict(seq_len=seq_len, pred_len=pred_len, head=head, d_ff=d_ff, **sizes)
-    spec = RunSpec(data_path, out_dir, llm_id, model, model_name, time_col, split, store_dir, template, scaler_kind,
-                   residual, store_dtype, llm_layers)
+    spec = RunSpec(data_path=data_path, out_dir=out_dir, llm_id=llm_id, model=model, model_name=model_name,
+                   time_col=time_col, split=split, store_dir=store_dir, template=template, scaler_kind=scaler_kind,
+                   residual=residual, store_dtype=store_dtype, llm_layers=llm_layers)
     pool = RayPool(ray_address, llm_workers, cpus_per_worker, gpus_per_worker) if ray_address else None
     try:
         metrics = train(spec, cfg, ray=pool)

@@ -13,8 +13,11 @@ any local LLM.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,11 +168,44 @@ class TextCorpus:
         return Prompts.pad([self.chunks[i] for i in pick], self.pad_id)
 
 
-def merge_and_save(model: JointModel, tokenizer, out_dir: str) -> str:
-    """Merge LoRA adapters into the weights and save the LLM (``save_pretrained``) and its tokenizer."""
+JOINT_LLM_RECORD = "timecma-joint-llm.json"  # in every LLM folder joint training writes: how it was made
+JOINT_LLM = f"an LLM saved by joint training (with its {JOINT_LLM_RECORD})"
+
+
+def is_joint_llm(path: str) -> bool:
+    """A folder ``merge_and_save`` wrote (its record says so): the only LLM folder a training run replaces."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, JOINT_LLM_RECORD)) as f:
+            return json.load(f).get("made_by") == "timecma-train --joint"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def merge_and_save(model: JointModel, tokenizer, out_dir: str, record: dict | None = None) -> str:
+    """Merge LoRA adapters into the weights and save the LLM (``save_pretrained``), its tokenizer and
+    ``JOINT_LLM_RECORD`` (``record``: how it was trained) into a temporary folder beside ``out_dir``, renamed
+    into place whole (``replace_dir``): a kill leaves the previous folder or none, never half a model, and only
+    a folder joint training wrote is replaced."""
+    from .core.files import replace_dir
+    from .core.leftovers import remove_dead_temporaries
+
     lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
     lm.requires_grad_(False)
-    os.makedirs(out_dir, exist_ok=True)
-    lm.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    remove_dead_temporaries(parent, f".joint-llm-{name}-", "an unfinished joint-training LLM folder")
+    tmp = tempfile.mkdtemp(prefix=f".joint-llm-{name}-{os.getpid()}-", dir=parent)
+    try:
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, JOINT_LLM_RECORD), "w") as f:
+            json.dump({"made_by": "timecma-train --joint", **(record or {})}, f, indent=2)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        replace_dir(tmp, out_dir, is_joint_llm, JOINT_LLM)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

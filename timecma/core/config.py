@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .recipes import OPT_FIELDS, Recipe
+from .errors import InputError
+from .recipes import OPT_FIELDS, OPTIMIZERS, SCHEDULES, Recipe
 
 
 def from_dict(cls, d: dict[str, Any]):
@@ -86,9 +87,11 @@ class DataContract:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. The field defaults are the public TimeCMA ETTh1-96 script's (recipe
-    ``timecma-reference``, timecma.core.recipes); ``TrainConfig.from_recipe`` gives each model family's
-    published setup at a horizon, with the user's flags on top (``overrides`` names them)."""
+    """Optimisation settings. The field defaults are recipe ``timecma-reference`` (timecma.core.recipes): the
+    public TimeCMA ETTh1-96 script's hyper-parameters, selected and early-stopped on validation where its
+    ``train.py`` uses the test split (the recipe's docstring says how that changes patience).
+    ``TrainConfig.from_recipe`` gives each model family's published setup at a horizon, with the user's flags on
+    top (``overrides`` names them). Impossible values are refused here, before any prompt is embedded."""
 
     lr: float = 1e-4
     weight_decay: float = 1e-3
@@ -113,6 +116,24 @@ class TrainConfig:
     joint_weight: float = 0.5  # w in w * forecast MSE + (1 - w) * next-token loss
     joint_text: str | None = None  # a text corpus (one document per line) for the next-token loss; None: the prompts
     lora_rank: int = 8
+
+    def __post_init__(self) -> None:
+        """Refuse a setting that could only fail (or silently misbehave) after hours of prompt precompute."""
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} (choose {', '.join(OPTIMIZERS)})"),
+            (self.schedule in SCHEDULES, f"schedule {self.schedule!r} (choose {', '.join(SCHEDULES)})"),
+            (self.joint in JOINT_MODES, f"joint {self.joint!r} (choose {', '.join(JOINT_MODES)})"),
+            (self.llm_init in LLM_INITS, f"llm_init {self.llm_init!r} (choose {', '.join(LLM_INITS)})"),
+            (self.lr > 0, f"lr {self.lr} (must be > 0)"),
+            (self.weight_decay >= 0, f"weight_decay {self.weight_decay} (must be >= 0)"),
+            (self.clip is None or self.clip > 0, f"clip {self.clip} (must be > 0, or none)"),
+            (0 <= self.joint_weight <= 1, f"joint_weight {self.joint_weight} (must be in [0, 1])"),
+            (self.cosine_period >= 0, f"cosine_period {self.cosine_period} (must be >= 0)"),
+        ] + [(getattr(self, k) >= 1, f"{k} {getattr(self, k)} (must be >= 1)")
+             for k in ("batch_size", "epochs", "patience", "llm_batch_size", "train_stride", "eval_stride", "lora_rank")]
+        bad = [message for ok, message in checks if not ok]
+        if bad:
+            raise InputError("training settings refused: " + "; ".join(bad))
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, changed: list[str] | None = None, **settings: Any) -> "TrainConfig":

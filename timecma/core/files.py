@@ -27,6 +27,12 @@ def user_cache_dir(*parts: str) -> str:
     return path
 
 
+def portable_name(name: str) -> str:
+    """A local directory by its folder name only (digests identify it; no build machine's paths in a bundle or
+    a checkpoint), anything else (a hub id) as it is."""
+    return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same folder + rename: readers see old or new, never half."""
     path = os.fspath(path)

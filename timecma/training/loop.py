@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import TrainConfig
 from ..core.errors import InputError
+from ..core.recipes import ETA_MIN, cosine_t_max
 from ..joint import JointModel
 from .batches import Batches, evaluate
 
@@ -64,7 +65,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         raise InputError(f"unknown optimizer {cfg.optimizer!r}; choose adam or adamw")
     if cfg.schedule == "cosine":
         sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, cfg.cosine_period), eta_min=1e-8)
+            opt, T_max=cosine_t_max(cfg.epochs, cfg.cosine_period), eta_min=ETA_MIN)
     elif cfg.schedule == "halve":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     else:
@@ -113,12 +114,13 @@ def fit(model: torch.nn.Module, batches: dict[str, Batches], cfg: TrainConfig, d
     state = LoopState()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
+        lr = opt.param_groups[0]["lr"]  # the rate this epoch trains at
         ep = train_epoch(model, batches["train"], cfg, opt, rng, device, epoch, joint)
         state.steps += ep.pop("steps")
         sched.step()
         val = evaluate(model, batches["val"], cfg.batch_size, device, to_report, reported)
         state.history.append({"epoch": epoch, **ep, "val_mse": val["mse"], "val_mae": val["mae"],
-                              "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0})
+                              "lr": lr, "seconds": time.time() - t0})
         log.info("epoch %d: train mse %.4f, val mse %.4f mae %.4f (%.1fs)", epoch, ep["train_mse"], val["mse"],
                  val["mae"], time.time() - t0)
         if not (math.isfinite(ep["train_mse"]) and math.isfinite(val["mse"])):

@@ -17,10 +17,10 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..core.conformal import METHOD, Calibration, coverage
 from ..core.config import ModelConfig, TrainConfig
-from ..core.files import atomic_write_bytes, check_replaceable
+from ..core.files import atomic_write_bytes, check_replaceable, portable_name
 from ..core.ray_setup import RayPool
 from ..core.seasonality import NATURAL_PERIOD
-from ..joint import JointModel, merge_and_save
+from ..joint import JOINT_LLM, JointModel, is_joint_llm, merge_and_save
 from ..llm import load_llm
 from ..model import ForecastModel, make_model
 from .batches import Batches, evaluate, in_original_units, naive_metrics
@@ -129,11 +129,14 @@ def _trained_parts(spec: RunSpec, cfg: TrainConfig, emb: Embedded, state: LoopSt
     if not emb.joint:
         return state.best(), emb.llm_info
     assert isinstance(model, JointModel), "joint training ran the forecaster with its LLM (JointModel)"
-    llm_dir = os.path.abspath(merge_and_save(model, emb.joint["tokenizer"], os.path.join(spec.out_dir, "llm")))
+    made = {"mode": cfg.joint, "init": cfg.llm_init, "layers": spec.llm_layers, "weight": cfg.joint_weight,
+            "text": os.path.basename(cfg.joint_text) if cfg.joint_text else "prompts", "from": spec.llm_id,
+            # Xavier-initialised weights never were the base LLM's: only its config was
+            "from_weights_digest": emb.joint["base_digest"] if cfg.llm_init == "pretrained" else None}
+    llm_dir = merge_and_save(model, emb.joint["tokenizer"], os.path.join(spec.out_dir, "llm"),
+                             {**made, "from": portable_name(spec.llm_id)})
     trained = load_llm(llm_dir, "cpu")
-    trained.info.extra["joint"] = {"mode": cfg.joint, "init": cfg.llm_init, "weight": cfg.joint_weight,
-                                   "text": os.path.basename(cfg.joint_text) if cfg.joint_text else "prompts",
-                                   "from": spec.llm_id, "from_weights_digest": emb.joint["base_digest"]}
+    trained.info.extra["joint"] = made
     log.info("joint training: the trained LLM is %s (weights %s; a new store namespace)", llm_dir,
              trained.info.weights_digest[:12])
     best = state.best_state or {}
@@ -147,17 +150,15 @@ def training_record(cfg: TrainConfig, state: LoopState, spec: RunSpec, llm_info:
     limits += [f"ended by a non-finite loss at epoch {len(state.history)}"] if state.stop == "diverged" else []
     limits += [f"every {cfg.train_stride}th training window"] if cfg.train_stride > 1 else []
     limits += [f"every {cfg.eval_stride}th validation/test window"] if cfg.eval_stride > 1 else []
-    def portable(name: str) -> str:  # a local directory by its name only: no build machine's paths in a bundle
-        return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
-
     if llm_info is None:
         llm = None
     elif "joint" in llm_info.get("extra", {}):
         joint = llm_info["extra"]["joint"]
-        llm = {"made": f"joint-{joint['mode']}", "from": portable(joint["from"]), "from_weights_digest":
-               joint["from_weights_digest"], "weights_digest": llm_info["weights_digest"]}
+        llm = {"made": f"joint-{joint['mode']}", "from": portable_name(joint["from"]), "init": joint.get("init"),
+               "layers": joint.get("layers"), "from_weights_digest": joint["from_weights_digest"],
+               "weights_digest": llm_info["weights_digest"]}
     else:
-        llm = {"made": "frozen", "id": portable(llm_info["id"]), "weights_digest": llm_info["weights_digest"],
+        llm = {"made": "frozen", "id": portable_name(llm_info["id"]), "weights_digest": llm_info["weights_digest"],
                "layers": spec.llm_layers}
     return {"recipe": cfg.recipe, "overrides": cfg.overrides,
             "settings": {k: getattr(cfg, k) for k in ("optimizer", "lr", "schedule", "cosine_period",
@@ -186,8 +187,7 @@ def check_outputs(out_dir: str, joint: bool) -> None:
     check_replaceable(os.path.join(out_dir, "best.pt"), ours_ckpt, "a timecma checkpoint")
     check_replaceable(os.path.join(out_dir, "metrics.json"), ours_metrics, "a timecma-train metrics.json")
     if joint:
-        check_replaceable(os.path.join(out_dir, "llm"), lambda p: os.path.isfile(os.path.join(p, "config.json")),
-                          "an LLM saved by joint training")
+        check_replaceable(os.path.join(out_dir, "llm"), is_joint_llm, JOINT_LLM)
 
 
 def save_outputs(out_dir: str, metrics: dict, ckpt: dict) -> None:
