@@ -19,7 +19,8 @@ from timecma.core.timing import time_calls
 from timecma.core.tokens import encode_prompts, llm_feeds, pad_right
 from timecma.runtime.backends.base import HEAD_THREADS
 from timecma.runtime.backends.ort import ort_session
-from timecma.runtime.compile.openvino import GATE_FILE, build_openvino, calibration_feeds, calibration_windows
+from timecma.runtime.compile.openvino import (GATE_FILE, build_openvino, calibration_feeds, calibration_windows,
+                                              disjoint_windows)
 
 from .graphs import ForecasterPart, LLMPart
 from .onnx_export import export_forecaster, export_split_forecaster, optimize_llm_for_cpu, quantize_int8, quantize_w8a8
@@ -140,7 +141,7 @@ def _quantized_variant(kind: str, src: Source, opts: ExportOptions, tmp: str, se
     """An int8 LLM graph for ONNX Runtime, judged the way a user would, on validation windows (the test split
     is the final evaluation's alone). ``int8``: dynamic (int8 weights, activations quantised per call);
     ``w8a8``: static QDQ with SmoothQuant, calibrated on validation prompts (``quantize_w8a8``) and scored on
-    the validation windows it was not calibrated on.
+    the validation windows that share no time step with its calibration windows.
 
     Hidden states move under int8, beyond the fp32 parity tolerance, so the graph is accepted by the one
     decision every variant takes (``timecma.core.accuracy.judge_variant``): finite outputs, forecast MSE
@@ -156,11 +157,9 @@ def _quantized_variant(kind: str, src: Source, opts: ExportOptions, tmp: str, se
         gate = np.load(os.path.join(tmp, GATE_FILE))
         made = quantize_w8a8(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, q_file),
                              calibration_feeds(gate["llm_input_ids"], gate["llm_attention_mask"], cfg.num_nodes))
-        seen = set(gate["starts"][calibration_windows(len(gate["starts"]))].tolist())
-        unseen = np.array([s for s in starts if s not in seen])
-        made["scored_on"] = ("validation windows it was not calibrated on" if len(unseen) else
-                             "validation windows it was calibrated on (too few windows to keep them apart)")
-        starts = unseen if len(unseen) else starts
+        keep, made["scored_on"] = disjoint_windows(
+            np.asarray(starts), gate["starts"][calibration_windows(len(gate["starts"]))], cfg.seq_len + cfg.pred_len)
+        starts = [starts[i] for i in keep]
     else:
         quantize_int8(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, q_file))
     f32, q8 = ort_session(os.path.join(tmp, LLM_ONNX)), ort_session(os.path.join(tmp, q_file))
@@ -178,8 +177,7 @@ def _quantized_variant(kind: str, src: Source, opts: ExportOptions, tmp: str, se
             embs[name].append(part.run(sess, ids))
             ys[name].append(fc_sess.run(None, {"x": x, "prompt_emb": embs[name][-1][None]})[0][0])
         hidden_rel.append(np.abs(embs[kind][-1] - embs["fp32"][-1]).max() / np.abs(embs["fp32"][-1]).max())
-    # the one decision every variant takes (timecma.core.accuracy); this gate never had the per-value forecast
-    # rule, so the largest forecast change is recorded, not judged
+    # the one decision every variant takes (timecma.core.accuracy), the per-value forecast rule included
     j = judge_variant(np.stack(ys[kind]), np.stack(ys["fp32"]), np.stack(truths), mean, std,
                       np.concatenate(embs[kind]), np.concatenate(embs["fp32"]), forecast_gate=FORECAST_GATE)
     change, emb = j["mse_rel_change"], j["embedding"]

@@ -186,7 +186,7 @@ def test_int8_and_w8a8_variants_are_judged_on_forecast_mse_and_embeddings(small_
     llm = read_manifest(out).graphs["llm"]
     for kind in ("int8", "w8a8"):
         q = llm.files[kind].info if kind in llm.files else llm.info[f"{kind}_rejected"]
-        # w8a8 is judged on the windows it was not calibrated on: the 16 less those among its calibration windows
+        # w8a8 is judged on the windows sharing no time step with its calibration windows (all, said, if none)
         assert (q["windows"] == 16 if kind == "int8" else 0 < q["windows"] <= 16)
         assert q["hidden_max_rel_err"] > 0  # int8 really changed the hidden states
         assert q["mse_rel_change"] == pytest.approx(abs(q[f"val_mse_{kind}"] - q["val_mse_fp32"]) / q["val_mse_fp32"])
@@ -197,7 +197,9 @@ def test_int8_and_w8a8_variants_are_judged_on_forecast_mse_and_embeddings(small_
         assert (out / f"llm_last_token.{kind}.onnx").exists() == q["accepted"]
         if kind == "w8a8":  # static: calibrated, the attention's activation MatMuls left float
             assert q["calibration_prompts"] > 0 and q["float_activation_matmuls"] > 0
-            assert q["scored_on"] == "validation windows it was not calibrated on"
+            # scored apart from its calibration windows, or (the small test series) the record says they overlap
+            assert (f"({q['windows']} of 16)" in q["scored_on"] if "sharing no time step" in q["scored_on"]
+                    else "overlapping" in q["scored_on"] and q["windows"] == 16), q["scored_on"]
         if q["accepted"]:
             from timecma.runtime import Forecaster
 

@@ -19,7 +19,7 @@ ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip inst
 from timecma.core.manifest import read_manifest  # noqa: E402
 from timecma.core.machine import has_native_bf16 as cpu_has_bf16  # noqa: E402
 from timecma.runtime.backends.openvino import OpenVinoBackend, choose  # noqa: E402
-from timecma.runtime.compile.openvino import GATE_FILE, build_openvino  # noqa: E402
+from timecma.runtime.compile.openvino import GATE_FILE, build_openvino, disjoint_windows, scored_windows  # noqa: E402
 from timecma.runtime import Forecaster  # noqa: E402
 
 VARS = ["v0", "v1", "v2"]
@@ -103,6 +103,21 @@ def test_w8a8_quantises_activations_and_records_its_calibration(small_bundle):
     windows = len(np.load(small_bundle / GATE_FILE)["x"])
     assert v.info["calibration_prompts"] == min(4, (windows + 1) // 2) * m.model_config.num_nodes
     assert v.info["float_activation_matmuls"] > 0 and "embedding" in v.info
+    keep, said = scored_windows(np.load(small_bundle / GATE_FILE)["starts"],
+                                m.model_config.seq_len + m.model_config.pred_len)
+    assert v.info["windows"] == len(keep) and v.info["scored_on"] == said
+
+
+def test_calibrated_variants_are_scored_on_windows_apart_from_their_calibration():
+    """Gate windows lie closer together than a window's span: a calibration window's neighbours share time steps
+    with it and are not scored either; where no window is apart, all are scored and the record says so."""
+    starts = np.arange(0, 32 * 87, 87)  # 32 gate windows over ETTh1's validation rows, 96 + 96 steps each
+    keep, said = scored_windows(starts, 192)
+    calibrated = starts[[0, 2, 4, 6]]
+    assert keep.tolist() == list(range(9, 32))  # window 8 starts 174 steps after window 6: it overlaps
+    assert all(np.abs(starts[k] - calibrated).min() >= 192 for k in keep) and "(23 of 32)" in said
+    keep, said = disjoint_windows(np.array([0, 10, 20]), np.array([5]), 96)
+    assert keep.tolist() == [0, 1, 2] and "overlapping" in said
 
 
 def test_gate_refuses_a_damaged_variant_and_auto_skips_it(small_bundle, tmp_path, caplog):

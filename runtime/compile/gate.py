@@ -58,6 +58,8 @@ class GateReference:
             k = min(len(usable), windows, max(2, (prompts or n) // n) if has_llm else windows)
             usable = usable[np.unique(np.linspace(0, len(usable) - 1, k).round().astype(int))]
         self.windows = usable
+        self._starts = arrays["starts"][usable] if "starts" in arrays else None
+        self.span = manifest.model_config.seq_len + manifest.model_config.pred_len
         self.x = arrays["x"][usable]
         self.truth, self.mean, self.std = arrays["truth"][usable], arrays["mean"], arrays["std"]
         self.fc_ref = ort_session(os.path.join(bundle_dir, manifest.graphs["forecaster"].files["fp32"].file),
@@ -74,6 +76,12 @@ class GateReference:
             self.emb_ref = self.embed(lambda a, m: llm.run(None, {"input_ids": a, "attention_mask": m})[0])
         self.y_ref = self.forecast_fp32(self.emb_ref)
         self.mse_ref = self.mse(self.y_ref)
+
+    def starts(self) -> np.ndarray:
+        """Where each gate window starts in the validation rows (to keep calibration and scoring windows apart)."""
+        if self._starts is None:
+            raise BundleError(f"{GATE_FILE} records no window starts (exported by an older timecma): {REEXPORT}")
+        return self._starts
 
     def prompts(self) -> tuple[np.ndarray, np.ndarray]:
         """The gate prompts' token ids and attention mask (the gate file of a bundle with an LLM graph has them)."""

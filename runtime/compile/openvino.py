@@ -39,9 +39,6 @@ CALIBRATION_WINDOWS = 4  # w8a8: every other gate window's prompts up to this ma
 W8A8_SMOOTH_QUANT_ALPHA = 0.95  # NNCF's default for MatMuls; 0.5 measured no better on SmolLM2
 
 
-# the validation windows and the fp32 reference every variant is compared with (one class with TensorRT's gate);
-
-
 def _nncf():
     try:
         import nncf
@@ -88,10 +85,27 @@ def calibration_windows(n_windows: int) -> list[int]:
     return list(range(0, n_windows, 2))[:CALIBRATION_WINDOWS]
 
 
-def scored_windows(n_windows: int) -> np.ndarray:
-    """The gate windows a calibrated variant is judged on: those it was not calibrated on."""
-    seen = set(calibration_windows(n_windows))
-    return np.array([w for w in range(n_windows) if w not in seen] or list(range(n_windows)))
+def scored_windows(starts: np.ndarray, span: int) -> tuple[np.ndarray, str]:
+    """The windows a variant calibrated on the gate's ``calibration_windows`` is judged on, as indices into
+    ``starts`` (the gate file's window starts, in order), and how to say so in its record: those that share no
+    time step with a calibration window (every start ``span`` = seq_len + pred_len or more from each calibration
+    start; gate windows lie closer together than that, so a calibration window's neighbours go too). Where none
+    is left, every window, the record says so."""
+    starts = np.asarray(starts, dtype=np.int64)
+    calibrated = starts[calibration_windows(len(starts))]
+    return disjoint_windows(starts, calibrated, span)
+
+
+def disjoint_windows(starts: np.ndarray, calibrated: np.ndarray, span: int) -> tuple[np.ndarray, str]:
+    """Indices of the windows at ``starts`` sharing no time step with a window at ``calibrated`` (``span``
+    steps each), and the record's ``scored_on`` line; every index where none is left (the line says so)."""
+    starts, calibrated = np.asarray(starts, dtype=np.int64), np.asarray(calibrated, dtype=np.int64)
+    apart = np.abs(starts[:, None] - calibrated[None, :]).min(axis=1) >= span
+    if apart.any():
+        return np.flatnonzero(apart), ("validation windows sharing no time step with the ones it was calibrated "
+                                       f"on ({int(apart.sum())} of {len(starts)})")
+    return np.arange(len(starts)), ("validation windows overlapping the ones it was calibrated on (too few "
+                                    "windows to keep them apart)")
 
 
 def calibration_feeds(ids: np.ndarray, mask: np.ndarray, n: int) -> list[dict]:
@@ -173,8 +187,9 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
     for g, label, rel, prec, made in jobs:
         path = os.path.join(bundle_dir, rel or manifest.graphs[g].files["fp32"].file)
         run = graph_runner(path, prec, threads)
-        # a variant calibrated on some gate windows (w8a8) is scored on the others only
-        keep = scored_windows(len(ref.x)) if made.get("calibration_prompts") else np.arange(len(ref.x))
+        # a variant calibrated on some gate windows (w8a8) is scored on windows apart from them only
+        keep, scored_on = (scored_windows(ref.starts(), ref.span) if made.get("calibration_prompts")
+                           else (np.arange(len(ref.x)), None))
         emb = emb_ref = None
         if g == "llm":
             emb_all, _, ms = ref.judge_llm(run)
@@ -191,8 +206,7 @@ def build_openvino(bundle_dir: str, precisions: tuple[str, ...] = ("f32", "bf16"
         mse, mse_ref = j["val_mse"], j["val_mse_fp32"]
         v = OVVariant(g, label, rel, j["mse_rel_change"], j["accepted"], float(np.median(ms)),
                       {"val_mse": mse, "val_mse_fp32": mse_ref, "windows": int(len(keep)), "gate": gate,
-                       **({"scored_on": "the gate windows it was not calibrated on"}
-                          if made.get("calibration_prompts") else {}),
+                       **({"scored_on": scored_on} if scored_on else {}),
                        **({"embedding": j["embedding"]} if "embedding" in j else {}),
                        "max_abs_change_normalized": j["forecast_max_abs_change_normalized"],
                        "forecast_gate": j["forecast_gate"], "finite": j["finite"],

@@ -45,8 +45,7 @@ def judge_variant(y: np.ndarray, y_ref: np.ndarray, truth: np.ndarray, mean: np.
     Accepted when every output of the candidate is finite, the validation MSE changes by less than
     ``mse_gate`` (relative), no forecast value moves by ``forecast_gate`` (normalised units) or more, and
     (LLM) the worst prompt's embedding moves less than ``EMBEDDING_GATE`` (relative L2). ``forecast_gate``
-    None: the largest change is recorded but not judged (export's ONNX Runtime int8 gate, which never had
-    that rule). Returns ``accepted``, ``finite``, ``val_mse``, ``val_mse_fp32``, ``mse_rel_change``,
+    None: the largest change is recorded but not judged. Returns ``accepted``, ``finite``, ``val_mse``, ``val_mse_fp32``, ``mse_rel_change``,
     ``mse_gate``, ``forecast_max_abs_change_normalized``, ``forecast_gate`` and, with embeddings,
     ``embedding`` (``embedding_errors``' figures and the gate). A non-finite candidate's figures are inf."""
     y, y_ref = np.asarray(y, np.float64), np.asarray(y_ref, np.float64)
