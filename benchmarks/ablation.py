@@ -63,13 +63,24 @@ BUDGET_LIMITED = ("**Budget-limited, not an accuracy claim**: every row trained 
 TRAIN_CONFIG_KEYS = ("joint", "llm_init", "joint_weight")  # row settings that are TrainConfig fields
 
 
+# what must agree for a saved twin to be ``llm_dir``'s architecture
+TWIN_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "vocab_size")
+
+
 def random_twin(llm_dir: str, dest: str, seed: int = 0) -> str:
-    """The same architecture and tokenizer as ``llm_dir`` with freshly initialised weights (saved once)."""
-    if os.path.exists(os.path.join(dest, "config.json")):
-        return dest
+    """The same architecture and tokenizer as ``llm_dir`` with freshly initialised weights (saved once; one
+    saved before is reused only where its architecture is ``llm_dir``'s)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    if os.path.exists(os.path.join(dest, "config.json")):
+        have, want = (AutoConfig.from_pretrained(d).to_dict() for d in (dest, llm_dir))
+        differ = [k for k in TWIN_KEYS if have.get(k) != want.get(k)]
+        if differ:
+            raise click.ClickException(f"{dest} is a random twin of another architecture ({', '.join(differ)} "
+                                       f"differ from {llm_dir}'s): use another --work")
+        return dest
     torch.manual_seed(seed)
     AutoModel.from_config(AutoConfig.from_pretrained(llm_dir)).save_pretrained(dest)
     AutoTokenizer.from_pretrained(llm_dir).save_pretrained(dest)

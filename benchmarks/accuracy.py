@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import click
 import numpy as np
 
-from .ablation import latency, random_twin
+from timecma.core.files import check_replaceable, file_sha256, portable_name
+
 from .machine import machine_info, machine_line, write_results
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ HORIZONS = (96, 192, 336, 720)
 # Published ETTh1 figures at lookback 96 (TimeCMA paper, Table 1). TimeCMA's were selected on the TEST split
 # by its public script (it keeps a checkpoint after epoch 10 only when test MSE improves); ours never read test.
 # DLinear at the longer horizons: iTransformer's full results (ICLR 2024, the same lookback-96 setting).
-PUBLISHED = {("timecma", 96): (0.373, 0.391, "TimeCMA paper (selected on test)"),
+PUBLISHED = {("timecma", 96): (0.373, 0.391, "TimeCMA paper, GPT-2, selected on test"),
              ("dlinear", 96): (0.386, 0.400, "TimeCMA paper, DLinear row"),
              ("dlinear", 192): (0.437, 0.432, "iTransformer full results, DLinear"),
              ("dlinear", 336): (0.481, 0.459, "iTransformer full results, DLinear"),
@@ -72,7 +73,9 @@ def run_once(row: Row, seed: int, work: str, data: str, llm: str | None, layers:
     path = os.path.join(run, "metrics.json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            done = json.load(f)
+        check_trained_with(done, path, llm, layers)
+        return done
     from timecma.core.config import TrainConfig
     from timecma.core.recipes import recipe_for
     from timecma.training import RunSpec, train
@@ -87,16 +90,27 @@ def run_once(row: Row, seed: int, work: str, data: str, llm: str | None, layers:
     return train(spec, cfg)
 
 
+def check_trained_with(metrics: dict, path: str, llm: str | None, layers: int | None) -> None:
+    """A run read back must have been trained with the LLM and depth this command names: its row is labelled
+    from the command line, so a 6-layer run must not be shown as another depth's (or another LLM's)."""
+    had = metrics["training"].get("llm") or {}
+    want = {"id": portable_name(llm), "layers": layers} if llm else {}
+    got = {"id": had.get("id"), "layers": had.get("layers")} if had else {}
+    if got != want:
+        raise click.ClickException(f"{path} was trained with LLM {got or 'none'}, not {want or 'none'}: use "
+                                   "another --work, or the --llm/--llm-layers it was trained with")
+
+
 def store_dir(work: str, llm: str | None, layers: int | None) -> str:
     """One store per LLM and depth (a store holds one namespace): every row and seed on it embeds a prompt once."""
-    return os.path.join(work, "stores", f"{os.path.basename(os.path.normpath(llm or 'none'))}-{layers or 'all'}")
+    return os.path.join(work, "stores", f"{portable_name(llm or 'none')}-{layers or 'all'}")
 
 
 def embedding_similarity(run: str, store_path: str, data: str, windows: int = 256) -> dict:
     """How much the last-token embeddings say: mean pairwise cosine similarity across the variables of a window
     and across windows (same variable), raw and after centring (subtracting the mean embedding over these
-    test windows), read from the run's store. Users of the public code report near-identical embeddings
-    (cosine about 1)."""
+    windows), read from the run's store. Validation windows: the test split is the final evaluation's alone.
+    Users of the public code report near-identical embeddings (cosine about 1)."""
     from timecma.checkpoint import load_checkpoint
     from timecma.core.prompts import PromptRenderer
     from timecma.core.store import EmbeddingStore
@@ -108,20 +122,20 @@ def embedding_similarity(run: str, store_path: str, data: str, windows: int = 25
     d, info = ck["data"], ck["llm"]
     series = load_series(data, d["time_col"])
     borders = split_borders(len(series.values), d["seq_len"], d["split"], series.frequency)
-    test = make_windows(borders, d["seq_len"], d["pred_len"], 1, 1)["test"]
-    pick = np.linspace(0, len(test.starts) - 1, min(windows, len(test.starts))).round().astype(int)
+    val = make_windows(borders, d["seq_len"], d["pred_len"], 1, 1)["val"]
+    pick = np.linspace(0, len(val.starts) - 1, min(windows, len(val.starts))).round().astype(int)
     llm = load_llm(info["id"], "cpu", layers=recorded_layers(info))
     precision = ((info.get("extra") or {}).get("precompute") or {}).get("precision", "fp32")
     store = EmbeddingStore(store_path, info["namespace"], info["d_llm"], readonly=True, precision=precision)
     try:
-        ps = build_prompt_set(series, SplitWindows("test", test.starts[pick], test.seq_len, test.pred_len),
+        ps = build_prompt_set(series, SplitWindows("val", val.starts[pick], val.seq_len, val.pred_len),
                               PromptRenderer.from_record(ck["prompt"], series.frequency), llm, store)
         emb, found = store.get_many(ps.keys)
     finally:
         store.close()
     if not found.all():
-        raise RuntimeError(f"{(~found).sum()} test prompts are not in the store {store_path}")
-    return cosine_summary(emb.reshape(len(pick), ps.n_vars, -1).astype(np.float64))
+        raise RuntimeError(f"{(~found).sum()} validation prompts are not in the store {store_path}")
+    return {**cosine_summary(emb.reshape(len(pick), ps.n_vars, -1).astype(np.float64)), "split": "val"}
 
 
 def cosine_summary(emb: np.ndarray) -> dict:
@@ -144,9 +158,13 @@ def summarise(row: Row, runs: list[dict], label: str) -> dict:
     mse = [r["test"]["mse"] for r in runs]
     mae = [r["test"]["mae"] for r in runs]
     tr = [r["training"] for r in runs]
+
+    def spread(x: list[float]) -> float | None:  # the sample standard deviation over seeds; one seed has none
+        return float(np.std(x, ddof=1)) if len(x) > 1 else None
+
     return {"key": row.key, "row": label, "model": row.model, "pred_len": row.pred_len, "seeds": len(runs),
-            "test_mse": float(np.mean(mse)), "test_mse_std": float(np.std(mse)), "test_mae": float(np.mean(mae)),
-            "test_mae_std": float(np.std(mae)), "per_seed": [{"seed": t["settings"]["seed"], "mse": r["test"]["mse"],
+            "test_mse": float(np.mean(mse)), "test_mse_std": spread(mse), "test_mae": float(np.mean(mae)),
+            "test_mae_std": spread(mae), "per_seed": [{"seed": t["settings"]["seed"], "mse": r["test"]["mse"],
                                                            "mae": r["test"]["mae"], "stop": t["stop"],
                                                            "best_epoch": t["best_epoch"], "steps": t["optimizer_steps"]}
                                                           for r, t in zip(runs, tr)],
@@ -154,19 +172,42 @@ def summarise(row: Row, runs: list[dict], label: str) -> dict:
             "limits": sorted({lim for t in tr for lim in t["limits"]}),
             "train_seconds": float(np.mean([r["wall_seconds"] - r["embedding_seconds"] for r in runs])),
             "embedding_seconds": float(np.mean([r["embedding_seconds"] for r in runs])),
-            "windows": runs[0]["windows"], "naive": {h: runs[0]["naive"]["test"] for h in [row.pred_len]}}
+            "windows": runs[0]["windows"], "naive": {row.pred_len: runs[0]["naive"]["test"]}}
+
+
+def _mean_spread(mean: float, std: float | None) -> str:
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _latency_passes(rows: list[dict]) -> str:
+    """How the latency columns were measured: one pass over every row, or which rows came from which pass."""
+    passes = sorted({(r.get("latency") or {}).get("pass", "an earlier pass") for r in rows if r.get("latency")})
+    if not passes:
+        return " (**not measured yet**: the columns read -)"
+    missing = [r["key"] for r in rows if not r.get("latency")]
+    said = f" in one pass ({passes[0]})" if len(passes) == 1 else (
+        f" in {len(passes)} passes ({', '.join(passes)}: each row's in results.json; compare rows of one pass only)")
+    return said + (f"; not measured yet: {', '.join(missing)}" if missing else "")
+
+
+def _engine(lat: dict) -> str:
+    return f"{lat.get('backend', '?')}{' ' + lat['precision'] if lat.get('precision') else ''}"
 
 
 def markdown(res: dict) -> list[str]:
+    engines = sorted({_engine(r["latency"]) for r in res["rows"] if r.get("latency")})
     lines = [f"# Accuracy on ETTh1 with full training (lookback 96), {res['machine']['date']}", "",
              machine_line(res["machine"]), "",
              "Every row: its family's recipe with default flags (`timecma-train --model M --pred-len H`), every "
              "training window, selection on validation MSE only, the full test split evaluated once. MSE/MAE in "
-             "train-split standard-normalised units (the paper's); mean ± std over seeds. Latency: batch 1, end to "
-             f"end p50 on `{res['latency_backend']}` (miss: the LLM runs; hit: embeddings from the store), one pass "
-             "over every row's first-seed bundle" + ("" if any(r.get("latency") for r in res["rows"]) else
-                                                    " (**not measured yet**: the columns read -)")
-             + ". A model without the LLM has no store: its two columns are one pipeline, miss a new window each "
+             "train-split standard-normalised units (the paper's); mean ± sample std over seeds (one seed: no "
+             "spread). Latency: batch 1, end to "
+             f"end p50 on `{res['latency_backend']}` (miss: the LLM runs; hit: embeddings from the store; engines "
+             f"it chose: {', '.join(engines) or '-'}), every row's first-seed bundle"
+             + _latency_passes(res["rows"])
+             + ". The LLM rows were trained on embeddings from the precompute engine their metrics.json names "
+             "(eager bf16 by default); their miss column times the serving engine above. "
+             "A model without the LLM has no store: its two columns are one pipeline, miss a new window each "
              "call (cold caches), hit the same window again. Re-run: `python -m benchmarks.accuracy run` (see its "
              "--help).", "",
              "| model | H | seeds | test MSE | test MAE | published MSE / MAE | best epoch | train s | miss ms | hit ms |",
@@ -177,9 +218,12 @@ def markdown(res: dict) -> list[str]:
         ended = ", ".join(f"{s['best_epoch']}{'' if s['stop'] == 'early_stop' else ' (' + s['stop'] + ')'}"
                           for s in r["per_seed"])
         flag = " **budget-limited**: " + "; ".join(r["limits"]) if r["budget_limited"] else ""
-        lines.append(f"| {r['row']}{flag} | {r['pred_len']} | {r['seeds']} | {r['test_mse']:.4f} ± "
-                     f"{r['test_mse_std']:.4f} | {r['test_mae']:.4f} ± {r['test_mae_std']:.4f} | "
-                     f"{f'{pub[0]:.3f} / {pub[1]:.3f}' if pub else '-'} | {ended} | {r['train_seconds']:.0f} | "
+        published = f"{pub[0]:.3f} / {pub[1]:.3f}" + (" (GPT-2, on test)" if r["model"] == "timecma" else "") \
+            if pub else "-"
+        lines.append(f"| {r['row']}{flag} | {r['pred_len']} | {r['seeds']} | "
+                     f"{_mean_spread(r['test_mse'], r['test_mse_std'])} | "
+                     f"{_mean_spread(r['test_mae'], r['test_mae_std'])} | "
+                     f"{published} | {ended} | {r['train_seconds']:.0f} | "
                      f"{lat.get('miss', '-')} | {lat.get('hit', '-')} |")
     for h, naive in sorted(res["naive"].items(), key=lambda kv: int(kv[0])):
         for name in ("seasonal_naive", "repeat_last"):
@@ -189,14 +233,15 @@ def markdown(res: dict) -> list[str]:
     sims = [r for r in res["rows"] if "embedding_similarity" in r]
     if sims:
         lines += ["", "How much the last-token embeddings say (mean pairwise cosine over "
-                  f"{sims[0]['embedding_similarity']['windows']} test windows):", "",
+                  f"{sims[0]['embedding_similarity']['windows']} "
+                  f"{sims[0]['embedding_similarity'].get('split', 'test')} windows):", "",
                   "| row | across variables | across windows | across variables, centred | across windows, centred |",
                   "|---|---|---|---|---|"]
         for r in sims:
             s = r["embedding_similarity"]
             lines.append(f"| {r['row']} | {s['across_variables']:.4f} | {s['across_windows']:.4f} | "
                          f"{s['across_variables_centred']:.4f} | {s['across_windows_centred']:.4f} |")
-    missing = [k for k in res.get("not_run", [])]
+    missing = res.get("not_run", [])
     if missing:
         lines += ["", "Not run yet (no figure is claimed for them): " + ", ".join(f"`{k}`" for k in missing) + "."]
     lines += ["", "Published: TimeCMA, DLinear (h96) and Repeat from the TimeCMA paper (Table 1); DLinear h192-720 from "
@@ -245,6 +290,8 @@ def run_cmd(data, out, work, rows, llm_id, llm_layers, precompute_backend, llm_b
            "rows": [r for r in old.get("rows", []) if r["key"] not in {w.key for w in wanted}],
            "naive": old.get("naive", {})}
     for row in wanted:
+        from .ablation import random_twin
+
         llm = None if row.llm is None else (llm_id if row.llm == "real" else
                                             random_twin(llm_id, os.path.join(work, "random-llm")))
         from timecma.core.recipes import recipe_for
@@ -253,39 +300,52 @@ def run_cmd(data, out, work, rows, llm_id, llm_layers, precompute_backend, llm_b
         chosen = [int(x) for x in seeds.split(",")] if seeds else [first + i for i in range(row.seeds)]
         runs = [run_once(row, seed, work, data, llm, llm_layers if llm else None, precompute_backend,
                          llm_batch_size) for seed in chosen]
-        name = os.path.basename(os.path.normpath(llm_id)) if llm_id else ""
-        summary = summarise(row, runs, row.label(name, llm_layers))
+        summary = summarise(row, runs, row.label(portable_name(llm_id) if llm_id else "", llm_layers))
         res["naive"].update({str(row.pred_len): runs[0]["naive"]["test"]})
         if row.llm:
             summary["embedding_similarity"] = embedding_similarity(
                 os.path.join(work, f"{row.key}-s{chosen[0]}"), store_dir(work, llm, llm_layers), data)
         res["rows"] = [r for r in res["rows"] if r["key"] != row.key] + [summary]
-        _finish(res, out)
+        _finish(res, out, {row.key})
     if not no_latency:
-        latency_pass(res, work, data, latency_backend, latency_iters)
-        _finish(res, out)
+        _finish(res, out, set(latency_pass(res, work, data, latency_backend, latency_iters)))
 
 
-def latency_pass(res: dict, work: str, data: str, backend: str, iters: int) -> None:
-    """Export each row's first-seed checkpoint (once) and time it at batch 1, every row in one pass."""
+def latency_pass(res: dict, work: str, data: str, backend: str, iters: int) -> list[str]:
+    """Export each row's first-seed checkpoint (again where its bundle was made from another checkpoint) and
+    time it at batch 1, every row in one pass (stamped with the pass's start); returns the rows it timed."""
     from timecma.export.bundle import export_bundle
     from timecma.export.options import ExportOptions
     from timecma.export.source import source_from_checkpoint
     from timecma.llm import load_llm, recorded_layers
 
+    from .ablation import latency
+
+    stamp, timed = time.strftime("%Y-%m-%d %H:%M"), []
     for r in res["rows"]:
         run = os.path.join(work, f"{r['key']}-s{r['per_seed'][0]['seed']}")
-        bundle = os.path.join(run, "bundle")
-        if not os.path.exists(os.path.join(run, "best.pt")):  # a row kept from results.json, trained elsewhere
+        bundle, ckpt = os.path.join(run, "bundle"), os.path.join(run, "best.pt")
+        if not os.path.exists(ckpt):  # a row kept from results.json, trained elsewhere
             log.info("%s: no checkpoint in %s; its latency is kept as it was", r["key"], run)
             continue
-        if not os.path.exists(os.path.join(bundle, "manifest.json")):
-            src = source_from_checkpoint(os.path.join(run, "best.pt"))
+        if _bundle_origin(bundle) != file_sha256(ckpt):
+            src = source_from_checkpoint(ckpt)
             llm = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm and src.llm else None
-            export_bundle(src, llm, ExportOptions(out_dir=bundle, tensorrt="skip", parity_windows=4))
+            export_bundle(src, llm, ExportOptions(out_dir=bundle, tensorrt="skip", parity_windows=4, force=True))
         t0 = time.time()
-        r["latency"] = latency(bundle, data, iters, backend)
+        r["latency"] = {**latency(bundle, data, iters, backend), "pass": stamp}
+        timed.append(r["key"])
         log.info("%s: latency %s (%.0fs)", r["key"], r["latency"], time.time() - t0)
+    return timed
+
+
+def _bundle_origin(bundle: str) -> str | None:
+    """The sha256 of the checkpoint a bundle was exported from (None: no bundle there)."""
+    try:
+        with open(os.path.join(bundle, "manifest.json")) as f:
+            return json.load(f)["origin"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _read(out: str) -> dict:
@@ -296,11 +356,41 @@ def _read(out: str) -> dict:
         return json.load(f)
 
 
-def _finish(res: dict, out: str) -> None:
-    order = {r.key: i for i, r in enumerate(ROWS)}
-    res["rows"].sort(key=lambda r: order.get(r["key"], len(order)))
-    res["not_run"] = [r.key for r in ROWS if r.key not in {x["key"] for x in res["rows"]}]
-    write_results(out, res, markdown(res))
+def _ours(path: str) -> bool:
+    """A results.json / results.md this benchmark wrote (the only ones ``run`` replaces)."""
+    try:
+        with open(path) as f:
+            if path.endswith(".md"):
+                return f.readline().startswith("# Accuracy on ")
+            return {"rows", "naive", "machine", "not_run"} <= set(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _finish(res: dict, out: str, keys: set[str]) -> None:
+    """Write the results with this command's rows (``keys``) over the rows on disk now, not over the snapshot
+    it started from: several runs (say the LLM rows and the no-LLM rows, hours each) may write one table. The
+    read-merge-write holds an exclusive lock on the results folder; files are replaced whole."""
+    import fcntl
+
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for name in ("results.json", "results.md"):
+            check_replaceable(os.path.join(out, name), _ours, "an accuracy table this benchmark wrote",
+                              click.ClickException)
+        now = _read(out)
+        merged = {**res, "rows": [r for r in now.get("rows", []) if r["key"] not in keys]
+                  + [r for r in res["rows"] if r["key"] in keys],
+                  "naive": {**now.get("naive", {}), **res["naive"]}}
+        order = {r.key: i for i, r in enumerate(ROWS)}
+        merged["rows"].sort(key=lambda r: order.get(r["key"], len(order)))
+        merged["not_run"] = [r.key for r in ROWS if r.key not in {x["key"] for x in merged["rows"]}]
+        write_results(out, merged, markdown(merged))
+        res.update(rows=merged["rows"], naive=merged["naive"])
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @cli.command("compare")
@@ -321,7 +411,8 @@ def compare_lines(m: dict, res: dict, horizon: int) -> str:
     full = [r for r in res.get("rows", []) if r["pred_len"] == horizon and not r["budget_limited"]]
     if full:
         out.append(f"full recipes, every window, horizon {horizon} (benchmarks/results/accuracy-etth1): " + ", ".join(
-            f"{r['row']} {r['test_mse']:.4f} / {r['test_mae']:.4f}" for r in full))
+            f"{r['row']} {r['test_mse']:.4f} / {r['test_mae']:.4f} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})"
+            for r in full))
     return "\n".join(out)
 
 

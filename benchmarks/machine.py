@@ -7,6 +7,7 @@ import os
 import platform
 import time
 
+from timecma.core.files import atomic_write_bytes
 from timecma.core.machine import cpu_info
 
 
@@ -35,8 +36,6 @@ def machine_line(m: dict) -> str:
 
 def write_results(out: str, res: dict, md_lines: list[str]) -> None:
     """A benchmark's two files: results.json (every figure) and results.md (the table a reader wants)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(md_lines) + "\n")
+    os.makedirs(out, exist_ok=True)  # each file whole or not at all: a reader never sees half a table
+    atomic_write_bytes(os.path.join(out, "results.json"), json.dumps(res, indent=2).encode())
+    atomic_write_bytes(os.path.join(out, "results.md"), ("\n".join(md_lines) + "\n").encode())
