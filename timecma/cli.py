@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import click
 
 from .core.config import JOINT_MODES, LLM_INITS, PRECOMPUTE_BACKENDS, TrainConfig
-from .core.recipes import OPTIMIZERS, RECIPES, SCHEDULES, recipe_for
+from .core.recipes import OPTIMIZERS, RECIPES, SCHEDULES, outside_source, recipe_for
 from .core.prompts import TEMPLATES
 from .core.logs import setup_logging
 from .core.errors import EXIT_CODES_HELP, BackendUnavailable, BundleError, InputError, fail
@@ -111,6 +113,9 @@ def train_cmd(data_path, time_col, split, llm_id, llm_layers, seq_len, pred_len,
     from .training import RunSpec, train
 
     chosen = recipe_for(model_name, pred_len, recipe)
+    note = outside_source(chosen, os.path.basename(data_path), seq_len, pred_len)
+    if note:
+        logging.getLogger("timecma.train").info(note)
     sizes, changed = chosen.model_sizes(dict(channel=channel, e_layer=e_layer, d_layer=d_layer, dropout=dropout))
     try:
         cfg = TrainConfig.from_recipe(

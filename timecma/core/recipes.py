@@ -12,7 +12,8 @@ Sources:
   patience 10 on validation MSE, the earlier ``train.py``'s default: with patience 50 from epoch 50 every
   validation-selected run would end at the 100-epoch cap, and an accuracy claim here needs training that stopped
   by itself. The cosine floor is 1e-8 (that earlier ``train.py``'s; 932ebc1 uses 1e-6); the period is
-  min(epochs, 50) as in both, so ``--epochs 20`` anneals over 20.
+  min(epochs, 50) as in both, so ``--epochs 20`` anneals over 20. A last partial batch is trained on, as the
+  reference's loader does (LTSF-Linear's drops it).
 * ``ltsf-linear``: LTSF-Linear's DLinear setup (Zeng et al., AAAI 2023): Adam halved after every epoch, batch
   32, 10 epochs, patience 3, shuffled, seed 2021, no weight decay, no clipping, at lr 1e-3. Their ETTh1 script
   uses lr 5e-3 with a 336-step lookback; at the 96-step lookback of the published 0.386 (the TimeCMA paper's
@@ -105,3 +106,15 @@ def recipe_for(model: str, pred_len: int, name: str = "auto") -> Recipe:
     if r.name == "timecma-reference" and pred_len == 336:
         return replace(r, epochs=120)
     return r
+
+
+def outside_source(recipe: Recipe, data_name: str, seq_len: int, pred_len: int) -> str | None:
+    """Where a run lies outside what the recipe's source published (its settings apply as they are), said so a
+    user does not read "the reference's hyper-parameters" as tuned for their data."""
+    if recipe.name != "timecma-reference":
+        return None
+    outside = [what for what, ok in ((f"data {data_name}", data_name.lower().startswith("etth1")),
+                                     (f"lookback {seq_len}", seq_len == 96),
+                                     (f"horizon {pred_len}", pred_len in (96, 192, 336, 720))) if not ok]
+    return (f"recipe {recipe.name} is the public script's for ETTh1, lookback 96, horizons 96-720; used as it is "
+            f"for {', '.join(outside)}") if outside else None
