@@ -175,6 +175,9 @@ def summarise(row: Row, runs: list[dict], label: str) -> dict:
             "windows": runs[0]["windows"], "naive": {row.pred_len: runs[0]["naive"]["test"]}}
 
 
+SPLIT_NAMES = {"val": "validation", "test": "test"}
+
+
 def _mean_spread(mean: float, std: float | None) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
@@ -191,7 +194,9 @@ def _latency_passes(rows: list[dict]) -> str:
 
 
 def _engine(lat: dict) -> str:
-    return f"{lat.get('backend', '?')}{' ' + lat['precision'] if lat.get('precision') else ''}"
+    """``openvino (llm bf16, forecaster f32)``: the backend and each graph's precision, as ``latency`` records."""
+    graphs = ", ".join(f"{g} {p}" for g, p in (lat.get("precision") or {}).items())
+    return f"{lat.get('backend', '?')}{f' ({graphs})' if graphs else ''}"
 
 
 def markdown(res: dict) -> list[str]:
@@ -234,7 +239,7 @@ def markdown(res: dict) -> list[str]:
     if sims:
         lines += ["", "How much the last-token embeddings say (mean pairwise cosine over "
                   f"{sims[0]['embedding_similarity']['windows']} "
-                  f"{sims[0]['embedding_similarity'].get('split', 'test')} windows):", "",
+                  f"{SPLIT_NAMES[sims[0]['embedding_similarity'].get('split', 'test')]} windows):", "",
                   "| row | across variables | across windows | across variables, centred | across windows, centred |",
                   "|---|---|---|---|---|"]
         for r in sims:

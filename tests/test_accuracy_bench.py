@@ -57,11 +57,11 @@ def test_one_seed_has_no_spread_and_latency_passes_are_named(small_run):
     assert one["test_mse_std"] is None and one["test_mae_std"] is None
     two = summarise(row, [m, {**m, "test": {"mse": m["test"]["mse"] + 0.2, "mae": m["test"]["mae"]}}], "x")
     assert two["test_mse_std"] == pytest.approx(np.sqrt(0.02))  # the sample std: 0.2 apart over two seeds
-    lines = markdown(_result([{**one, "latency": {"miss": 1.0, "hit": 0.5, "backend": "openvino", "pass": "p1"}},
-                              {**two, "key": "k2", "latency": {"miss": 1.0, "hit": 0.5, "backend": "openvino",
-                                                              "pass": "p2"}}], {}))
+    lat = {"miss": 1.0, "hit": 0.5, "backend": "openvino", "precision": {"llm": "bf16", "forecaster": "f32"}}
+    lines = markdown(_result([{**one, "latency": {**lat, "pass": "p1"}},
+                              {**two, "key": "k2", "latency": {**lat, "pass": "p2"}}], {}))
     table = "\n".join(lines)
-    assert "in 2 passes (p1, p2" in table and "engines it chose: openvino" in table
+    assert "in 2 passes (p1, p2" in table and "engines it chose: openvino (llm bf16, forecaster f32)" in table
     first = next(x for x in lines if x.startswith("| timecma-no-llm"))
     assert "±" not in first.split("|")[4]  # one seed: a mean, no spread
 
