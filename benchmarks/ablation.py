@@ -65,7 +65,7 @@ TRAIN_CONFIG_KEYS = ("joint", "llm_init", "joint_weight")  # row settings that a
 
 # what must agree for a saved twin to be ``llm_dir``'s architecture
 TWIN_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "vocab_size")
+             "n_inner", "vocab_size")
 
 
 def random_twin(llm_dir: str, dest: str, seed: int = 0) -> str:
@@ -75,8 +75,8 @@ def random_twin(llm_dir: str, dest: str, seed: int = 0) -> str:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if os.path.exists(os.path.join(dest, "config.json")):
-        have, want = (AutoConfig.from_pretrained(d).to_dict() for d in (dest, llm_dir))
-        differ = [k for k in TWIN_KEYS if have.get(k) != want.get(k)]
+        have, want = (AutoConfig.from_pretrained(d) for d in (dest, llm_dir))  # attributes: GPT-2 maps the names
+        differ = [k for k in TWIN_KEYS if getattr(have, k, None) != getattr(want, k, None)]
         if differ:
             raise click.ClickException(f"{dest} is a random twin of another architecture ({', '.join(differ)} "
                                        f"differ from {llm_dir}'s): use another --work")

@@ -103,7 +103,7 @@ def check_trained_with(metrics: dict, path: str, llm: str | None, layers: int | 
 
 def store_dir(work: str, llm: str | None, layers: int | None) -> str:
     """One store per LLM and depth (a store holds one namespace): every row and seed on it embeds a prompt once."""
-    return os.path.join(work, "stores", f"{portable_name(llm or 'none')}-{layers or 'all'}")
+    return os.path.join(work, "stores", f"{os.path.basename(os.path.normpath(llm or 'none'))}-{layers or 'all'}")
 
 
 def embedding_similarity(run: str, store_path: str, data: str, windows: int = 256) -> dict:
@@ -290,6 +290,7 @@ def run_cmd(data, out, work, rows, llm_id, llm_layers, precompute_backend, llm_b
               or (rows is not None and any(r.key.startswith(p) for p in rows.split(",")))]
     if any(r.llm for r in wanted) and not llm_id:
         raise click.UsageError("the LLM rows need --llm (e.g. runs/llm/smollm2, from `make smollm2`)")
+    _check_out(out)
     old = _read(out)
     res = {"machine": machine_info(), "data": os.path.basename(data), "latency_backend": latency_backend,
            "rows": [r for r in old.get("rows", []) if r["key"] not in {w.key for w in wanted}],
@@ -313,33 +314,41 @@ def run_cmd(data, out, work, rows, llm_id, llm_layers, precompute_backend, llm_b
         res["rows"] = [r for r in res["rows"] if r["key"] != row.key] + [summary]
         _finish(res, out, {row.key})
     if not no_latency:
-        _finish(res, out, set(latency_pass(res, work, data, latency_backend, latency_iters)))
+        _finish(res, out, set(), latency_pass(res, work, data, latency_backend, latency_iters))
 
 
-def latency_pass(res: dict, work: str, data: str, backend: str, iters: int) -> list[str]:
+def latency_pass(res: dict, work: str, data: str, backend: str, iters: int) -> dict:
     """Export each row's first-seed checkpoint (again where its bundle was made from another checkpoint) and
-    time it at batch 1, every row in one pass (stamped with the pass's start); returns the rows it timed."""
+    time it at batch 1, every row in one pass (stamped with the pass's start). Returns, per row timed, the
+    (seed, test MSE) pairs it was timed for and its latency: ``_finish`` puts it on that row only."""
     from timecma.export.bundle import export_bundle
-    from timecma.export.options import ExportOptions
+    from timecma.export.options import ExportError, ExportOptions
     from timecma.export.source import source_from_checkpoint
     from timecma.llm import load_llm, recorded_layers
 
     from .ablation import latency
 
-    stamp, timed = time.strftime("%Y-%m-%d %H:%M"), []
+    stamp, timed = time.strftime("%Y-%m-%d %H:%M"), {}
     for r in res["rows"]:
         run = os.path.join(work, f"{r['key']}-s{r['per_seed'][0]['seed']}")
         bundle, ckpt = os.path.join(run, "bundle"), os.path.join(run, "best.pt")
         if not os.path.exists(ckpt):  # a row kept from results.json, trained elsewhere
             log.info("%s: no checkpoint in %s; its latency is kept as it was", r["key"], run)
             continue
+        with open(os.path.join(run, "metrics.json")) as f:
+            if json.load(f)["test"]["mse"] != r["per_seed"][0]["mse"]:  # the row on disk came from another run
+                log.warning("%s: %s is not the run this row reports; not timed", r["key"], run)
+                continue
         if _bundle_origin(bundle) != file_sha256(ckpt):
             src = source_from_checkpoint(ckpt)
             llm = load_llm(src.llm["id"], layers=recorded_layers(src.llm)) if src.cfg.uses_llm and src.llm else None
-            export_bundle(src, llm, ExportOptions(out_dir=bundle, tensorrt="skip", parity_windows=4, force=True))
+            try:
+                export_bundle(src, llm, ExportOptions(out_dir=bundle, tensorrt="skip", parity_windows=4, force=True))
+            except ExportError as exc:  # e.g. something that is not a bundle sits at run/bundle: left alone
+                raise click.ClickException(f"{r['key']}: {exc}") from exc
         t0 = time.time()
         r["latency"] = {**latency(bundle, data, iters, backend), "pass": stamp}
-        timed.append(r["key"])
+        timed[r["key"]] = ([(x["seed"], x["mse"]) for x in r["per_seed"]], r["latency"])
         log.info("%s: latency %s (%.0fs)", r["key"], r["latency"], time.time() - t0)
     return timed
 
@@ -354,11 +363,22 @@ def _bundle_origin(bundle: str) -> str | None:
 
 
 def _read(out: str) -> dict:
+    """The table on disk ({} where there is none, or an empty file)."""
     path = os.path.join(out, "results.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{path} cannot be read as this benchmark's results ({exc})") from exc
+
+
+def _check_out(out: str) -> None:
+    """Only a table this benchmark wrote may be replaced: checked before any work, and again at each write."""
+    for name in ("results.json", "results.md"):
+        check_replaceable(os.path.join(out, name), _ours, "an accuracy table this benchmark wrote",
+                          click.ClickException)
 
 
 def _ours(path: str) -> bool:
@@ -372,23 +392,28 @@ def _ours(path: str) -> bool:
         return False
 
 
-def _finish(res: dict, out: str, keys: set[str]) -> None:
+def _finish(res: dict, out: str, keys: set[str], timed: dict | None = None) -> None:
     """Write the results with this command's rows (``keys``) over the rows on disk now, not over the snapshot
-    it started from: several runs (say the LLM rows and the no-LLM rows, hours each) may write one table. The
-    read-merge-write holds an exclusive lock on the results folder; files are replaced whole."""
+    it started from: several runs (say the LLM rows and the no-LLM rows, hours each) may write one table.
+    ``timed`` (key -> ([(seed, mse)...], latency)) adds latency to a row on disk that is still the one timed.
+    The read-merge-write holds an exclusive lock on the results folder; files are replaced whole."""
     import fcntl
 
     os.makedirs(out, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for name in ("results.json", "results.md"):
-            check_replaceable(os.path.join(out, name), _ours, "an accuracy table this benchmark wrote",
-                              click.ClickException)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. NFS, where flock needs a file open for writing
+            log.warning("cannot lock %s (%s): a run writing the same table at this moment could lose rows", out, exc)
+        _check_out(out)
         now = _read(out)
-        merged = {**res, "rows": [r for r in now.get("rows", []) if r["key"] not in keys]
-                  + [r for r in res["rows"] if r["key"] in keys],
-                  "naive": {**now.get("naive", {}), **res["naive"]}}
+        rows = [r for r in now.get("rows", []) if r["key"] not in keys] + [r for r in res["rows"] if r["key"] in keys]
+        for r in rows:  # timings go onto the row on disk only where it is still the row that was timed
+            t = (timed or {}).get(r["key"])
+            if t and [(x["seed"], x["mse"]) for x in r["per_seed"]] == t[0]:
+                r["latency"] = t[1]
+        merged = {**res, "rows": rows, "naive": {**now.get("naive", {}), **res["naive"]}}
         order = {r.key: i for i, r in enumerate(ROWS)}
         merged["rows"].sort(key=lambda r: order.get(r["key"], len(order)))
         merged["not_run"] = [r.key for r in ROWS if r.key not in {x["key"] for x in merged["rows"]}]

@@ -24,7 +24,7 @@ import numpy as np
 from timecma import __version__
 from timecma.core.conformal import FILE as CALIBRATION_FILE, METHOD, Calibration
 from timecma.core.errors import BackendUnavailable, InputError
-from timecma.core.files import check_replaceable, recover_replaced, replace_dir
+from timecma.core.files import check_replaceable, make_shareable, recover_replaced, replace_dir
 from timecma.core.leftovers import remove_dead_temporaries
 from timecma.core.manifest import (BUNDLE, MANIFEST_VERSION, PARITY_FILE, Engine, Manifest, file_record, is_bundle,
                                    list_bundle_files, read_manifest, write_manifest)
@@ -72,7 +72,7 @@ def export_bundle(src: Source, llm: LoadedLLM | None, opts: ExportOptions) -> Ma
         manifest.info["export_seconds"] = round(time.time() - t0, 1)
         manifest.info["export_steps"] = steps.rows
         write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        make_shareable(tmp)
         _put_in_place(tmp, out_dir)
     finally:
         if os.path.exists(tmp):

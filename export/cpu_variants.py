@@ -159,7 +159,7 @@ def _quantized_variant(kind: str, src: Source, opts: ExportOptions, tmp: str, se
                              calibration_feeds(gate["llm_input_ids"], gate["llm_attention_mask"], cfg.num_nodes))
         keep, made["scored_on"] = disjoint_windows(
             np.asarray(starts), gate["starts"][calibration_windows(len(gate["starts"]))], cfg.seq_len + cfg.pred_len)
-        starts = [starts[i] for i in keep]
+        starts = np.asarray(starts)[keep]
     else:
         quantize_int8(os.path.join(tmp, LLM_ONNX), os.path.join(tmp, q_file))
     f32, q8 = ort_session(os.path.join(tmp, LLM_ONNX)), ort_session(os.path.join(tmp, q_file))

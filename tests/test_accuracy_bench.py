@@ -85,6 +85,16 @@ def test_concurrent_runs_keep_each_others_rows_and_foreign_files_are_refused(sma
     with pytest.raises(click.ClickException, match="refusing to replace"):
         _finish(_result([a], {}), str(mine), {a["key"]})
     assert (mine / "results.json").read_text() == '{"my": "own results"}' and len(list(mine.iterdir())) == 1
+    from click.testing import CliRunner
+
+    from benchmarks.accuracy import cli
+
+    r = CliRunner().invoke(cli, ["run", "--out", str(mine), "--work", str(tmp_path / "w"), "--rows", "dlinear-h96"])
+    assert r.exit_code == 1 and "refusing to replace" in r.output  # before any training: nothing in --work
+    assert not (tmp_path / "w").exists() and (mine / "results.json").read_text() == '{"my": "own results"}'
+    (out / "results.json").write_text("")  # an empty file reads as no table
+    _finish(_result([a], {}), str(out), {a["key"]})
+    assert [r["key"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["dlinear-h96"]
 
 
 def test_a_run_read_back_must_match_the_llm_named(small_run, tiny_llm_dir):

@@ -610,3 +610,21 @@ def test_tiny_llm_replaces_only_a_tiny_llm_it_made(tmp_path):
     with pytest.raises(InputError, match=re.escape(REFUSED)):
         build_tiny_llm(empty)
     assert (empty / "README.md").read_text() == "my notes"
+
+
+def test_made_folders_get_the_users_umask_not_a_wider_mode(tmp_path):
+    """Model and bundle folders are built in mkdtemp (0o700) and opened up as a plain mkdir would be: never
+    wider than the umask allows (0o755 under umask 077 made a private user's models world-readable)."""
+    import tempfile
+
+    from timecma.core.files import make_shareable
+
+    before = os.umask(0o077)
+    try:
+        for mask, mode in ((0o077, 0o700), (0o022, 0o755), (0o002, 0o775)):
+            os.umask(mask)
+            folder = tempfile.mkdtemp(dir=tmp_path)
+            make_shareable(folder)
+            assert os.stat(folder).st_mode & 0o777 == mode, oct(mask)
+    finally:
+        os.umask(before)

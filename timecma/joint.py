@@ -188,7 +188,7 @@ def merge_and_save(model: JointModel, tokenizer, out_dir: str, record: dict | No
     ``JOINT_LLM_RECORD`` (``record``: how it was trained) into a temporary folder beside ``out_dir``, renamed
     into place whole (``replace_dir``): a kill leaves the previous folder or none, never half a model, and only
     a folder joint training wrote is replaced."""
-    from .core.files import replace_dir
+    from .core.files import make_shareable, replace_dir
     from .core.leftovers import remove_dead_temporaries
 
     lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
@@ -203,7 +203,7 @@ def merge_and_save(model: JointModel, tokenizer, out_dir: str, record: dict | No
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, JOINT_LLM_RECORD), "w") as f:
             json.dump({"made_by": "timecma-train --joint", **(record or {})}, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        make_shareable(tmp)
         replace_dir(tmp, out_dir, is_joint_llm, JOINT_LLM)
     finally:
         if os.path.exists(tmp):

@@ -387,7 +387,7 @@ def build_tiny_llm(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .core.files import check_replaceable
+    from .core.files import check_replaceable, make_shareable
     from .core.leftovers import remove_dead_temporaries
 
     if arch not in ARCHES:
@@ -431,7 +431,7 @@ def build_tiny_llm(
         with open(os.path.join(tmp, TINY_LLM_RECORD), "w") as f:
             json.dump({"made_by": "timecma-tiny-llm", "arch": arch, "preset": preset, "seed": seed,
                        "vocab_size": tok.get_vocab_size(), "n_positions": n_positions}, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        make_shareable(tmp)
         _put_tiny_llm(tmp, out_dir)
     finally:
         if os.path.exists(tmp):

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 
 from .core.errors import BackendUnavailable, InputError
-from .core.files import check_replaceable, file_sha256, replace_dir
+from .core.files import check_replaceable, file_sha256, make_shareable, replace_dir
 from .llm import GGUF_RECORD, quiet_progress
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def import_gguf(path: str, out_dir: str, force: bool = False) -> dict:
             json.dump(record, f, indent=2)
         for entry in os.listdir(tmp):  # mkdtemp and safetensors write private files; a model is meant to be shared
             os.chmod(os.path.join(tmp, entry), 0o644)
-        os.chmod(tmp, 0o755)
+        make_shareable(tmp)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,14 @@ def user_cache_dir(*parts: str) -> str:
     return path
 
 
+def make_shareable(folder: str | os.PathLike) -> None:
+    """Give a ``mkdtemp`` folder (private, 0o700) the mode a plain ``mkdir`` would: 0o777 less the umask. A
+    model or bundle folder is meant to be shared as the user's umask says, no wider."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def portable_name(name: str) -> str:
     """A local directory by its folder name only (digests identify it; no build machine's paths in a bundle or
     a checkpoint), anything else (a hub id) as it is."""

@@ -130,11 +130,10 @@ def _trained_parts(spec: RunSpec, cfg: TrainConfig, emb: Embedded, state: LoopSt
         return state.best(), emb.llm_info
     assert isinstance(model, JointModel), "joint training ran the forecaster with its LLM (JointModel)"
     made = {"mode": cfg.joint, "init": cfg.llm_init, "layers": spec.llm_layers, "weight": cfg.joint_weight,
-            "text": os.path.basename(cfg.joint_text) if cfg.joint_text else "prompts", "from": spec.llm_id,
+            "text": os.path.basename(cfg.joint_text) if cfg.joint_text else "prompts", "from": portable_name(spec.llm_id),
             # Xavier-initialised weights never were the base LLM's: only its config was
             "from_weights_digest": emb.joint["base_digest"] if cfg.llm_init == "pretrained" else None}
-    llm_dir = merge_and_save(model, emb.joint["tokenizer"], os.path.join(spec.out_dir, "llm"),
-                             {**made, "from": portable_name(spec.llm_id)})
+    llm_dir = merge_and_save(model, emb.joint["tokenizer"], os.path.join(spec.out_dir, "llm"), made)
     trained = load_llm(llm_dir, "cpu")
     trained.info.extra["joint"] = made
     log.info("joint training: the trained LLM is %s (weights %s; a new store namespace)", llm_dir,
