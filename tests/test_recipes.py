@@ -155,3 +155,20 @@ def test_train_never_replaces_a_file_it_did_not_write(small_csv, tmp_path):
     for _ in range(2):  # and a run replaces what a run wrote
         r = train(small_csv, tmp_path / "again", "--model", "dlinear", "--epochs", "1")
         assert r.returncode == 0, r.stderr
+
+
+def test_the_best_epoch_snapshot_copies_what_trains_and_shares_what_is_frozen():
+    from timecma.training.loop import snapshot
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)  # a frozen base, as a jointly trained LLM's under LoRA
+    best = snapshot(model)
+    assert best["0.weight"].data_ptr() == model[0].weight.data_ptr()  # frozen: no copy
+    assert best["2.weight"].data_ptr() != model[2].weight.data_ptr()
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+        model[1].running_mean.add_(1.0)
+    assert not torch.equal(best["2.weight"], model[2].weight) and not torch.equal(best["1.running_mean"],
+                                                                                  model[1].running_mean)
+    model.load_state_dict(best)  # and it restores the whole model
+    assert torch.equal(model[2].weight, best["2.weight"])

@@ -141,10 +141,17 @@ def fit(model: torch.nn.Module, batches: dict[str, Batches], cfg: TrainConfig, d
 def _improved(state: LoopState, val_mse: float, epoch: int, model: torch.nn.Module) -> bool:
     if val_mse < state.best_val:
         state.best_val, state.best_epoch, state.since_best = val_mse, epoch, 0
-        state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.best_state = snapshot(model)
         return True
     state.since_best += 1
     return False
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """The weights to come back to: a copy of every trainable parameter and buffer, and the frozen parameters
+    (a jointly trained LLM's base under LoRA, hundreds of MB) by reference, since training never changes them."""
+    return {k: v.detach() if isinstance(v, torch.nn.Parameter) and not v.requires_grad else v.detach().cpu().clone()
+            for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def _check_ending(state: LoopState, cfg: TrainConfig) -> None:
