@@ -174,13 +174,9 @@ JOINT_LLM = f"an LLM saved by joint training (with its {JOINT_LLM_RECORD})"
 
 def is_joint_llm(path: str) -> bool:
     """A folder ``merge_and_save`` wrote (its record says so): the only LLM folder a training run replaces."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        return False
-    try:
-        with open(os.path.join(path, JOINT_LLM_RECORD)) as f:
-            return json.load(f).get("made_by") == "timecma-train --joint"
-    except (OSError, ValueError, AttributeError):
-        return False
+    from .core.files import has_record
+
+    return has_record(path, JOINT_LLM_RECORD, "timecma-train --joint")
 
 
 def merge_and_save(model: JointModel, tokenizer, out_dir: str, record: dict | None = None) -> str:

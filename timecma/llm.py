@@ -344,13 +344,12 @@ _TINY_README = "Offline test LLM made by `timecma-tiny-llm"  # how older timecma
 
 def is_tiny_llm(path: str) -> bool:
     """A folder ``build_tiny_llm`` made: its record, or (made before the record) its README and a config.json."""
+    from .core.files import has_record
+
     if os.path.islink(path) or not os.path.isdir(path):
         return False
-    try:
-        with open(os.path.join(path, TINY_LLM_RECORD)) as f:
-            return json.load(f).get("made_by") == "timecma-tiny-llm"
-    except (OSError, ValueError, AttributeError):
-        pass
+    if has_record(path, TINY_LLM_RECORD, "timecma-tiny-llm"):
+        return True
     try:
         with open(os.path.join(path, "README.md")) as f:
             readme = f.read(len(_TINY_README))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -74,6 +75,19 @@ def is_empty(path: str | os.PathLike) -> bool:
     if os.path.isdir(path):
         return not os.listdir(path)
     return os.path.isfile(path) and os.path.getsize(path) == 0
+
+
+def has_record(path: str | os.PathLike, record: str, made_by: str) -> bool:
+    """A real folder (not a link) whose JSON ``record`` file says ``made_by`` wrote it: how a command knows a
+    folder is its own to replace."""
+    path = os.fspath(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, record)) as f:
+            return json.load(f).get("made_by") == made_by
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_replaceable(path: str | os.PathLike, ours: Callable[[str], bool], what: str,
