@@ -348,18 +348,26 @@ def latency_pass(res: dict, work: str, data: str, backend: str, iters: int) -> d
                 raise click.ClickException(f"{r['key']}: {exc}") from exc
         t0 = time.time()
         r["latency"] = {**latency(bundle, data, iters, backend), "pass": stamp}
-        timed[r["key"]] = ([(x["seed"], x["mse"]) for x in r["per_seed"]], r["latency"])
+        timed[r["key"]] = (_seeds_run(r), r["latency"])
         log.info("%s: latency %s (%.0fs)", r["key"], r["latency"], time.time() - t0)
     return timed
 
 
 def _bundle_origin(bundle: str) -> str | None:
-    """The sha256 of the checkpoint a bundle was exported from (None: no bundle there)."""
+    """The sha256 of the checkpoint a bundle was exported from (None: no bundle there, or one this timecma
+    cannot serve)."""
+    from timecma.core.errors import BundleError
+    from timecma.core.manifest import read_manifest
+
     try:
-        with open(os.path.join(bundle, "manifest.json")) as f:
-            return json.load(f)["origin"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_manifest(bundle, verify=False).origin.get("sha256")
+    except (BundleError, OSError):
         return None
+
+
+def _seeds_run(row: dict) -> list[tuple[int, float]]:
+    """Which runs a row reports: (seed, test MSE) of each, what a latency figure is tied to."""
+    return [(x["seed"], x["mse"]) for x in row["per_seed"]]
 
 
 def _read(out: str) -> dict:
@@ -411,7 +419,7 @@ def _finish(res: dict, out: str, keys: set[str], timed: dict | None = None) -> N
         rows = [r for r in now.get("rows", []) if r["key"] not in keys] + [r for r in res["rows"] if r["key"] in keys]
         for r in rows:  # timings go onto the row on disk only where it is still the row that was timed
             t = (timed or {}).get(r["key"])
-            if t and [(x["seed"], x["mse"]) for x in r["per_seed"]] == t[0]:
+            if t and _seeds_run(r) == t[0]:
                 r["latency"] = t[1]
         merged = {**res, "rows": rows, "naive": {**now.get("naive", {}), **res["naive"]}}
         order = {r.key: i for i, r in enumerate(ROWS)}
