@@ -55,21 +55,15 @@ class LoopState:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    """The recipe's optimizer and per-epoch schedule over the trainable parameters."""
+    """The recipe's optimizer and per-epoch schedule over the trainable parameters (``TrainConfig`` has refused
+    any other optimizer or schedule name)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise InputError(f"unknown optimizer {cfg.optimizer!r}; choose adam or adamw")
-    if cfg.schedule == "cosine":
-        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=cosine_t_max(cfg.epochs, cfg.cosine_period), eta_min=ETA_MIN)
-    elif cfg.schedule == "halve":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    else:
-        raise InputError(f"unknown schedule {cfg.schedule!r}; choose cosine or halve")
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    opt: torch.optim.Optimizer = kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched: torch.optim.lr_scheduler.LRScheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cosine_t_max(cfg.epochs, cfg.cosine_period),
+                                                   eta_min=ETA_MIN)
+        if cfg.schedule == "cosine" else torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
     return opt, sched
 
 
